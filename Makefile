@@ -1,0 +1,46 @@
+# snapgen: the two set-up commands (see README.md).
+#   make demo   create .venv, install, run the main job on embedded defaults
+#   make test   install with test extras, run the whole suite
+# GPU machines: `make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128` installs a CUDA
+# build of the same torch version before the rest.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_INDEX_URL ?=
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_API_URL ?=
+export HF_HUB_OFFLINE ?= 1
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+ifneq ($(TORCH_INDEX_URL),)
+	$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX_URL)
+endif
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+install-test: $(TEST_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snapgen demo
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) .snapgen build *.egg-info

@@ -1,0 +1,149 @@
+"""Attention and transformer blocks of the SnapGen UNet (SNAPGEN_SPEC.md section 1).
+
+- Multi-query attention: one shared K/V head for all query heads ("MQA", params -16%, latency -9%).
+- Optional QK RMSNorm and 2-D RoPE (switches, default on; [U] in the spec).
+- A transformer block is self-attention (optional per stage) + cross-attention + FFN (ratio 3,
+  GEGLU); stages without self-attention keep cross-attention + FFN only (SnapGen, section 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def rope_2d(height: int, width: int, head_dim: int, device: torch.device | None = None,
+            theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (N, head_dim/2) for a row-major H x W grid: half the pairs rotate with y, half with x."""
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys = torch.arange(height, device=device, dtype=torch.float32).repeat_interleave(width)
+    xs = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
+    angles = torch.cat([ys[:, None] * freqs, xs[:, None] * freqs], dim=-1)  # (N, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, H, N, D) by the angles in cos/sin (N, D/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, N, D/2)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, D/2, 2)
+    return rotated.flatten(-2)  # (B, H, N, D)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with `kv_heads` shared K/V heads (1 = MQA, 0 = one per query head)."""
+
+    def __init__(self, dim: int, *, context_dim: int | None = None, head_dim: int = 64,
+                 kv_heads: int = 1, qk_norm: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = dim // head_dim
+        self.kv_heads = self.heads if kv_heads == 0 else kv_heads
+        if self.heads % self.kv_heads:
+            raise ValueError(f"unet.kv_heads: {self.kv_heads} does not divide {self.heads} query heads")
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * self.kv_heads * head_dim, bias=False)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        context = x if context is None else context
+        m = context.shape[1]
+        q = self.to_q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+        kv = self.to_kv(context).view(b, m, 2, self.kv_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, M, D) each
+        q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)  # (B, H, M, D)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, D)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+
+class FeedForward(nn.Module):
+    """FFN with expansion `ratio` (SnapGen: 3 instead of 4, section 1), GEGLU-gated by default."""
+
+    def __init__(self, dim: int, ratio: int = 3, gated: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = dim * ratio
+        self.gated = gated
+        self.proj_in = nn.Linear(dim, hidden * (2 if gated else 1))
+        self.proj_out = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)  # (B, N, hidden or 2*hidden)
+        if self.gated:
+            h, gate = h.chunk(2, dim=-1)
+            h = h * F.gelu(gate)
+        else:
+            h = F.gelu(h)
+        return self.proj_out(self.drop(h))
+
+
+class TransformerBlock(nn.Module):
+    """[self-attention] -> cross-attention -> FFN, each pre-norm with a residual."""
+
+    def __init__(self, dim: int, *, context_dim: int, self_attention: bool, head_dim: int,
+                 kv_heads: int, qk_norm: bool, ffn_ratio: int, ffn_gated: bool, dropout: float) -> None:
+        super().__init__()
+        attn = dict(head_dim=head_dim, kv_heads=kv_heads, qk_norm=qk_norm, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim) if self_attention else None
+        self.attn1 = Attention(dim, **attn) if self_attention else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim=context_dim, **attn)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, ffn_ratio, ffn_gated, dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if self.attn1 is not None:
+            x = x + self.attn1(self.norm1(x), rope=rope)  # (B, N, C)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> linear in -> `depth` transformer blocks over H*W tokens -> linear out, residual."""
+
+    def __init__(self, dim: int, depth: int, *, norm_groups: int, rope: bool, checkpointing: bool,
+                 **block_kwargs) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, **block_kwargs) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, dim)
+        self.use_rope = rope and block_kwargs["self_attention"]
+        self.head_dim = block_kwargs["head_dim"]
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        rope = rope_2d(h, w, self.head_dim, x.device) if self.use_rope else None
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                tokens = checkpoint(block, tokens, context, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, context, rope)
+        out = self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        return x + out
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of t in [0, 1], scaled by 1000 as in diffusion UNets."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return F.pad(emb, (0, dim % 2))

@@ -1,0 +1,18 @@
+"""Shared pytest set-up: CPU threads, offline flags, and the real-server fixtures."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+pytest_plugins = [
+    "tests.fixtures.seaweed",
+    "tests.fixtures.mlflow_server",
+]

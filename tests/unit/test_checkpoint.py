@@ -1,0 +1,72 @@
+"""Checkpoints: safetensors + config metadata, exact round trip, refusal of bad files."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from snapgen_model.inspect import example_inputs
+from snapgen_model.nn.decoder import TinyDecoder
+from snapgen_model.nn.unet import SnapGenUNet
+from snapgen_model.presets import get_preset
+from snapgen_model.storage.checkpoint import CheckpointError, load_model, read_preset, save_model
+
+
+@pytest.fixture
+def toy_unet():
+    torch.manual_seed(0)
+    return SnapGenUNet(get_preset("toy-smoke").unet)
+
+
+def test_round_trip_rebuilds_model_and_reproduces_outputs(tmp_path, toy_unet):
+    cfg = get_preset("toy-smoke")
+    path = save_model(toy_unet, tmp_path / "unet.safetensors", preset=cfg)
+    loaded = load_model(path)
+    assert isinstance(loaded, SnapGenUNet) and loaded.config == toy_unet.config
+    x, t, cond = example_inputs(cfg, batch=2, device="cpu")
+    assert torch.equal(toy_unet(x, t, **cond), loaded(x, t, **cond))
+    assert read_preset(path) == cfg
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_decoder_round_trip(tmp_path):
+    dec = TinyDecoder(get_preset("toy").decoder)
+    loaded = load_model(save_model(dec, tmp_path / "dec.safetensors"), expected_kind="TinyDecoder")
+    z = torch.randn(1, 16, 16, 16)
+    assert torch.equal(dec(z), loaded(z))
+
+
+def test_pickle_is_refused(tmp_path, toy_unet):
+    zip_path = tmp_path / "model.pt"
+    torch.save(toy_unet.state_dict(), zip_path)
+    with pytest.raises(CheckpointError, match="pickled torch checkpoint; snapgen loads safetensors only"):
+        load_model(zip_path)
+    raw = tmp_path / "model.pkl"
+    raw.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_model(raw)
+
+
+def test_truncated_file_is_refused(tmp_path, toy_unet):
+    path = save_model(toy_unet, tmp_path / "unet.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        load_model(path)
+
+
+def test_other_architecture_is_refused(tmp_path, toy_unet):
+    path = save_model(toy_unet, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match="holds a SnapGenUNet, expected a TinyDecoder"):
+        load_model(path, expected_kind="TinyDecoder")
+    # weights of a different-size UNet do not fit
+    from snapgen_model.storage.checkpoint import load_weights
+    bigger = SnapGenUNet(get_preset("toy").unet)
+    with pytest.raises(CheckpointError, match="weights do not fit SnapGenUNet"):
+        load_weights(bigger, path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.safetensors: checkpoint file does not exist"):
+        load_model(tmp_path / "nope.safetensors")

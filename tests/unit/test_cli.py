@@ -1,0 +1,48 @@
+"""The snapgen CLI: help on every command, JSON output, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["inspect", "sample", "settings", "demo"])
+def test_help_on_every_command(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_inspect_json_has_per_stage_rows():
+    result = runner.invoke(app, ["inspect", "--preset", "snapgen-1024", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stages = [r["stage"] for r in report["rows"]]
+    assert stages[:2] == ["embed", "down0"] and "mid" in stages and stages[-1] == "decoder"
+    assert abs(report["unet_params"] / 379e6 - 1) < 0.03
+    assert report["rows"][3]["attention"].startswith("self+cross+FFN x4")
+
+
+def test_inspect_bad_override_exits_2_naming_field():
+    result = runner.invoke(app, ["inspect", "--preset", "toy", "--set", "unet.ffn_ratio=abc"])
+    assert result.exit_code == 2
+    assert "unet.ffn_ratio" in result.output
+
+
+def test_unknown_preset_lists_choices():
+    result = runner.invoke(app, ["inspect", "--preset", "huge"])
+    assert result.exit_code == 2 and "toy-smoke" in result.output
+
+
+def test_sample_writes_a_png(tmp_path):
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["sample", "--preset", "toy-smoke", "--seeds", "0,1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 2 and out.stat().st_size > 0
+    from PIL import Image
+    assert Image.open(out).size[0] > 2 * 32

@@ -1,0 +1,57 @@
+"""DESIGN.md layout rules, checked by walking every import statement in the source tree."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN_IN_LIBRARY = {"prefect", "mlflow", "boto3", "botocore", "s3fs", "tasks", "flows"}
+ONLY_IN = {"lightning": "snapgen_model/training", "pytorch_lightning": "snapgen_model/training",
+           "onnx": "snapgen_model/export", "onnxruntime": "snapgen_model/export",
+           "onnxscript": "snapgen_model/export", "coremltools": "snapgen_model/export"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_imports_no_orchestration_tracking_or_storage_clients():
+    bad = []
+    for path in (ROOT / "snapgen_model").rglob("*.py"):
+        hits = _imports(path) & FORBIDDEN_IN_LIBRARY
+        bad += [f"{path.relative_to(ROOT)}: {sorted(hits)}"] if hits else []
+    assert not bad, bad
+
+
+def test_heavy_frameworks_only_in_their_subpackage():
+    bad = []
+    for path in (ROOT / "snapgen_model").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        for mod in _imports(path) & set(ONLY_IN):
+            if not rel.startswith(ONLY_IN[mod]):
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, bad
+
+
+def test_only_tracking_module_imports_mlflow_and_only_storage_imports_boto3():
+    owners = {"mlflow": {"tasks/tracking.py"}, "boto3": {"tasks/storage.py"}}
+    bad = []
+    for folder in ("tasks", "flows"):
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            for mod, allowed in owners.items():
+                if mod in _imports(path) and rel not in allowed:
+                    bad.append(f"{rel} imports {mod}")
+    assert not bad, bad
+
+
+def test_flows_hold_no_tensor_code():
+    bad = [str(p.relative_to(ROOT)) for p in (ROOT / "flows").rglob("*.py") if "torch" in _imports(p)]
+    assert not bad, bad
