@@ -15,8 +15,8 @@ from snapgen_model.config_base import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="snapgen: SnapGen-style mobile text-to-image models, trained and shipped by one pipeline.")
-console = Console()
-err = Console(stderr=True)
+console = Console() if sys.stdout.isatty() else Console(width=110)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=110)
 
 PRESET_HELP = "preset name: snapgen-1024, snapgen-in1k-256, toy-smoke, toy, toy-gpu"
 SET_HELP = "config override key=value (repeatable), e.g. --set unet.ffn_ratio=4"
