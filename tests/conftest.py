@@ -7,6 +7,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import torch  # noqa: E402
 
@@ -15,4 +16,5 @@ torch.set_num_threads(2)
 pytest_plugins = [
     "tests.fixtures.seaweed",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.prefect_harness",
 ]

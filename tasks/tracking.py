@@ -1,0 +1,558 @@
+"""MLflow tracking for snapgen: the only module in the project that imports mlflow.
+
+Everything else logs through :func:`start_run` and the :class:`RunHandle` it yields, so that
+secret masking, parameter flattening, lineage tags and the "tracking is down, keep training"
+policy live in one place.
+
+Policy in short:
+
+* ``configure_mlflow(settings)`` sets the tracking URI, puts the tracking token (a
+  ``SecretStr``) into this process's ``MLFLOW_TRACKING_TOKEN`` and nowhere else, and, for a local
+  ``sqlite:`` backend, creates the database's folder and roots new experiments' artifacts under
+  ``settings.mlflow_artifact_root`` (as a ``file://`` URI when it is a plain path).
+* Parameters are flattened (``{"a": {"b": 1}}`` -> ``a.b``), truncated to MLflow's length limit,
+  and masked (``***``) when the key or the value looks like a credential. Dicts logged as
+  artifacts are masked the same way.
+* Metric logging retries transient failures (server down, 5xx, timeouts) with exponential
+  backoff, then warns and carries on; after giving up it skips metric logging for a cool-down
+  period instead of stalling every training step. Other calls retry the same way but raise.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import mlflow
+import requests
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+try:  # limits of the MLflow REST API; fall back to the documented values
+    from mlflow.utils.validation import (
+        MAX_METRICS_PER_BATCH,
+        MAX_PARAM_VAL_LENGTH,
+        MAX_PARAMS_TAGS_PER_BATCH,
+    )
+except ImportError:  # pragma: no cover - depends on the mlflow version
+    MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_METRICS_PER_BATCH = 6000, 100, 1000
+
+__all__ = [
+    "MASK",
+    "RetryPolicy",
+    "RunHandle",
+    "TrackingSettings",
+    "code_version",
+    "configure_mlflow",
+    "flatten_params",
+    "get_or_create_experiment",
+    "git_commit",
+    "lineage_tags",
+    "mask_secrets",
+    "start_run",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MASK = "***"
+SECRET_KEY_MARKERS = ("secret", "password", "passwd", "token", "access_key", "private_key")
+PARENT_RUN_TAG = "mlflow.parentRunId"
+TAG_PREFIX = "snapgen."
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+# Bound MLflow's own HTTP retries (7 tries with factor 2 by default: minutes per call while a
+# server is down); RetryPolicy retries on top. setdefault: an operator's env wins.
+_MLFLOW_HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_SECRET_VALUE_PATTERNS = (
+    re.compile(r"^(AKIA|ASIA)[0-9A-Z]{16}$"),  # AWS access key id
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"^(gh[pousr]_|hf_|sk-|xox[abp]-)[A-Za-z0-9_\-]{16,}$"),  # common API tokens
+    re.compile(r"^Bearer\s+\S+$", re.IGNORECASE),
+)
+# Artifact roots for local (sqlite) backends, by tracking URI; filled by configure_mlflow.
+_LOCAL_ARTIFACT_ROOTS: dict[str, str] = {}
+_ACTIVE_RUNS: contextvars.ContextVar[tuple[RunHandle, ...]] = contextvars.ContextVar(
+    "snapgen_active_runs", default=()
+)
+
+
+class TrackingSettings(Protocol):
+    """The part of ``tasks.settings.SnapgenSettings`` this module reads."""
+
+    home: Path
+    mlflow_tracking_uri: str
+    mlflow_artifact_root: str
+    mlflow_tracking_token: Any  # pydantic SecretStr | None
+    experiment_name: str
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+def configure_mlflow(settings: TrackingSettings) -> str:
+    """Point MLflow at ``settings`` and return the tracking URI.
+
+    The token is exported to this process's environment only (MLflow reads it from there) and
+    is never logged. Idempotent.
+    """
+    uri = str(settings.mlflow_tracking_uri)
+    for key, value in _MLFLOW_HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    token = getattr(settings, "mlflow_tracking_token", None)
+    if token is not None:
+        os.environ["MLFLOW_TRACKING_TOKEN"] = _secret_value(token)
+    if uri.startswith("sqlite:"):
+        _prepare_sqlite(uri, settings)
+    mlflow.set_tracking_uri(uri)
+    log.debug("MLflow tracking URI: %s", redact_uri(uri))
+    return uri
+
+
+def _secret_value(secret: Any) -> str:
+    """Plain value of a pydantic ``SecretStr`` (or of a plain string)."""
+    getter = getattr(secret, "get_secret_value", None)
+    return str(getter() if callable(getter) else secret)
+
+
+def _prepare_sqlite(uri: str, settings: TrackingSettings) -> None:
+    """Create the sqlite database's folder and remember where new experiments keep artifacts."""
+    db_path = sqlite_path(uri)
+    if db_path is not None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    root = getattr(settings, "mlflow_artifact_root", None) or Path(settings.home) / "mlartifacts"
+    _LOCAL_ARTIFACT_ROOTS[uri] = artifact_root_uri(root)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """Database file of a ``sqlite:///rel`` or ``sqlite:////abs`` URI (None for in-memory)."""
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def artifact_root_uri(root: str | Path) -> str:
+    """``root`` as a URI: plain paths become absolute ``file://`` URIs, URIs pass through."""
+    text = str(root)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", text):
+        return text.rstrip("/")
+    return Path(text).expanduser().resolve().as_uri()
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any password in its authority replaced by ``***``."""
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri
+    if password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{password}@", f":{MASK}@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def get_or_create_experiment(
+    name: str, artifact_location: str | None = None, *, tracking_uri: str | None = None
+) -> str:
+    """Return the id of experiment ``name``, creating (or restoring) it if needed.
+
+    With a local sqlite backend configured by :func:`configure_mlflow`, a new experiment's
+    artifacts default to ``<mlflow_artifact_root>/<name>``; against a server, the server's
+    default artifact root applies.
+    """
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = artifact_location or _default_artifact_location(uri, name)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # created concurrently by another task
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _default_artifact_location(tracking_uri: str, name: str) -> str | None:
+    """``<root>/<name slug>`` for a configured local backend, else None (the store decides)."""
+    root = _LOCAL_ARTIFACT_ROOTS.get(tracking_uri)
+    if root is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "experiment"
+    return f"{root}/{slug}"
+
+
+# --------------------------------------------------------------------------------------------
+# params: flattening, truncation, masking
+# --------------------------------------------------------------------------------------------
+def is_secret_key(key: str) -> bool:
+    """True when a parameter/config key names a credential."""
+    lowered = key.lower()
+    return any(marker in lowered for marker in SECRET_KEY_MARKERS)
+
+
+def looks_like_secret(value: Any) -> bool:
+    """True for pydantic secrets and strings shaped like well-known credentials."""
+    if hasattr(value, "get_secret_value"):
+        return True
+    if not isinstance(value, str):
+        return False
+    return any(pattern.search(value.strip()) for pattern in _SECRET_VALUE_PATTERNS)
+
+
+def _mask_value(key: str, value: Any) -> Any:
+    """``MASK`` for secrets; URIs keep everything but their password."""
+    if is_secret_key(key) or looks_like_secret(value):
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return redact_uri(value)
+    return value
+
+
+def mask_secrets(obj: Any, _key: str = "") -> Any:
+    """A copy of ``obj`` (nested dicts/lists) with secret-looking entries replaced by ``***``."""
+    if hasattr(obj, "model_dump") and not hasattr(obj, "get_secret_value"):
+        obj = obj.model_dump()
+    if isinstance(obj, Mapping):
+        return {k: mask_secrets(v, f"{_key}.{k}" if _key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [mask_secrets(v, _key) for v in obj]
+    return _mask_value(_key, obj)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings (and pydantic models) into dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if hasattr(value, "model_dump") and not hasattr(value, "get_secret_value"):
+            value = value.model_dump()
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _param_string(value: Any) -> str:
+    """MLflow parameter text for ``value``, truncated to the server's limit."""
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_VAL_LENGTH:
+        marker = "...[truncated]"
+        text = text[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker
+    return text
+
+
+def prepare_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten, mask and stringify ``params`` for ``log_batch``."""
+    flat = flatten_params(params)
+    return {key: _param_string(_mask_value(key, value)) for key, value in flat.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# retries
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient tracking failures: delays base * 2**n, capped."""
+
+    attempts: int = 3
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    cooldown_s: float = 60.0  # metrics are skipped this long after giving up
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        return min(self.max_delay_s, self.base_delay_s * 2**attempt)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection failures, timeouts, 429 and 5xx replies."""
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if not isinstance(exc, MlflowException):
+        return False
+    if str(exc.message).startswith("API request to"):  # mlflow's wrapper for requests errors
+        return True
+    status = exc.get_http_status_code()
+    return status == 429 or status >= 500
+
+
+def call_with_retry(fn: Callable[[], T], policy: RetryPolicy, what: str) -> T:
+    """Run ``fn``, retrying transient failures per ``policy``; re-raise the last error."""
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == policy.attempts - 1:
+                raise
+            wait = policy.delay(attempt)
+            log.info("MLflow %s failed (%s); retry %d in %.1fs", what, exc, attempt + 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunHandle:
+    """One MLflow run, logged through an explicit client (thread-safe, no fluent globals)."""
+
+    client: MlflowClient
+    run_id: str
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    dropped_metrics: int = 0
+    _metrics_down_until: float = 0.0
+
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Log flattened, masked, truncated params; return what was logged."""
+        prepared = prepare_params(params)
+        items = [Param(k, v) for k, v in prepared.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self._call(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log_params")
+        return prepared
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> bool:
+        """Log metrics at ``step``; never raises on tracking outages (warns, returns False)."""
+        if time.monotonic() < self._metrics_down_until:
+            self.dropped_metrics += len(metrics)
+            return False
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
+        try:
+            for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+                self._call(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "metrics")
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._give_up_metrics(exc, len(metrics))
+            return False
+        return True
+
+    def _give_up_metrics(self, exc: BaseException, count: int) -> None:
+        """Warn once per outage and pause metric logging for the cool-down period."""
+        self.dropped_metrics += count
+        self._metrics_down_until = time.monotonic() + self.retry.cooldown_s
+        message = (
+            f"MLflow unreachable, metrics for run {self.run_id} dropped "
+            f"({self.dropped_metrics} so far); retrying in {self.retry.cooldown_s:.0f}s: {exc}"
+        )
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values masked and stringified like params)."""
+        items = [RunTag(k, v) for k, v in prepare_params(tags).items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self._call(lambda c=chunk: self.client.log_batch(self.run_id, tags=c), "set_tags")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` to the run's artifact ``artifact_file``."""
+        self._call(lambda: self.client.log_text(self.run_id, text, artifact_file), "log_text")
+
+    def log_dict(self, obj: Mapping[str, Any], artifact_file: str) -> None:
+        """Write ``obj`` (secrets masked) as JSON/YAML, chosen by the file's extension."""
+        masked = json.loads(json.dumps(mask_secrets(obj), default=str))
+        self._call(lambda: self.client.log_dict(self.run_id, masked, artifact_file), "log_dict")
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """Log a PIL image or an HxW[xC] numpy array (uint8, or float in [0, 1])."""
+        self._call(lambda: self.client.log_image(self.run_id, image, artifact_file), "log_image")
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file (or a folder's contents) under ``artifact_path``."""
+        upload = self.client.log_artifacts if Path(local_path).is_dir() else self.client.log_artifact
+        self._call(lambda: upload(self.run_id, str(local_path), artifact_path), "log_artifact")
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        """Run one client call under the retry policy."""
+        return call_with_retry(fn, self.retry, what)
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def active_run() -> RunHandle | None:
+    """The innermost run opened by :func:`start_run` in this context, if any."""
+    stack = _ACTIVE_RUNS.get()
+    return stack[-1] if stack else None
+
+
+@contextmanager
+def start_run(
+    settings: TrackingSettings,
+    run_name: str,
+    *,
+    experiment: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Iterator[RunHandle]:
+    """Open an MLflow run and yield its :class:`RunHandle`; end it FINISHED, FAILED or KILLED.
+
+    ``parent_run_id`` (or, with ``nested=True``, the innermost run opened here) becomes the
+    ``mlflow.parentRunId`` tag. Base lineage tags (git commit, code version) are always set;
+    ``tags`` override them.
+    """
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    policy = retry or RetryPolicy()
+    experiment_id = call_with_retry(
+        lambda: get_or_create_experiment(experiment or settings.experiment_name, tracking_uri=uri),
+        policy,
+        "get_or_create_experiment",
+    )
+    run_tags = _run_tags(tags, nested=nested, parent_run_id=parent_run_id)
+    run = call_with_retry(
+        lambda: client.create_run(experiment_id, tags=run_tags, run_name=run_name),
+        policy,
+        "create_run",
+    )
+    handle = RunHandle(client=client, run_id=run.info.run_id, retry=policy)
+    token = _ACTIVE_RUNS.set((*_ACTIVE_RUNS.get(), handle))
+    try:
+        yield handle
+    except BaseException as exc:
+        _terminate(handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        _terminate(handle, "FINISHED")
+    finally:
+        _ACTIVE_RUNS.reset(token)
+
+
+def _run_tags(
+    tags: Mapping[str, Any] | None, *, nested: bool, parent_run_id: str | None
+) -> dict[str, str]:
+    """Tags a new run starts with: base lineage, the caller's tags, the parent link."""
+    merged: dict[str, Any] = {**lineage_tags(), **(tags or {})}
+    parent = parent_run_id
+    if parent is None and nested:
+        outer = active_run()
+        if outer is None:
+            raise RuntimeError("start_run(nested=True) needs an enclosing run or parent_run_id")
+        parent = outer.run_id
+    if parent is not None:
+        merged[PARENT_RUN_TAG] = parent
+    return prepare_params(merged)
+
+
+def _terminate(handle: RunHandle, status: str) -> None:
+    """Mark the run ended; an outage here is warned about, never raised."""
+    try:
+        handle._call(lambda: handle.client.set_terminated(handle.run_id, status), "end_run")
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("could not mark MLflow run %s %s: %s", handle.run_id, status, exc)
+
+
+# --------------------------------------------------------------------------------------------
+# lineage
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def git_commit(repo: Path = _REPO_ROOT) -> str:
+    """``git rev-parse HEAD`` of the code's checkout, or ``"unknown"`` outside a repository."""
+    out = _git(repo, "rev-parse", "HEAD")
+    return out if out and re.fullmatch(r"[0-9a-f]{40,64}", out) else "unknown"
+
+
+@functools.lru_cache(maxsize=4)
+def git_dirty(repo: Path = _REPO_ROOT) -> bool | None:
+    """Whether tracked files differ from HEAD (None when git cannot tell)."""
+    out = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out)
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    """Output of a git command in ``repo``, or None if git is missing or fails."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def package_version() -> str:
+    """The installed ``snapgen`` version, else the one in pyproject.toml, else ``"unknown"``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("snapgen")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        with open(_REPO_ROOT / "pyproject.toml", "rb") as fh:
+            return str(tomllib.load(fh)["project"]["version"])
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def code_version() -> str:
+    """``<package version>[+g<commit12>[.dirty]]``: identifies the code that produced a run."""
+    commit = git_commit()
+    if commit == "unknown":
+        return package_version()
+    suffix = ".dirty" if git_dirty() else ""
+    return f"{package_version()}+g{commit[:12]}{suffix}"
+
+
+def lineage_tags(
+    *,
+    dataset_hash: str | None = None,
+    teacher_id: str | None = None,
+    config_hash: str | None = None,
+    parent_runs: list[str] | tuple[str, ...] | None = None,
+) -> dict[str, str]:
+    """Lineage tags for runs and registered model versions (``snapgen.*`` plus MLflow's own).
+
+    Always includes ``snapgen.git_commit`` (``"unknown"`` outside a repository) and
+    ``snapgen.code_version``; the other keys only when given.
+    """
+    commit = git_commit()
+    tags = {f"{TAG_PREFIX}git_commit": commit, f"{TAG_PREFIX}code_version": code_version()}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
+    optional = {
+        "dataset_hash": dataset_hash,
+        "teacher_id": teacher_id,
+        "config_hash": config_hash,
+        "parent_runs": ",".join(parent_runs) if parent_runs else None,
+    }
+    tags.update({f"{TAG_PREFIX}{k}": str(v) for k, v in optional.items() if v is not None})
+    return tags
