@@ -99,6 +99,65 @@ def sample(
                       f"{summary['unet']}) to [bold]{out}[/] in {summary['seconds']} s")
 
 
+def parse_source(text: str) -> dict:
+    """`kind:location` -> source spec dict; `shapes:COUNT[:SPLIT]` for the shapes world."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"--source {text!r}: expected KIND:LOCATION, e.g. folder:/data/pairs, "
+                         "manifest:s3://bucket/list.jsonl, webdataset:s3://bucket/shards/, imagefolder:/imagenet/train, "
+                         "shapes:2000")
+    if kind == "shapes":
+        count, _, split = rest.partition(":")
+        if not count.isdigit():
+            raise ValueError(f"--source {text!r}: shapes needs a count, e.g. shapes:2000")
+        return {"kind": "shapes", "count": int(count), "split": split or "train"}
+    if kind not in ("folder", "manifest", "webdataset", "imagefolder"):
+        raise ValueError(f"--source {text!r}: unknown kind {kind!r}; choose folder, manifest, webdataset, "
+                         "imagefolder or shapes")
+    if "://" not in rest:
+        rest = "file://" + str(Path(rest).expanduser().resolve())
+    return {"kind": kind, "uri": rest}
+
+
+@app.command()
+def curate(
+    source: list[str] = typer.Option(..., "--source", "-s", help="KIND:LOCATION (repeatable): folder, manifest, "
+                                     "webdataset, imagefolder (file path or s3:// URI), or shapes:COUNT"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output dataset URI (default: <storage root>/datasets/curated)"),
+    set_: list[str] = typer.Option([], "--set", help="curation config override, e.g. --set samples_per_shard=500"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if the output holds this dataset"),
+    track: bool = typer.Option(True, "--track/--no-track", help="log the summary to MLflow"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Curate image-caption sources into WebDataset shards + manifest + quarantine.jsonl."""
+    from flows.curate import CurateParams, curate_flow
+    from flows.progress import bar
+    from flows.report import curation_table
+    from tasks.defaults import prefect_env_defaults
+    from tasks.settings import get_settings
+
+    try:
+        specs = [parse_source(s) for s in source]
+        settings_ = get_settings()
+        out = out or settings_.storage_root.rstrip("/") + "/datasets/curated"
+        if "://" not in out:
+            out = "file://" + str(Path(out).expanduser().resolve())
+    except ValueError as exc:
+        _fail(str(exc))
+    prefect_env_defaults(settings_)
+    try:
+        with bar():
+            manifest = curate_flow(CurateParams(sources=specs, out=out, overrides=set_, force=force, track=track))
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(manifest)
+        return
+    console.print(curation_table(manifest))
+    console.print(f"dataset [bold]{manifest['dataset_hash'][:16]}[/] at {out}"
+                  + (" (cache hit: nothing rebuilt)" if manifest.get("cache_hit") else ""))
+
+
 @app.command()
 def settings(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Print the resolved settings (env SNAPGEN_*, then the config file), secrets masked."""

@@ -43,3 +43,18 @@ def inspect_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['stage']} | {r['resolution']} | {r['channels']} | {_fmt_params(r['params'])} | "
                      f"{_fmt_macs(r['macs'])} | {r['attention']} |")
     return "\n".join(lines + ["", _summary(report)])
+
+
+def curation_table(manifest: dict[str, Any]) -> Table:
+    """Counts balance: input = kept + quarantined, one row per quarantine reason."""
+    counts = manifest["counts"]
+    table = Table(title="curation", caption=f"{len(manifest['shards'])} shards, "
+                  f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.2f} MB")
+    table.add_column("count")
+    table.add_column("samples", justify="right")
+    for key in ("input", "kept", "quarantined"):
+        table.add_row(key, str(counts.get(key, 0)))
+    for key, value in sorted(counts.items()):
+        if key not in ("input", "kept", "quarantined"):
+            table.add_row(f"  {key}", str(value))
+    return table

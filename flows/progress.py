@@ -1,0 +1,39 @@
+"""Progress of fan-out stages: a rich progress bar when the CLI opened one, log lines otherwise."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+_ACTIVE: list = []  # the CLI's rich Progress while a command runs (module state set only by `bar`)
+log = logging.getLogger("snapgen.progress")
+
+
+@contextlib.contextmanager
+def bar() -> Iterator[None]:
+    """Show rich progress bars for the stages run inside this block (used by the CLI)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=False) as prog:
+        _ACTIVE.append(prog)
+        try:
+            yield
+        finally:
+            _ACTIVE.remove(prog)
+
+
+def progress(items: Iterable[T], label: str, total: int) -> Iterator[T]:
+    """Yield `items` (futures, in submission order) and report each one as it is consumed."""
+    prog = _ACTIVE[-1] if _ACTIVE else None
+    task_id = prog.add_task(label, total=total) if prog else None
+    step = max(1, total // 10)
+    for done, item in enumerate(items, 1):
+        if hasattr(item, "wait"):
+            item.wait()
+        yield item
+        if prog:
+            prog.update(task_id, completed=done)
+        elif done % step == 0 or done == total:
+            log.info("%s: %d/%d", label, done, total)
