@@ -74,7 +74,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], open_fn: Callable[[str], BinaryIO], *, seed: int = 0,
                  resampled: bool = True, epoch_length: int | None = None, rank: int | None = None,
                  world_size: int | None = None, decode: Callable[[str, dict[str, bytes]], Any] = decode_sample,
-                 shuffle_buffer: int = 0) -> None:
+                 require: tuple[str, ...] = (), expected_counts: dict[str, int] | None = None) -> None:
         if not shards:
             raise ValueError("ShardStream: empty shard list")
         if resampled and not epoch_length:
@@ -82,9 +82,10 @@ class ShardStream(IterableDataset):
         self.shards, self.open_fn, self.seed = list(shards), open_fn, seed
         self.resampled, self.epoch_length = resampled, epoch_length
         self.rank, self.world_size = rank, world_size
-        self.decode, self.shuffle_buffer = decode, shuffle_buffer
+        self.decode, self.require = decode, require
+        self.expected = expected_counts or {}  # samples per shard from the manifest: detects lost tails
         self.epoch = 0
-        self.stats = {"samples": 0, "bad_samples": 0, "bad_shards": 0}
+        self.stats = {"samples": 0, "bad_samples": 0, "bad_shards": 0, "missing_samples": 0}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,14 +113,23 @@ class ShardStream(IterableDataset):
         return mine
 
     def _samples(self, shard: str) -> Iterator[Any]:
+        seen = 0
         try:
             for key, members in iter_tar_groups(self.open_fn(shard)):
+                seen += 1
+                if any(m not in members for m in self.require):
+                    self.stats["bad_samples"] += 1  # incomplete sample (e.g. a truncated tail)
+                    continue
                 try:
-                    yield self.decode(key, members)
+                    sample = self.decode(key, members)
                 except Exception:  # corrupt member: skip and count
                     self.stats["bad_samples"] += 1
+                    continue
+                yield sample
         except (tarfile.TarError, OSError, EOFError):
             self.stats["bad_shards"] += 1
+        if shard in self.expected and seen < self.expected[shard]:
+            self.stats["missing_samples"] += self.expected[shard] - seen
 
     def __iter__(self) -> Iterator[Any]:
         slot, slots, workers = self._slot()
