@@ -40,7 +40,9 @@ def _hash(obj: Any) -> str:
 
 @functools.lru_cache(maxsize=8)
 def world_for(resolution: int) -> ShapesWorld:
-    return ShapesWorld(ShapesWorldConfig(resolution=resolution))
+    """The default shapes world at `resolution`, object sizes scaled from the 64 px calibration (14-22 px)."""
+    lo, hi = (max(8, round(v * resolution / 64)) for v in (14, 22))
+    return ShapesWorld(ShapesWorldConfig(resolution=resolution, object_size_px=(lo, hi)))
 
 
 def check_sources_exist(specs: list[SourceSpec], store: Storage) -> None:

@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.fixtures.seaweed",
     "tests.fixtures.mlflow_server",
     "tests.fixtures.prefect_harness",
+    "tests.fixtures.tiny_bundle",
 ]

@@ -49,7 +49,9 @@ class CurationConfig(ConfigBase):
     max_pixels: int = 64_000_000  # decompression-bomb guard: width * height above this is refused
     min_caption_chars: int = 1  # captions shorter than this (after stripping) are empty
     max_caption_chars: int = 2000  # captions longer than this are refused
-    near_dup_distance: int = 4  # perceptual-hash Hamming distance counted as a near duplicate (-1 = off)
+    # perceptual-hash Hamming distance counted as a near duplicate (-1 = off); not applied to the shapes
+    # generator, whose seeded scenes are distinct by construction but look alike to a 64-bit phash
+    near_dup_distance: int = 4
     samples_per_shard: int = 1000  # samples per output WebDataset shard
     chunk_size: int = 1000  # candidates per validation task (unit of retry of the first pass)
     reencode: Literal["keep", "png", "jpeg", "webp"] = "keep"  # re-encode policy for kept images
@@ -193,6 +195,8 @@ def deduplicate(records: list[Checked], cfg: CurationConfig) -> None:
             rec.reason, rec.detail = "exact_duplicate", f"same bytes as {seen_sha[rec.sha256]}"
             continue
         seen_sha[rec.sha256] = rec.key
+        if rec.extra.get("candidate", {}).get("kind") == "shapes":
+            continue
         h = int(rec.phash, 16)
         if cfg.near_dup_distance >= 0 and kept_hashes:
             dist = _hamming(np.asarray(kept_hashes, dtype=np.uint64), np.uint64(h))

@@ -23,7 +23,8 @@ def build_tokenizer(vocabulary: Iterable[str], max_length: int = 16):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [w for w in vocabulary if w not in SPECIALS])}
+    ordered = list(dict.fromkeys(SPECIALS + [w for w in vocabulary if w not in SPECIALS]))  # unique, in order
+    vocab = {tok: i for i, tok in enumerate(ordered)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,130 @@
+"""Teacher feature caching (DESIGN.md stage 2, SNAPGEN_SPEC.md section 5).
+
+Per sample: the VAE latent, every text encoder's token states (and pooled vector and mask), and
+optionally teacher velocity targets (and, at toy scale, teacher features) for K pre-drawn
+(t, noise-seed) pairs. The noise of pair k of a sample is drawn from a seed derived from
+(sample key, k, base seed), so any cached target can be recomputed exactly, and a student trained
+on cached targets sees the same (x_t, t) the teacher saw.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from snapgen_model.config_base import ConfigBase, check
+from snapgen_model.diffusion.flow import FlowMatchingConfig, interpolate, sample_timesteps
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheConfig(ConfigBase):
+    """What the caching stage stores per sample."""
+
+    targets_per_sample: int = 2  # K pre-drawn (t, noise) pairs with teacher velocity targets (0 = none)
+    store_features: bool = False  # also store teacher features per pair (toy scale; at 1024^2 KD runs online)
+    feature_dtype: str = "float16"  # on-disk dtype of latents, embeddings and targets (float16 or float32)
+    batch_size: int = 32  # samples encoded per forward
+    seed: int = 0  # base seed of the per-sample (t, noise) draws
+    teacher_clip_encoders: tuple[str, ...] = ("clip",)  # encoders whose states form the teacher's condition
+    teacher_t5_encoder: str = ""  # optional T5-style encoder appended on the sequence (SD3)
+    flow: FlowMatchingConfig = dataclasses.field(default_factory=FlowMatchingConfig)  # t distribution of the pairs
+
+    def __post_init__(self) -> None:
+        check(self.targets_per_sample >= 0, "cache.targets_per_sample", "must be >= 0")
+        check(self.feature_dtype in ("float16", "float32"), "cache.feature_dtype", "choose float16 or float32")
+        check(self.batch_size >= 1, "cache.batch_size", "must be >= 1")
+
+
+def pair_seed(key: str, k: int, base: int) -> int:
+    """Seed of pair k of sample `key` (stable across processes, shards and machines)."""
+    digest = hashlib.sha256(f"{base}:{key}:{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def draw_pair(key: str, k: int, latent_shape: Sequence[int], cfg: CacheConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t scalar tensor, noise of `latent_shape`) for pair k of sample `key`."""
+    g = torch.Generator().manual_seed(pair_seed(key, k, cfg.seed))
+    t = sample_timesteps(1, cfg.flow, g)[0]
+    noise = torch.randn(tuple(latent_shape), generator=g)
+    return t, noise
+
+
+def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _npy(array: torch.Tensor | np.ndarray, dtype: str) -> bytes:
+    buf = io.BytesIO()
+    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array
+    np.save(buf, arr.astype(dtype) if arr.dtype.kind == "f" else arr)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@torch.no_grad()
+def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Sequence[str], *, vae, encoders: dict,
+                teacher=None, cfg: CacheConfig) -> list[dict[str, bytes]]:
+    """Cached WebDataset members for one batch of samples (see module docstring)."""
+    from snapgen_model.distill.text import sd3_teacher_condition
+
+    device = next(vae.parameters()).device
+    latents = vae.encode(images_to_tensor(images).to(device)).cpu()  # (B, C, h, w)
+    encoded = {name: enc(list(captions)) for name, enc in encoders.items()}
+    out = []
+    for i, key in enumerate(keys):
+        members = {"__key__": key, "latent.npy": _npy(latents[i], cfg.feature_dtype)}
+        for name, e in encoded.items():
+            members[f"{name}.tokens.npy"] = _npy(e.tokens[i], cfg.feature_dtype)
+            members[f"{name}.mask.npy"] = _npy(e.mask[i].to(torch.int8), "int8")
+            if e.pooled is not None:
+                members[f"{name}.pooled.npy"] = _npy(e.pooled[i], cfg.feature_dtype)
+        out.append(members)
+    if teacher is None or cfg.targets_per_sample == 0:
+        return out
+    cond = sd3_teacher_condition(encoded, cfg.teacher_clip_encoders, teacher.transformer.config.joint_attention_dim,
+                                 cfg.teacher_t5_encoder or None)
+    for k in range(cfg.targets_per_sample):
+        pairs = [draw_pair(key, k, latents.shape[1:], cfg) for key in keys]
+        t = torch.stack([p[0] for p in pairs])
+        x_t = interpolate(latents, torch.stack([p[1] for p in pairs]), t)
+        res = teacher(x_t.to(device), t.to(device), cond["context"], cond["pooled"])
+        for i, members in enumerate(out):
+            members[f"t{k}.npy"] = _npy(t[i:i + 1], "float32")
+            members[f"v{k}.npy"] = _npy(res.velocity[i], cfg.feature_dtype)
+            if cfg.store_features:
+                for name, f in res.features.items():
+                    members[f"f{k}.{name}.npy"] = _npy(f[i], cfg.feature_dtype)
+    return out
+
+
+def storage_report(members: dict[str, bytes]) -> dict[str, dict[str, float]]:
+    """Bytes per sample per field (field = member name with the pair index folded), and per 1M samples (GB)."""
+    fields: dict[str, int] = {}
+    for name, data in members.items():
+        if name.startswith("__"):
+            continue
+        field = name[0] + "K" + name[name.index("."):] if name[0] in "tvf" and name[1:2].isdigit() else name
+        fields[field] = fields.get(field, 0) + len(data)
+    return {f: {"bytes_per_sample": b, "gb_per_1m_samples": b * 1e6 / 1e9} for f, b in sorted(fields.items())}
+
+
+def full_scale_estimate(latent_side: int = 128, channels: int = 16, teacher_width: int = 2432, patch: int = 2,
+                        encoders: dict[str, tuple[int, int]] | None = None, k: int = 4) -> dict[str, float]:
+    """Analytic bytes/sample at fp16 for SD3.5-Large at 1024^2 (width 38 x 64 = 2432, patch 2)."""
+    encoders = encoders or {"clip_l": (77, 768), "clip_g": (77, 1280), "gemma": (256, 2304)}
+    tokens = (latent_side // patch) ** 2
+    est = {"latent": latent_side ** 2 * channels * 2,
+           "text": sum(l * d * 2 for l, d in encoders.values()),
+           "targets_vK": k * latent_side ** 2 * channels * 2,
+           "features_fK_final_layer": k * tokens * teacher_width * 2}
+    est["total_without_features"] = est["latent"] + est["text"] + est["targets_vK"]
+    return est

@@ -1,0 +1,131 @@
+"""Tasks of the teacher-caching stage: per curated shard, encode and write a cached shard.
+
+Layout under the cache URI:
+    shards/<name>.tar     cached WebDataset shard (latent, per-encoder states, K teacher targets)
+    shards/<name>.json    per-shard record, written after its tar (unit of retry and of reuse)
+    manifest.json         written last, keyed by (dataset hash, model ids, config hash, code version)
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from snapgen_model.distill.cache import CacheConfig, cache_batch, storage_report
+from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
+from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
+from snapgen_model.distill.vae import VAEAdapter, VAEConfig
+from snapgen_model.data.sources import iter_tar_groups
+from snapgen_model.data.wds_io import decode_sample, write_shard
+from tasks.defaults import io_task_options
+from tasks.settings import get_settings
+from tasks.storage import Storage
+
+CODE_VERSION = "cache-1"
+
+
+def storage() -> Storage:
+    return Storage.from_settings(get_settings())
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def local_folder(uri: str) -> Path:
+    """A local copy of a model folder: file:// as is, s3:// downloaded once under <home>/cache."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" not in uri:
+        return Path(uri)
+    store = storage()
+    target = Path(get_settings().home) / "cache" / "models" / _hash(uri)[:16]
+    marker = target / ".complete"
+    if not marker.exists():
+        prefix = uri.rstrip("/") + "/"
+        for obj in store.list(prefix):
+            store.download_file(obj, target / obj[len(prefix):])
+        marker.write_text(uri)
+    return target
+
+
+@functools.lru_cache(maxsize=2)
+def load_models(bundle: str, encoders_json: str, feature_layers: tuple[int, ...], with_teacher: bool):
+    """(vae, {name: encoder}, teacher | None), loaded once per process through the production adapters."""
+    folder = str(local_folder(bundle))
+    vae = VAEAdapter.from_pretrained(VAEConfig(path=folder, subfolder="vae"))
+    encoders = {}
+    for spec in json.loads(encoders_json):
+        spec = TextEncoderSpec.from_dict(spec | {"path": folder})
+        encoders[spec.name] = TextEncoderAdapter.from_pretrained(spec)
+    teacher = SD3Teacher.from_pretrained(TeacherConfig(path=folder, feature_layers=feature_layers)) if with_teacher else None
+    return vae, encoders, teacher
+
+
+def cache_key(dataset_manifest: dict[str, Any], bundle: str, encoders: list[dict], feature_layers: tuple[int, ...],
+              cfg: CacheConfig, bundle_id: str) -> str:
+    return _hash([dataset_manifest["dataset_hash"], bundle_id, encoders, list(feature_layers), cfg.to_dict(),
+                  CODE_VERSION])
+
+
+@task(name="read-json", **io_task_options())
+def read_json(uri: str) -> dict[str, Any] | None:
+    store = storage()
+    return store.read_json(uri) if store.exists(uri) else None
+
+
+@task(name="cache-shard", **io_task_options())
+def cache_shard(dataset_uri: str, shard: dict[str, Any], out_uri: str, bundle: str, encoders: list[dict],
+                feature_layers: tuple[int, ...], cfg: CacheConfig, key: str) -> dict[str, Any]:
+    """Cache one curated shard; a finished shard with the same key is reused as is."""
+    store = storage()
+    name = Path(shard["name"]).stem
+    tar_uri, rec_uri = store.join(out_uri, "shards", f"{name}.tar"), store.join(out_uri, "shards", f"{name}.json")
+    if store.exists(rec_uri):
+        done = store.read_json(rec_uri)
+        if done.get("key") == key and store.exists(tar_uri) and store.size(tar_uri) == done.get("bytes"):
+            return done | {"reused": True}
+    vae, encs, teacher = load_models(bundle, json.dumps(encoders, sort_keys=True), tuple(feature_layers),
+                                     cfg.targets_per_sample > 0)
+    samples = [decode_sample(k, m) for k, m in iter_tar_groups(store.open_read(store.join(dataset_uri, shard["name"])))]
+    members: list[dict[str, bytes]] = []
+    for i in range(0, len(samples), cfg.batch_size):
+        batch = samples[i:i + cfg.batch_size]
+        members += cache_batch([s["__key__"] for s in batch], [s["image"] for s in batch],
+                               [s.get("caption", "") for s in batch], vae=vae, encoders=encs, teacher=teacher, cfg=cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, f"{name}.tar")
+        info = write_shard(iter(members), local)
+        store.upload_file(local, tar_uri)
+    done = {"name": f"shards/{name}.tar", "source": shard["name"], "samples": info.samples, "bytes": info.bytes,
+            "sha256": info.sha256, "key": key, "storage": storage_report(members[0]) if members else {}}
+    store.write_json(rec_uri, done)
+    return done | {"reused": False}
+
+
+@task(name="write-cache-manifest", **io_task_options())
+def write_cache_manifest(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    storage().write_json(storage().join(out_uri, "manifest.json"), manifest)
+    return manifest
+
+
+@task(name="log-cache", **io_task_options())
+def log_cache(manifest: dict[str, Any], out_uri: str) -> str:
+    from tasks.tracking import lineage_tags, start_run
+
+    tags = lineage_tags(dataset_hash=manifest["dataset_hash"], teacher_id=manifest["bundle_id"],
+                        config_hash=manifest["key"][:16]) | {"snapgen.stage": "cache_teacher", "snapgen.cache_uri": out_uri}
+    with start_run(get_settings(), f"cache-{manifest['key'][:8]}", tags=tags) as run:
+        run.log_params({"cache": manifest["config"], "encoders": [e["name"] for e in manifest["encoders"]]})
+        metrics = {"samples": manifest["samples"], "shards": len(manifest["shards"]),
+                   "reused_shards": manifest["reused_shards"]}
+        metrics |= {f"bytes_per_sample.{f}": v["bytes_per_sample"] for f, v in manifest["storage"].items()}
+        run.log_metrics(metrics)
+        run.log_dict(manifest, "cache_manifest.json")
+        return run.run_id

@@ -1,0 +1,117 @@
+"""Teacher caching flow on a curated toy dataset: contents, recomputation, reuse, resume, S3, Dask."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, mlflow_server):
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SNAPGEN_STORAGE_ROOT", f"file://{tmp_path}/storage")
+    monkeypatch.setenv("SNAPGEN_MLFLOW_TRACKING_URI", mlflow_server.uri)
+    return tmp_path
+
+
+def curate(out: str, count: int = 12, per_shard: int = 4) -> dict:
+    from flows.curate import CurateParams, curate_flow
+
+    return curate_flow(CurateParams(sources=[{"kind": "shapes", "count": count, "resolution": 32}], out=out,
+                                    overrides=[f"samples_per_shard={per_shard}"], track=False))
+
+
+def run(dataset: str, bundle, **kw) -> dict:
+    from flows.cache import CacheParams, cache_teacher_flow
+
+    return cache_teacher_flow(CacheParams(dataset_uri=dataset, bundle_uri=f"file://{bundle}", **kw))
+
+
+def read_shard(path) -> list[tuple[str, dict]]:
+    from snapgen_model.data.sources import iter_tar_groups
+
+    return list(iter_tar_groups(open(path, "rb")))
+
+
+def test_cache_contents_and_recomputed_targets(env, tiny_bundle, prefect_harness):
+    from snapgen_model.distill.cache import CacheConfig, draw_pair, load_npy
+    from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
+    from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec, sd3_teacher_condition
+    from snapgen_model.diffusion.flow import interpolate
+
+    ds = f"file://{env}/ds"
+    curate(ds)
+    manifest = run(ds, tiny_bundle, overrides=["targets_per_sample=2", "feature_dtype=float32"])
+    assert manifest["samples"] == 12 and len(manifest["shards"]) == 3 and not manifest["cache_hit"]
+    assert {"latent.npy", "clip.tokens.npy", "clip.pooled.npy", "vK.npy"} <= set(manifest["storage"])
+    assert manifest["mlflow_run_id"]
+    key, members = read_shard(f"{manifest['uri'][len('file://'):]}/{manifest['shards'][0]['name']}")[0]
+    latent = torch.from_numpy(load_npy(members["latent.npy"]))
+    assert latent.shape == (16, 8, 8)
+    # a cached target equals the teacher recomputed for the same (t, seed)
+    cfg = CacheConfig(targets_per_sample=2, feature_dtype="float32")
+    t, noise = draw_pair(key, 1, latent.shape, cfg)
+    assert torch.allclose(torch.from_numpy(load_npy(members["t1.npy"])), t.view(1))
+    teacher = SD3Teacher.from_pretrained(TeacherConfig(path=str(tiny_bundle)))
+    enc = TextEncoderAdapter.from_pretrained(TextEncoderSpec(name="clip", kind="clip", path=str(tiny_bundle),
+                                                             subfolder="text_encoder", max_length=16))
+    caption = json.loads(members["__caption__"]) if "__caption__" in members else None
+    tokens = torch.from_numpy(load_npy(members["clip.tokens.npy"]))[None]
+    pooled = torch.from_numpy(load_npy(members["clip.pooled.npy"]))[None]
+    cond = {"context": tokens, "pooled": pooled}
+    v = teacher(interpolate(latent[None], noise[None], t.view(1)), t.view(1), cond["context"], cond["pooled"]).velocity
+    assert torch.allclose(v[0], torch.from_numpy(load_npy(members["v1.npy"])), atol=1e-4)
+    del caption, enc, sd3_teacher_condition
+    again = run(ds, tiny_bundle, overrides=["targets_per_sample=2", "feature_dtype=float32"])
+    assert again["cache_hit"] and again["key"] == manifest["key"]
+    other = run(ds, tiny_bundle, overrides=["targets_per_sample=1"], track=False)
+    assert other["key"] != manifest["key"] and other["uri"] != manifest["uri"]
+
+
+def test_interrupted_caching_resumes_without_recomputing(env, tiny_bundle, prefect_harness, monkeypatch):
+    """Fault injected by patching the library encoder call (a fault no real server produces)."""
+    import tasks.cache as tc
+
+    ds = f"file://{env}/ds2"
+    curate(ds)
+    real, calls = tc.cache_batch, []
+
+    def failing(keys, *a, **k):
+        calls.append(keys[0])
+        if len(calls) == 2:
+            raise RuntimeError("injected crash while caching")
+        return real(keys, *a, **k)
+
+    monkeypatch.setattr(tc, "cache_batch", failing)
+    with pytest.raises(Exception, match="injected crash"):
+        run(ds, tiny_bundle, track=False)
+    monkeypatch.setattr(tc, "cache_batch", lambda keys, *a, **k: (calls.append(keys[0]), real(keys, *a, **k))[1])
+    calls.clear()
+    manifest = run(ds, tiny_bundle, track=False)
+    assert manifest["reused_shards"] >= 1 and len(calls) == 3 - manifest["reused_shards"]
+
+
+def test_cache_on_seaweedfs_with_dask_local_cluster(seaweed_s3, tiny_bundle, tmp_path, monkeypatch, prefect_harness):
+    from flows.cache import CacheParams, run_cache
+
+    bucket = seaweed_s3.new_bucket()
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SNAPGEN_STORAGE_ROOT", f"s3://{bucket}/root")
+    monkeypatch.setenv("SNAPGEN_S3_ENDPOINT_URL", seaweed_s3.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
+    ds = f"s3://{bucket}/ds"
+    curate(ds, count=8)
+    manifest = run_cache(CacheParams(dataset_uri=ds, bundle_uri=f"file://{tiny_bundle}", track=False),
+                         task_runner="dask", workers=2)
+    assert manifest["samples"] == 8 and manifest["uri"].startswith(f"s3://{bucket}/ds/cache/")
+    from tasks.storage import Storage
+    from tasks.settings import get_settings
+
+    store = Storage.from_settings(get_settings())
+    assert store.exists(manifest["uri"] + "/manifest.json")
+    assert sum(o.endswith(".tar") for o in store.list(manifest["uri"] + "/shards/")) == 2
