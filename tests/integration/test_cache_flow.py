@@ -115,3 +115,19 @@ def test_cache_on_seaweedfs_with_dask_local_cluster(seaweed_s3, tiny_bundle, tmp
     store = Storage.from_settings(get_settings())
     assert store.exists(manifest["uri"] + "/manifest.json")
     assert sum(o.endswith(".tar") for o in store.list(manifest["uri"] + "/shards/")) == 2
+
+
+def test_train_decoder_flow_on_cached_latents(env, tiny_bundle, prefect_harness):
+    from flows.decoder import DecoderParams, train_decoder_flow
+
+    ds = f"file://{env}/ds3"
+    curate(ds, count=24, per_shard=12)
+    cache = run(ds, tiny_bundle, overrides=["targets_per_sample=0"], track=False)
+    params = DecoderParams(cache_uri=cache["uri"], bundle_uri=f"file://{tiny_bundle}", preset="toy-smoke",
+                           train_overrides=["steps=40", "batch_size=8", "heldout=4"])
+    result = train_decoder_flow(params)
+    assert result["report"]["batch"] == 4 and result["mlflow_run_id"]
+    assert result["loss_curve"][-1] < result["loss_curve"][0]
+    from snapgen_model.storage.checkpoint import load_model
+    assert type(load_model(result["checkpoint"][len("file://"):])).__name__ == "TinyDecoder"
+    assert train_decoder_flow(params)["cache_hit"]

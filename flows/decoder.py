@@ -1,0 +1,36 @@
+"""train_decoder_flow: the tiny decoder learns the teacher VAE's latents (stage 2b)."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from tasks.decoder import log_decoder, train_decoder_task
+
+
+class DecoderParams(BaseModel):
+    cache_uri: str = Field(description="teacher cache folder (cache_teacher_flow output)")
+    bundle_uri: str = Field(description="teacher bundle folder (its vae/ is the reference decoder)")
+    preset: str = "toy"
+    overrides: list[str] = Field(default_factory=list, description="preset overrides (decoder.*)")
+    train_overrides: list[str] = Field(default_factory=list, description="DecoderTrainConfig overrides")
+    track: bool = True
+
+
+@flow(name="train-decoder", log_prints=True)
+def train_decoder_flow(params: DecoderParams) -> dict[str, Any]:
+    result = train_decoder_task(params.cache_uri, params.bundle_uri, params.preset, params.overrides,
+                                params.train_overrides)
+    r = result["report"]
+    create_markdown_artifact(
+        "### Tiny decoder\n\n| metric | tiny decoder | teacher VAE decoder |\n|---|---|---|\n"
+        f"| params | {r['params']:,} | {r['vae_decoder_params']:,} |\n"
+        f"| PSNR vs images (dB) | {r['psnr_vs_images']:.2f} | {r['vae_psnr_vs_images']:.2f} |\n"
+        f"| latency, batch {r['batch']} (ms) | {r['latency_ms']:.1f} | {r['vae_latency_ms']:.1f} |\n\n"
+        f"PSNR vs the VAE decoder {r['psnr_vs_vae_decoder']:.2f} dB, SSIM {r['ssim_vs_vae_decoder']:.3f}",
+        key="tiny-decoder", description="tiny decoder against the teacher VAE decoder")
+    if params.track and not result.get("cache_hit"):
+        result["mlflow_run_id"] = log_decoder(result)
+    return result
