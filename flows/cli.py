@@ -159,6 +159,70 @@ def curate(
 
 
 @app.command()
+def cache(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="curated dataset URI (file://, s3:// or a path)"),
+    bundle: str = typer.Option(..., "--bundle", "-b", help="teacher bundle folder: vae/, transformer/, text_encoder/"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="cache URI (default: <dataset>/cache/<key>)"),
+    set_: list[str] = typer.Option([], "--set", help="cache config override, e.g. --set targets_per_sample=4"),
+    runner: str = typer.Option("local", "--runner", help="task runner: local (threads) or dask (local cluster)"),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="existing Dask scheduler address"),
+    track: bool = typer.Option(True, "--track/--no-track", help="log to MLflow"),
+    as_json: bool = typer.Option(False, "--json", help="print the cache manifest as JSON"),
+) -> None:
+    """Cache VAE latents, text-encoder states and teacher targets for a curated dataset."""
+    from flows.cache import CacheParams, run_cache
+    from flows.progress import bar
+    from tasks.defaults import prefect_env_defaults
+    from tasks.settings import get_settings
+
+    as_uri = lambda v: v if "://" in v else "file://" + str(Path(v).expanduser().resolve())  # noqa: E731
+    prefect_env_defaults(get_settings())
+    try:
+        with bar():
+            manifest = run_cache(CacheParams(dataset_uri=as_uri(dataset), bundle_uri=as_uri(bundle),
+                                             out_uri=as_uri(out) if out else None, overrides=set_, track=track),
+                                 task_runner=runner, address=dask_address)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(manifest)
+        return
+    from flows.cache import _summary
+    from rich.markdown import Markdown
+    console.print(Markdown(_summary(manifest)))
+    console.print(f"cache at [bold]{manifest['uri']}[/]" + (" (cache hit)" if manifest.get("cache_hit") else ""))
+
+
+@app.command("train-decoder")
+def train_decoder(
+    cache_uri: str = typer.Option(..., "--cache", help="teacher cache URI"),
+    bundle: str = typer.Option(..., "--bundle", "-b", help="teacher bundle folder (reference VAE decoder)"),
+    preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help="training override, e.g. --set steps=300"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Train the SnapGen tiny decoder on cached latents; report PSNR/SSIM/latency against the VAE decoder."""
+    from flows.decoder import DecoderParams, train_decoder_flow
+    from tasks.defaults import prefect_env_defaults
+    from tasks.settings import get_settings
+
+    as_uri = lambda v: v if "://" in v else "file://" + str(Path(v).expanduser().resolve())  # noqa: E731
+    prefect_env_defaults(get_settings())
+    try:
+        result = train_decoder_flow(DecoderParams(cache_uri=as_uri(cache_uri), bundle_uri=as_uri(bundle),
+                                                  preset=preset, train_overrides=set_))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(result)
+    else:
+        r = result["report"]
+        console.print(f"tiny decoder: {r['params']:,} params, PSNR {r['psnr_vs_images']:.2f} dB vs images "
+                      f"(VAE decoder {r['vae_psnr_vs_images']:.2f} dB), {r['latency_ms']:.1f} ms vs "
+                      f"{r['vae_latency_ms']:.1f} ms per batch of {r['batch']}; checkpoint {result['checkpoint']}")
+
+
+@app.command()
 def settings(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Print the resolved settings (env SNAPGEN_*, then the config file), secrets masked."""
     from tasks.settings import get_settings

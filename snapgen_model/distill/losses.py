@@ -1,0 +1,149 @@
+"""Multi-level knowledge-distillation losses (SNAPGEN_SPEC.md section 5), as small callable objects.
+
+All terms return per-sample losses (B,), because the timestep-aware scaling works per timestep:
+
+    S(L_task, L_kd) = E_t[ a_t L_task + (1 - a_t) sg(|L_task| / |L_kd|) L_kd ]
+
+with sg the stop-gradient, so at every t the KD term is brought to the task loss's magnitude, and
+a_t derived from the logit-normal timestep density (the exact formula is unpublished [U]; ours:
+a_t = p(t) / p_max, so mid-range timesteps, which the task loss samples most, lean on it and rare
+extreme timesteps lean on the teacher). Total: S(L_task, L_out) + S(L_task, L_feat).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snapgen_model.config_base import ConfigBase, check, check_choice
+from snapgen_model.diffusion.flow import logit_normal_density
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KDConfig(ConfigBase):
+    """Which distillation terms and how they are combined."""
+
+    output_kd: bool = True  # L_out: student velocity vs teacher velocity on the same x_t [P]
+    feature_kd: bool = True  # L_feat: projected student features vs teacher final-layer tokens [P]
+    student_feature: str = "up1"  # student feature map for L_feat (64x64 at 1024^2 for snapgen-1024) [U]
+    teacher_feature: str = ""  # teacher feature name ("" = the last captured layer)
+    combine: Literal["scaled", "weighted", "task_only"] = "scaled"  # S(.) of the paper, a plain sum, or no KD
+    alpha: Literal["density", "constant"] = "density"  # a_t from the logit-normal density, or a constant
+    alpha_constant: float = 0.5  # a_t when alpha = constant
+    logit_mean: float = 0.0  # density parameters for a_t (match the flow config)
+    logit_std: float = 1.0
+    out_weight: float = 1.0  # weighted mode: weight of L_out
+    feat_weight: float = 1.0  # weighted mode: weight of L_feat
+    eps: float = 1e-8  # guards the magnitude ratio
+
+    def __post_init__(self) -> None:
+        check_choice(self.combine, "kd.combine", ("scaled", "weighted", "task_only"))
+        check_choice(self.alpha, "kd.alpha", ("density", "constant"))
+        check(0.0 <= self.alpha_constant <= 1.0, "kd.alpha_constant", "must be in [0, 1]")
+        check(self.logit_std > 0, "kd.logit_std", "must be > 0")
+        check(self.out_weight >= 0 and self.feat_weight >= 0, "kd.out_weight", "weights must be >= 0")
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+class TaskLoss:
+    """L_task = ||v_student - (eps - x0)||^2 per sample."""
+
+    def __call__(self, v_student: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
+        return per_sample_mse(v_student, v_target)
+
+
+class OutputKDLoss:
+    """L_out = ||v_student - v_teacher||^2 per sample (teacher detached)."""
+
+    def __call__(self, v_student: torch.Tensor, v_teacher: torch.Tensor) -> torch.Tensor:
+        return per_sample_mse(v_student, v_teacher.detach())
+
+
+class FeatureProjector(nn.Module):
+    """Student feature map (B, C, h, w) -> teacher token grid (B, N, D): 1x1 conv, then area pooling
+    to the teacher's grid when sizes differ (trainable, SPEC 5)."""
+
+    def __init__(self, student_channels: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(student_channels, teacher_dim, 1)
+
+    def forward(self, feat: torch.Tensor, tokens: int) -> torch.Tensor:
+        side = int(math.isqrt(tokens))
+        if side * side != tokens:
+            raise ValueError(f"feature KD: teacher token count {tokens} is not a square grid")
+        h = self.proj(feat)  # (B, D, h, w)
+        if h.shape[-1] != side:
+            h = F.adaptive_avg_pool2d(h, side)
+        return h.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class FeatureKDLoss:
+    """L_feat = ||f_teacher - proj(f_student)||^2 per sample (teacher detached)."""
+
+    def __call__(self, projected: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+        return per_sample_mse(projected, teacher_tokens.detach())
+
+
+class TimestepAwareScaling:
+    """S(L_task, L_kd): per-timestep magnitude matching with stop-gradient (see module docstring)."""
+
+    def __init__(self, cfg: KDConfig) -> None:
+        self.cfg = cfg
+        self.peak = float(logit_normal_density(torch.tensor(self._mode()), cfg.logit_mean, cfg.logit_std))
+
+    def _mode(self) -> float:
+        """Mode of the logit-normal (numerically, on a grid)."""
+        grid = torch.linspace(1e-3, 1 - 1e-3, 2001)
+        return float(grid[logit_normal_density(grid, self.cfg.logit_mean, self.cfg.logit_std).argmax()])
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.alpha == "constant":
+            return torch.full_like(t, self.cfg.alpha_constant)
+        return (logit_normal_density(t, self.cfg.logit_mean, self.cfg.logit_std) / self.peak).clamp(0, 1)
+
+    def __call__(self, l_task: torch.Tensor, l_kd: torch.Tensor, t: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss, diagnostics); `mask` (B,) excludes samples without a KD target (e.g. dropped condition)."""
+        a = self.alpha(t.float())
+        ratio = (l_task.abs() / (l_kd.abs() + self.cfg.eps)).detach()  # sg(|L_task| / |L_kd|) per timestep
+        kd_part = (1 - a) * ratio * l_kd
+        if mask is not None:
+            kd_part = torch.where(mask, kd_part, torch.zeros_like(kd_part))
+            a = torch.where(mask, a, torch.ones_like(a))
+        loss = (a * l_task + kd_part).mean()
+        return loss, {"alpha_mean": a.mean().detach(), "ratio_mean": ratio.mean()}
+
+
+class DistillationObjective:
+    """Combines the named terms as configured: scaled (paper), weighted (ablation) or task only."""
+
+    def __init__(self, cfg: KDConfig) -> None:
+        self.cfg = cfg
+        self.scaling = TimestepAwareScaling(cfg)
+
+    def __call__(self, terms: dict[str, torch.Tensor], t: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`terms`: per-sample "task" and optionally "out", "feat" (B,). Returns (loss, logs)."""
+        task = terms["task"]
+        logs = {f"loss/{k}": v.mean().detach() for k, v in terms.items()}
+        kd = [k for k in ("out", "feat") if k in terms] if self.cfg.combine != "task_only" else []
+        if not kd:
+            return task.mean(), logs
+        m = mask.float() if mask is not None else torch.ones_like(task)
+        if self.cfg.combine == "weighted":
+            weights = {"out": self.cfg.out_weight, "feat": self.cfg.feat_weight}
+            loss = task.mean() + sum(weights[k] * (terms[k] * m).sum() / m.sum().clamp_min(1) for k in kd)
+            return loss, logs
+        total = 0.0
+        for k in kd:
+            part, diag = self.scaling(task, terms[k], t, mask)
+            total = total + part
+            logs |= {f"scale/{k}_{n}": v for n, v in diag.items()}
+        return total, logs

@@ -1,0 +1,83 @@
+"""KD loss terms against hand computations; S's per-timestep ratio and stop-gradient."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from snapgen_model.distill.losses import (
+    DistillationObjective,
+    FeatureKDLoss,
+    FeatureProjector,
+    KDConfig,
+    OutputKDLoss,
+    TaskLoss,
+    TimestepAwareScaling,
+)
+
+
+def test_task_and_output_kd_by_hand():
+    v = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    target = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+    assert torch.allclose(TaskLoss()(v, target), torch.tensor([2.5, 5.0]))
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    out = OutputKDLoss()(v, teacher)
+    assert torch.allclose(out, torch.tensor([2.0, 0.5]))
+    assert not out.requires_grad  # teacher detached, student constant here
+
+
+def test_feature_projector_and_loss():
+    proj = FeatureProjector(4, 6)
+    feat = torch.randn(2, 4, 8, 8)
+    tokens = proj(feat, 16)  # teacher grid 4x4
+    assert tokens.shape == (2, 16, 6)
+    teacher = torch.randn(2, 16, 6)
+    loss = FeatureKDLoss()(tokens, teacher)
+    assert torch.allclose(loss, ((tokens - teacher) ** 2).mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="not a square grid"):
+        proj(feat, 15)
+
+
+def test_scaling_ratio_per_timestep_and_alpha():
+    s = TimestepAwareScaling(KDConfig(alpha="constant", alpha_constant=0.25))
+    task = torch.tensor([2.0, 0.5])
+    kd = torch.tensor([8.0, 0.1])
+    t = torch.tensor([0.2, 0.8])
+    loss, diag = s(task, kd, t)
+    # per sample: 0.25 * task + 0.75 * (task / kd) * kd = task -> mean 1.25
+    assert math.isclose(float(loss), 1.25, rel_tol=1e-6)
+    assert torch.allclose(diag["ratio_mean"], torch.tensor((0.25 + 5.0) / 2))
+
+
+def test_scaling_stops_gradient_through_ratio():
+    s = TimestepAwareScaling(KDConfig(alpha="constant", alpha_constant=0.0))
+    task = torch.tensor([2.0], requires_grad=True)
+    kd = torch.tensor([4.0], requires_grad=True)
+    loss, _ = s(task, kd, torch.tensor([0.5]))
+    loss.backward()
+    # loss = sg(task/kd) * kd: d/dkd = task/kd = 0.5, d/dtask = 0 (ratio is detached)
+    assert task.grad is None or float(task.grad) == 0.0
+    assert math.isclose(float(kd.grad), 0.5)
+
+
+def test_density_alpha_peaks_mid_range():
+    s = TimestepAwareScaling(KDConfig())
+    a = s.alpha(torch.tensor([0.02, 0.5, 0.98]))
+    assert a[1] > 0.99 and a[0] < 0.2 and a[2] < 0.2
+
+
+def test_objective_modes_and_mask():
+    terms = {"task": torch.tensor([1.0, 1.0]), "out": torch.tensor([3.0, 5.0]), "feat": torch.tensor([2.0, 2.0])}
+    t = torch.tensor([0.5, 0.5])
+    only, _ = DistillationObjective(KDConfig(combine="task_only"))(terms, t)
+    assert float(only) == 1.0
+    weighted, _ = DistillationObjective(KDConfig(combine="weighted", out_weight=0.5, feat_weight=1.0))(terms, t)
+    assert math.isclose(float(weighted), 1.0 + 0.5 * 4.0 + 2.0)
+    scaled, logs = DistillationObjective(KDConfig(alpha="constant", alpha_constant=0.5))(terms, t)
+    assert math.isclose(float(scaled), 2.0)  # each S(.) equals the task loss when ratios match magnitudes
+    masked, _ = DistillationObjective(KDConfig(alpha="constant", alpha_constant=0.5))(
+        terms, t, mask=torch.tensor([True, False]))
+    # sample 2 has no KD target: counts as task only in both S terms
+    assert math.isclose(float(masked), 2 * (0.5 * (0.5 + 0.5) + 0.5 * 1.0))
+    assert "scale/out_alpha_mean" in logs
