@@ -1,0 +1,266 @@
+"""Student pretraining with multi-level knowledge distillation (SNAPGEN_SPEC.md sections 4-5).
+
+`PretrainModule` holds the student UNet, the trainable text conditioner and feature projector, an
+EMA copy of the student, and either cached teacher targets (cached mode) or a frozen teacher
+(online mode). `training_step` only combines the named loss terms of `snapgen_model.distill.losses`.
+All randomness of a step (timesteps, noise, target pair, condition dropout) comes from a generator
+seeded by (seed, step, rank), so a resumed run is bitwise identical to an uninterrupted one on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from snapgen_model.config_base import ConfigBase, check, check_choice
+from snapgen_model.configs import SnapGenConfig
+from snapgen_model.diffusion.flow import interpolate, sample_timesteps
+from snapgen_model.distill.cache import CacheConfig, draw_pair
+from snapgen_model.distill.losses import (
+    DistillationObjective,
+    FeatureKDLoss,
+    FeatureProjector,
+    KDConfig,
+    OutputKDLoss,
+    TaskLoss,
+)
+from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
+from snapgen_model.nn.unet import SnapGenUNet
+from snapgen_model.training.data import CachedData, StepBatches
+from snapgen_model.training.state import load_state, save_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig(ConfigBase):
+    """Optimisation, distillation and runtime settings of the pretraining stage."""
+
+    steps: int = 1000  # total optimiser steps
+    batch_size: int = 32  # global batch (split over ranks)
+    lr: float = 1e-3  # peak AdamW learning rate (SnapGen++: Adam 1e-4 at scale)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 50  # linear LR warm-up
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
+    ema_decay: float = 0.999  # EMA decay (with warm-up (1 + s) / (10 + s) early on)
+    mode: Literal["cached", "online"] = "cached"  # cached teacher targets, or the teacher run online
+    kd: KDConfig = dataclasses.field(default_factory=KDConfig)  # distillation terms
+    encoder_dropout: float = 0.1  # per-encoder condition dropout probability (SPEC 3)
+    seed: int = 0  # seeds init, batches and every per-step draw
+    checkpoint_every: int = 100  # steps between full-state checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # retention
+    max_nonfinite: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"  # bf16 autocast on GPU
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"  # Lightning strategy
+    devices: int = 1  # devices per node
+    num_nodes: int = 1  # nodes
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    compile: bool = False  # torch.compile the student
+    log_every: int = 10  # metric logging interval
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "pretrain.steps", "must be >= 1")
+        check(self.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
+        check(self.lr > 0, "pretrain.lr", "must be > 0")
+        check(0 <= self.ema_decay < 1, "pretrain.ema_decay", "must be in [0, 1)")
+        check(0 <= self.encoder_dropout <= 1, "pretrain.encoder_dropout", "must be in [0, 1]")
+        check_choice(self.mode, "pretrain.mode", ("cached", "online"))
+        check(self.max_nonfinite >= 0, "pretrain.max_nonfinite", "must be >= 0")
+
+
+def lr_lambda(cfg: PretrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class PretrainModule(pl.LightningModule):
+    def __init__(self, preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg: CacheConfig, *,
+                 teacher=None, teacher_dim: int | None = None, start_step: int = 0) -> None:
+        super().__init__()
+        if cfg.mode == "online" and teacher is None:
+            raise ValueError("pretrain.mode=online needs a teacher")
+        self.preset, self.cfg, self.data, self.cache_cfg = preset, cfg, data, cache_cfg
+        self.teacher, self.start_step = teacher, start_step
+        torch.manual_seed(cfg.seed)
+        self.student = SnapGenUNet(preset.unet)
+        dims = {e: (data.tokens[e].shape[-1], data.pooled[e].shape[-1] if e in data.pooled else 0) for e in data.tokens}
+        self.conditioner = TextConditioner(TextConditionerConfig(width=preset.unet.context_dim,
+                                                                 pooled_dim=preset.unet.pooled_dim), dims)
+        self.feature_name = cfg.kd.teacher_feature or (sorted(data.features)[-1] if data.features else "")
+        tdim = teacher_dim or (data.features[self.feature_name].shape[-1] if self.feature_name else 0)
+        self.use_feat = cfg.kd.feature_kd and cfg.kd.combine != "task_only" and bool(tdim)
+        ch = self.student.feature_channels()[cfg.kd.student_feature]
+        self.projector = FeatureProjector(ch, tdim) if self.use_feat else torch.nn.Identity()
+        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.objective = DistillationObjective(cfg.kd)
+        self.task_loss, self.out_loss, self.feat_loss = TaskLoss(), OutputKDLoss(), FeatureKDLoss()
+        self.nonfinite_total, self.nonfinite_run, self._t0 = 0, 0, None
+
+    def current_step(self) -> int:
+        return self.start_step + self.global_step
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema.", "teacher."))]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.global_rank)
+
+    def _targets(self, idx: torch.Tensor, latent: torch.Tensor, g: torch.Generator, cond_teacher: dict | None):
+        """(t, noise, v_teacher | None, teacher tokens | None) for this batch."""
+        d = self.data
+        if self.cfg.mode == "cached" and d.targets:
+            k = torch.randint(d.targets, (len(idx),), generator=g)
+            pairs = [draw_pair(d.keys[i], int(kk), latent.shape[1:], self.cache_cfg) for i, kk in zip(idx.tolist(), k)]
+            t = d.t[idx, k]
+            noise = torch.stack([p[1] for p in pairs])
+            feats = d.features[self.feature_name][idx, k] if self.use_feat else None
+            return t, noise, d.v[idx, k], feats
+        t = sample_timesteps(len(idx), self.preset.flow, g)
+        noise = torch.randn(latent.shape, generator=g)
+        if self.teacher is None:
+            return t, noise, None, None
+        with torch.no_grad():
+            out = self.teacher(interpolate(latent, noise, t), t, cond_teacher["context"], cond_teacher["pooled"])
+        return t, noise, out.velocity, out.features.get(self.feature_name or next(iter(out.features)))
+
+    def _encoded(self, idx: torch.Tensor) -> dict[str, Encoded]:
+        d = self.data
+        return {e: Encoded(d.tokens[e][idx], d.pooled[e][idx] if e in d.pooled else None, d.mask[e][idx])
+                for e in d.tokens}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        step, idx = int(batch["step"]), batch["idx"].cpu()
+        g = self._generator(step)
+        latent = self.data.latent[idx].to(self.device)
+        encoded = self._encoded(idx)
+        teacher_cond = None
+        if self.cfg.mode == "online":
+            from snapgen_model.distill.text import sd3_teacher_condition
+            teacher_cond = sd3_teacher_condition(encoded, self.cache_cfg.teacher_clip_encoders,
+                                                 self.teacher.transformer.config.joint_attention_dim)
+        t, noise, v_teacher, t_feats = self._targets(idx, latent, g, teacher_cond)
+        drop = self.conditioner.sample_drop(len(idx), {e: self.cfg.encoder_dropout for e in encoded}, g)
+        cond = self.conditioner({e: Encoded(x.tokens.to(self.device), None if x.pooled is None else x.pooled.to(self.device),
+                                            x.mask) for e, x in encoded.items()}, drop)
+        t, noise = t.to(self.device), noise.to(self.device)
+        v, feats = self.student(interpolate(latent, noise, t), t, **cond, return_features=True)
+        terms = {"task": self.task_loss(v, noise - latent)}
+        kd = self.cfg.kd.combine != "task_only"
+        if kd and self.cfg.kd.output_kd and v_teacher is not None:
+            terms["out"] = self.out_loss(v, v_teacher.to(self.device))
+        if kd and self.use_feat and t_feats is not None:
+            proj = self.projector(feats[self.cfg.kd.student_feature], t_feats.shape[1])
+            terms["feat"] = self.feat_loss(proj, t_feats.to(self.device))
+        loss, logs = self.objective(terms, t, mask=~drop.any(1).to(self.device))
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(step)
+        self.nonfinite_run = 0
+        if step % self.cfg.log_every == 0:
+            self._log(step, loss, logs, len(idx))
+        return loss
+
+    def _skip_nonfinite(self, step: int):
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        if self.nonfinite_run > self.cfg.max_nonfinite:
+            raise NonFiniteLossError(f"step {step}: {self.nonfinite_run} consecutive non-finite losses "
+                                     f"(limit pretrain.max_nonfinite={self.cfg.max_nonfinite}); last checkpoint is usable")
+        return None  # Lightning skips the optimiser step
+
+    def _log(self, step: int, loss: torch.Tensor, logs: dict, batch: int) -> None:
+        now = time.perf_counter()
+        metrics = {"loss/total": loss.detach(), **logs, "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                   "nonfinite/total": float(self.nonfinite_total)}
+        if self._t0 is not None:
+            dt = (now - self._t0[0]) / max(1, step - self._t0[1])
+            metrics |= {"perf/step_time_s": dt, "perf/images_per_s": batch * self.trainer.world_size / dt}
+        self._t0 = (now, step)
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=batch)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimiser step, then the EMA update, before any callback sees the step (checkpoints
+        taken in on_train_batch_end must include this step's EMA)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        step = self.current_step()
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, s in zip(self.ema.parameters(), self.student.parameters()):
+                e.lerp_(s, 1 - decay)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student, "ema": self.ema, "conditioner": self.conditioner, "projector": self.projector}
+
+    def save_training_state(self, folder, trainer) -> Any:
+        sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        return save_state(folder, modules=self.trainable_modules(), optimizer=trainer.optimizers[0], scheduler=sched,
+                          step=self.current_step(), extra={"nonfinite_total": self.nonfinite_total,
+                                                           "preset": self.preset.to_dict(), "pretrain": self.cfg.to_dict()})
+
+    def restore(self, folder) -> None:
+        """Called from on_train_start when resuming: modules, optimiser, scheduler, RNG, counters."""
+        trainer = self.trainer
+        sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        meta = load_state(folder, modules=self.trainable_modules(), optimizer=trainer.optimizers[0], scheduler=sched)
+        self.nonfinite_total = meta.get("nonfinite_total", 0)
+
+    resume_from: Any = None
+
+    def on_train_start(self) -> None:
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+
+    def train_dataloader(self):
+        world = self.trainer.world_size
+        batches = StepBatches(len(self.data), self.cfg.batch_size, self.cfg.seed, self.start_step,
+                              self.cfg.steps - self.start_step, rank=self.global_rank, world=world)
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
+
+
+def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg: CacheConfig, state_root, *,
+        teacher=None, loggers=None, upload=None, resume: str = "latest", callbacks=(),
+        progress_bar: bool = False) -> dict[str, Any]:
+    """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total"}."""
+    from pathlib import Path
+
+    from snapgen_model.training.state import StateCheckpoint, latest_state
+
+    root = Path(state_root)
+    start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
+    start = int(json.loads((start_path / "state.json").read_text())["step"]) if start_path else 0
+    if start >= cfg.steps:
+        return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None}
+    module = PretrainModule(preset, cfg, data, cache_cfg, teacher=teacher, start_step=start)
+    module.resume_from = start_path
+    ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
+    trainer = pl.Trainer(
+        max_steps=cfg.steps - start, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy, precision=cfg.precision, logger=loggers or False, callbacks=[ckpt, *callbacks],
+        enable_checkpointing=False, gradient_clip_val=cfg.grad_clip or None, enable_progress_bar=progress_bar,
+        enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=cfg.log_every,
+    )
+    if cfg.compile:
+        module.student = torch.compile(module.student)
+    trainer.fit(module)
+    final = latest_state(root)
+    return {"step": module.current_step(), "state": str(final) if final else None,
+            "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
+            "module": module}
