@@ -556,3 +556,77 @@ def lineage_tags(
     }
     tags.update({f"{TAG_PREFIX}{k}": str(v) for k, v in optional.items() if v is not None})
     return tags
+
+
+# --------------------------------------------------------------------------------------------
+# metric histories and the model registry (appended for the toy teacher bootstrap)
+# --------------------------------------------------------------------------------------------
+def log_metric_series(run: RunHandle, key: str, points: list[tuple[int, float]] | tuple[tuple[int, float], ...]) -> None:
+    """Log a whole metric history ``[(step, value), ...]`` (a loss curve) in a few batches.
+
+    Outages are handled like :meth:`RunHandle.log_metrics`: warned about, never raised.
+    """
+    stamp = int(time.time() * 1000)
+    items = [Metric(key, float(value), stamp, int(step)) for step, value in points]
+    try:
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            run._call(lambda c=chunk: run.client.log_batch(run.run_id, metrics=c), "metrics")
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        run._give_up_metrics(exc, len(items))
+
+
+def register_model_version(
+    settings: TrackingSettings,
+    name: str,
+    source: str,
+    *,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> str:
+    """Create registered model ``name`` if it does not exist, add a version from ``source``
+    (e.g. ``runs:/<run_id>/bundle``) with masked, stringified ``tags``; return its version number."""
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    policy = retry or RetryPolicy()
+
+    def ensure_model() -> None:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    call_with_retry(ensure_model, policy, "create_registered_model")
+    version = call_with_retry(
+        lambda: client.create_model_version(
+            name, source, run_id=run_id, tags=prepare_params(tags or {}), description=description
+        ),
+        policy,
+        "create_model_version",
+    )
+    return str(version.version)
+
+
+def find_model_versions(settings: TrackingSettings, name: str, tag: str, value: str) -> list[dict[str, str]]:
+    """Versions of registered model ``name`` whose tag ``tag`` equals ``value``, newest first:
+    ``[{"version", "run_id", "source"}]`` (empty when the model does not exist)."""
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    found = call_with_retry(
+        lambda: client.search_model_versions(f"name = '{name}'"), RetryPolicy(), "search_model_versions"
+    )
+    hits = [v for v in found if (v.tags or {}).get(tag) == value]
+    hits.sort(key=lambda v: int(v.version), reverse=True)
+    return [{"version": str(v.version), "run_id": v.run_id or "", "source": v.source} for v in hits]
+
+
+def lightning_logger(settings: Any, run_id: str):
+    """Lightning's MLFlowLogger writing into an existing run (created by `start_run`)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    configure_mlflow(settings)
+    return MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id, log_model=False)

@@ -56,6 +56,19 @@ class CachedData:
         )
 
 
+def load_cache_folder(folder, encoders: list[str]) -> CachedData:
+    """CachedData from a local cache folder (`shards/*.tar` as written by the caching stage)."""
+    from pathlib import Path
+
+    from snapgen_model.data.sources import iter_tar_groups
+
+    samples = []
+    for shard in sorted(Path(folder, "shards").glob("*.tar")):
+        with open(shard, "rb") as f:
+            samples.extend(iter_tar_groups(f))
+    return CachedData.from_members(samples, encoders)
+
+
 def global_batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     """Indices of the global batch at `step`: consecutive slices of seeded epoch permutations."""
     start = step * batch

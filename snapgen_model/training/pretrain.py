@@ -264,3 +264,38 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg:
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
             "module": module}
+
+
+def save_student(module: PretrainModule, folder) -> dict[str, str]:
+    """The trained student for evaluation and export: EMA UNet (preset in its metadata) and the text
+    conditioner (encoder widths in its metadata), both safetensors."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from snapgen_model.storage.checkpoint import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = copy.deepcopy(module.ema)
+    unet_path = save_model(unet, folder / "unet_ema.safetensors", preset=module.preset)
+    dims = {e: [int(l.in_features), int(p)] for e, l in module.conditioner.proj.items()
+            for p in [module.conditioner.null_pooled[e].numel() if e in module.conditioner.null_pooled else 0]}
+    meta = {"snapgen.kind": "TextConditioner", "snapgen.encoders": json.dumps(dims),
+            "snapgen.config": module.conditioner.cfg.to_json()}
+    cond_path = folder / "conditioner.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.conditioner.state_dict().items()}, cond_path, metadata=meta)
+    return {"unet": str(unet_path), "conditioner": str(cond_path)}
+
+
+def load_conditioner(path) -> TextConditioner:
+    """Rebuild a TextConditioner saved by `save_student`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    encoders = {e: tuple(d) for e, d in json.loads(meta["snapgen.encoders"]).items()}
+    cond = TextConditioner(TextConditionerConfig.from_dict(json.loads(meta["snapgen.config"])), encoders)
+    cond.load_state_dict(load_file(str(path)))
+    return cond

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,29 @@ def test_train_decoder_flow_on_cached_latents(env, tiny_bundle, prefect_harness)
     from snapgen_model.storage.checkpoint import load_model
     assert type(load_model(result["checkpoint"][len("file://"):])).__name__ == "TinyDecoder"
     assert train_decoder_flow(params)["cache_hit"]
+
+
+def test_pretrain_flow_on_cached_targets(env, tiny_bundle, prefect_harness, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pretrain import PretrainParams, pretrain_flow
+    from snapgen_model.storage.checkpoint import load_model
+    from snapgen_model.training.pretrain import load_conditioner
+
+    ds = f"file://{env}/ds4"
+    curate(ds, count=8, per_shard=8)
+    cache = run(ds, tiny_bundle, overrides=["targets_per_sample=1", "store_features=true"], track=False)
+    params = PretrainParams(cache_uri=cache["uri"], preset="toy-smoke",
+                            overrides=["unet.context_dim=32", "unet.pooled_dim=32"],
+                            pretrain=["steps=4", "batch_size=4", "checkpoint_every=2", "log_every=1", "accelerator=cpu"])
+    result = pretrain_flow(params)
+    assert result["step"] == 4
+    unet = load_model(result["student"]["unet"][len("file://"):])
+    cond = load_conditioner(result["student"]["conditioner"][len("file://"):])
+    assert unet.config.context_dim == 32 and "clip" in cond.proj
+    ckpts = sorted(p.name for p in Path(result["checkpoints"][len("file://"):]).glob("step-*"))
+    assert ckpts == ["step-00000002", "step-00000004"]
+    history = MlflowClient(mlflow_server.uri).get_metric_history(result["mlflow_run_id"], "loss/total")
+    assert len(history) >= 3
+    again = pretrain_flow(params)  # resumes at the final checkpoint: nothing left to train
+    assert again["step"] == 4

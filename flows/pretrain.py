@@ -1,0 +1,28 @@
+"""pretrain_flow: teacher cache -> KD-pretrained student (stage 3)."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from tasks.pretrain import fetch_cache, train_student
+
+
+class PretrainParams(BaseModel):
+    cache_uri: str = Field(description="teacher cache (cache_teacher_flow output)")
+    preset: str = "toy"
+    overrides: list[str] = Field(default_factory=list, description="preset overrides")
+    pretrain: list[str] = Field(default_factory=list, description="PretrainConfig overrides, e.g. steps=300")
+    resume: str = Field("latest", description="latest | none | a state folder")
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(params: PretrainParams) -> dict[str, Any]:
+    cache_dir, manifest = fetch_cache(params.cache_uri)
+    result = train_student(cache_dir, manifest, params.preset, params.overrides, params.pretrain, params.resume)
+    create_markdown_artifact(f"### Pretraining `{result['key']}`\n\nstep {result['step']}, checkpoints at "
+                             f"{result['checkpoints']}, MLflow run {result['mlflow_run_id']}",
+                             key="pretrain", description="student pretraining")
+    return result

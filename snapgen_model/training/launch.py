@@ -1,0 +1,40 @@
+"""Process entry point of a pretraining run: `python -m snapgen_model.training.launch SPEC.json`.
+
+Lightning's DDP launcher re-executes this command once per local rank, and torchrun or a
+Kubernetes Job runs it once per node (see docs/training.md), so multi-process and multi-node runs
+go through the same code as the in-process call. The spec is plain JSON (no pickles):
+{preset, overrides, pretrain, cache, cache_dir, encoders, state_root, result_path}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from snapgen_model.distill.cache import CacheConfig
+from snapgen_model.presets import get_preset
+from snapgen_model.training.data import load_cache_folder
+from snapgen_model.training.pretrain import PretrainConfig, fit
+
+
+def run(spec: dict) -> dict:
+    preset = get_preset(spec["preset"], spec.get("overrides", []))
+    cfg = PretrainConfig.from_dict(spec["pretrain"])
+    data = load_cache_folder(spec["cache_dir"], spec["encoders"])
+    result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], resume=spec.get("resume", "latest"))
+    module = result.pop("module", None)
+    if module is not None and module.global_rank == 0 and spec.get("result_path"):
+        out = result | {"world_size": module.trainer.world_size, "samples": len(data)}
+        Path(spec["result_path"]).write_text(json.dumps(out, default=str))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m snapgen_model.training.launch SPEC.json")
+    run(json.loads(Path(argv[0]).read_text()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Tasks of the pretraining stage: fetch the cache, train (in process or through the DDP launcher),
+upload checkpoints and the student to storage, log to MLflow through Lightning's logger."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from snapgen_model.distill.cache import CacheConfig
+from snapgen_model.presets import get_preset
+from snapgen_model.training.data import load_cache_folder
+from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
+from tasks.cache import local_folder
+from tasks.defaults import compute_task_options, io_task_options
+from tasks.settings import get_settings
+from tasks.storage import Storage
+
+
+def storage() -> Storage:
+    return Storage.from_settings(get_settings())
+
+
+@task(name="fetch-cache", **io_task_options())
+def fetch_cache(cache_uri: str) -> tuple[str, dict[str, Any]]:
+    """(local cache folder, cache manifest): s3 caches are downloaded once under <home>/cache."""
+    folder = local_folder(cache_uri)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return str(folder), manifest
+
+
+def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: PretrainConfig) -> str:
+    return hashlib.sha256(json.dumps([cache_manifest["key"], preset, overrides, cfg.to_dict()]).encode()).hexdigest()[:16]
+
+
+def _uploader(store: Storage, base_uri: str):
+    def upload(folder: Path) -> None:
+        for f in sorted(folder.iterdir()):
+            store.upload_file(f, store.join(base_uri, folder.name, f.name))
+    return upload
+
+
+@task(name="train-student", **compute_task_options())
+def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, overrides: list[str],
+                  cfg_overrides: list[str], resume: str = "latest") -> dict[str, Any]:
+    """Train to the configured step (resuming the latest checkpoint) and save the EMA student."""
+    from tasks.tracking import lightning_logger, lineage_tags, start_run
+
+    settings = get_settings()
+    cfg = PretrainConfig().with_overrides(cfg_overrides)
+    key = run_key(cache_manifest, preset, overrides, cfg)
+    store = storage()
+    base = store.join(settings.storage_root, "runs", f"pretrain-{key}")
+    state_root = Path(settings.home) / "runs" / f"pretrain-{key}" / "state"
+    encoders = [e["name"] for e in cache_manifest["encoders"]]
+    tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
+                        config_hash=key) | {"snapgen.stage": "pretrain", "snapgen.checkpoints": base}
+    with start_run(settings, f"pretrain-{key[:8]}", tags=tags) as run:
+        run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
+        if cfg.devices * cfg.num_nodes > 1:
+            result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders)
+            module = None
+        else:
+            data = load_cache_folder(cache_dir, encoders)
+            result = fit(get_preset(preset, overrides), cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
+                         state_root, loggers=[lightning_logger(settings, run.run_id)],
+                         upload=_uploader(store, store.join(base, "checkpoints")), resume=resume)
+            module = result.pop("module", None)
+        out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
+               "nonfinite_total": result.get("nonfinite_total")}
+        if module is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = save_student(module, tmp)
+                for name, p in paths.items():
+                    store.upload_file(p, store.join(base, "student", Path(p).name))
+            out["student"] = {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}
+            run.log_dict(out, "pretrain_result.json")
+        return out
+
+
+def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders) -> dict[str, Any]:
+    """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
+                "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
+                "result_path": os.path.join(tmp, "result.json")}
+        Path(tmp, "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"distributed pretraining failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        return json.loads(Path(tmp, "result.json").read_text())

@@ -1,0 +1,52 @@
+"""2-process DDP pretraining on CPU (gloo) through the launch entry point Lightning re-executes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_cache(folder: Path, n: int = 8) -> None:
+    """A cache folder in the caching stage's format, from synthetic tensors."""
+    import io
+
+    import numpy as np
+
+    from snapgen_model.data.wds_io import write_shard
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a.astype(np.float32))
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    (folder / "shards").mkdir(parents=True)
+    samples = [{"__key__": f"k{i}", "latent.npy": npy(rng.normal(size=(16, 8, 8))),
+                "clip.tokens.npy": npy(rng.normal(size=(6, 24))), "clip.pooled.npy": npy(rng.normal(size=24)),
+                "clip.mask.npy": npy(np.ones(6)), "t0.npy": npy(np.array([0.5])),
+                "v0.npy": npy(rng.normal(size=(16, 8, 8)))} for i in range(n)]
+    write_shard(iter(samples), folder / "shards" / "shard-000000.tar")
+
+
+def test_two_process_ddp_run(tmp_path):
+    write_cache(tmp_path / "cache")
+    spec = {"preset": "toy-smoke", "pretrain": {"steps": 4, "batch_size": 4, "strategy": "ddp", "devices": 2,
+                                                "accelerator": "cpu", "checkpoint_every": 2, "log_every": 1,
+                                                "kd": {"feature_kd": False}},
+            "cache": {"targets_per_sample": 1}, "cache_dir": str(tmp_path / "cache"), "encoders": ["clip"],
+            "state_root": str(tmp_path / "state"), "result_path": str(tmp_path / "result.json")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "snapgen_model.training.launch", str(tmp_path / "spec.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "state").glob("step-*")) == ["step-00000002", "step-00000004"]
