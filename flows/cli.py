@@ -223,6 +223,34 @@ def train_decoder(
 
 
 @app.command()
+def pretrain(
+    cache_uri: str = typer.Option(..., "--cache", help="teacher cache URI (snapgen cache output)"),
+    preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
+    set_: list[str] = typer.Option([], "--set", help="PretrainConfig override, e.g. --set steps=300 --set kd.combine=weighted"),
+    preset_set: list[str] = typer.Option([], "--preset-set", help="preset override, e.g. unet.ffn_ratio=4"),
+    resume: str = typer.Option("latest", "--resume", help="latest | none | a state folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Pretrain the student with multi-level KD from cached teacher targets (resumes the latest checkpoint)."""
+    from flows.pretrain import PretrainParams, pretrain_flow
+    from tasks.defaults import prefect_env_defaults
+    from tasks.settings import get_settings
+
+    as_uri = lambda v: v if "://" in v else "file://" + str(Path(v).expanduser().resolve())  # noqa: E731
+    prefect_env_defaults(get_settings())
+    try:
+        result = pretrain_flow(PretrainParams(cache_uri=as_uri(cache_uri), preset=preset, overrides=preset_set,
+                                              pretrain=set_, resume=resume))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(result)
+    else:
+        console.print(f"pretrained to step {result['step']}; checkpoints {result['checkpoints']}; "
+                      f"MLflow run {result['mlflow_run_id']}")
+
+
+@app.command()
 def settings(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Print the resolved settings (env SNAPGEN_*, then the config file), secrets masked."""
     from tasks.settings import get_settings
