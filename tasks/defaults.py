@@ -116,4 +116,7 @@ def prefect_env_defaults(settings: HasHome | None = None) -> dict[str, str]:
     }
     if settings is not None:
         defaults["PREFECT_HOME"] = str(Path(settings.home).expanduser().resolve() / "prefect")
-    return {key: os.environ.setdefault(key, value) for key, value in defaults.items()}
+    applied = {key: os.environ.setdefault(key, value) for key, value in defaults.items()}
+    if "PREFECT_HOME" in applied:
+        Path(applied["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # sqlite needs the folder
+    return applied
