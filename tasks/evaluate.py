@@ -1,0 +1,336 @@
+"""Tasks of the evaluation stage (DESIGN.md stage 5): thin wrappers over `snapgen_model.evaluation`.
+
+Layout of one model's evaluation, under `<eval root>/<model id>/<sampler key>/`:
+    <prompt set>-<hash>/<index:05d>/metadata.jsonl, samples/NNNN.png   GenEval layout, manifest.json last
+    <prompt set>-<hash>/results.jsonl                                   GenEval rows (official format)
+    <prompt set>-<hash>/dpg/grids/<item>.png, dpg/questions.csv, dpg_scores.jsonl
+    <prompt set>-<hash>/grids/<tag>.png                                 sample grids per category
+    results.json                                                       the last results table
+and `<home>/eval/fid_stats/<hash>.npz`: Inception statistics of image sets, keyed by content hash.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from snapgen_model.data.shapes import ShapesWorldConfig
+from snapgen_model.evaluation import suite
+from snapgen_model.evaluation.clip_score import ClipScoreConfig, clip_score
+from snapgen_model.evaluation.dpg import DPGConfig, load_prompts, load_questions, write_questions
+from snapgen_model.evaluation.fid import FeatureStats, FIDConfig, file_sha256
+from snapgen_model.evaluation.geneval import GenEvalBackend
+from snapgen_model.evaluation.hf_backends import (
+    BackendUnavailable,
+    ClipColourClassifier,
+    Mask2FormerDetector,
+    TransformersVQA,
+)
+from snapgen_model.evaluation.runner import (
+    CheckpointGenerator,
+    GenerationConfig,
+    chunks,
+    claim_folder,
+    folder_complete,
+    generate_chunk,
+    generation_key,
+    missing_prompts,
+    prompt_complete,
+    prompts_hash,
+    resolve_checkpoint,
+    write_manifest,
+)
+from snapgen_model.evaluation.toy_backends import OracleVQA, scene_parser_backend
+from snapgen_model.evaluation.toy_reference import (
+    ToyReferenceConfig,
+    fid_reference_images,
+    item_id,
+    prompt_splits,
+    score_reference_rows,
+    toy_dpg_questions,
+    toy_prompts,
+)
+from snapgen_model.storage.checkpoint import read_preset
+from tasks import tracking
+from tasks.defaults import compute_task_options, io_task_options
+from tasks.settings import get_settings
+from tasks.storage import Storage
+
+MODEL_URI_PREFIX = "models:/"
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the evaluation and sampling code: part of every cross-run cache key."""
+    import snapgen_model.diffusion as diffusion
+    import snapgen_model.evaluation as evaluation
+
+    files = sorted(Path(evaluation.__file__).parent.glob("*.py")) + sorted(Path(diffusion.__file__).parent.glob("*.py"))
+    return _sha([f.read_text() for f in files])[:16]
+
+
+# ----------------------------------------------------------------------------- model and prompts
+
+def _registry_source(ref: str) -> dict[str, Any]:
+    """Resolve `models:/name@alias` or `models:/name/N` through tasks.tracking, when it can."""
+    resolver = getattr(tracking, "resolve_model_version", None)
+    if resolver is None:
+        raise ValueError(f"--model {ref}: MLflow registry references cannot be resolved yet (tasks/tracking.py has "
+                         "no resolve_model_version); pass the checkpoint path or URI instead")
+    return dict(resolver(get_settings(), ref))
+
+
+def _local_checkpoint(uri: str) -> str:
+    """A local path for a checkpoint URI; s3:// files are downloaded once into the eval cache."""
+    if not uri.startswith("s3://"):
+        return uri
+    store = Storage.from_settings(get_settings())
+    local = Path(get_settings().home) / "eval" / "_models" / _sha(uri)[:16]
+    target = local / ("unet.safetensors" if not uri.endswith(".safetensors") else Path(uri).name)
+    if not target.is_file():
+        store.download_file(uri if uri.endswith(".safetensors") else store.join(uri, "unet.safetensors"), target)
+        sibling = store.join(uri.rsplit("/", 1)[0], "decoder.safetensors")
+        if store.exists(sibling):
+            store.download_file(sibling, local / "decoder.safetensors")
+    return str(target)
+
+
+@task(name="resolve-model", **io_task_options())
+def resolve_model(ref: str) -> dict[str, Any]:
+    """{ref, unet, decoder, model_id, preset, image_size, run_id} of a checkpoint path/URI or registry ref."""
+    source: dict[str, Any] = {"source": ref}
+    if ref.startswith(MODEL_URI_PREFIX):
+        source = _registry_source(ref)
+    unet, decoder = resolve_checkpoint(_local_checkpoint(str(source["source"])))
+    preset = read_preset(unet)
+    if preset is None:
+        raise ValueError(f"--model {ref}: {unet} carries no preset (sampler settings); "
+                         "save it with save_model(preset=...)")
+    return {"ref": ref, "unet": str(unet), "decoder": str(decoder) if decoder else None,
+            "model_id": file_sha256(str(unet))[:16], "preset": preset.name, "image_size": preset.image_size,
+            "run_id": source.get("run_id"), "version": source.get("version")}
+
+
+def toy_world(model: dict[str, Any], world: dict[str, Any]) -> ShapesWorldConfig:
+    return ShapesWorldConfig(**({"resolution": model["image_size"]} | world))
+
+
+@task(name="build-prompt-sets", **compute_task_options())
+def build_prompt_sets(scale: str, model: dict[str, Any], world: dict[str, Any], benchmarks: list[str],
+                      max_per_task: int, max_prompts: int) -> dict[str, list[dict[str, Any]]]:
+    """Prompt set name -> GenEval-schema records. Toy: one shapes-world set serves every benchmark."""
+    if scale == "toy":
+        return {"shapes": toy_prompts(toy_world(model, world), "all", max_per_task)}
+    settings, sets = get_settings(), {}
+    if {"geneval", "fid", "clip"} & set(benchmarks):
+        if settings.geneval_metadata_path is None:
+            raise ValueError("full-scale GenEval needs settings.geneval_metadata_path (SNAPGEN_GENEVAL_METADATA_PATH)")
+        lines = Path(settings.geneval_metadata_path).read_text().splitlines()
+        sets["geneval"] = [json.loads(x) for x in lines if x.strip()][:max_prompts or None]
+    if "dpg" in benchmarks:
+        if settings.dpg_bench_dir is None:
+            raise ValueError("full-scale DPG-Bench needs settings.dpg_bench_dir (SNAPGEN_DPG_BENCH_DIR)")
+        items = list(load_prompts(settings.dpg_bench_dir).items())[:max_prompts or None]
+        sets["dpg"] = [{"tag": "dpg", "item_id": k, "prompt": v} for k, v in items]
+    return sets
+
+
+# ----------------------------------------------------------------------------- generation
+
+@functools.lru_cache(maxsize=4)
+def _generator(unet: str, decoder: str | None, steps: int | None, guidance: float | None) -> CheckpointGenerator:
+    return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance)
+
+
+def generator_for(model: dict[str, Any], sampler: dict[str, Any]) -> CheckpointGenerator:
+    return _generator(model["unet"], model["decoder"], sampler.get("steps"), sampler.get("guidance"))
+
+
+def set_folder(root: str, model: dict[str, Any], sampler: dict[str, Any], gen: GenerationConfig, name: str,
+               prompts: list[dict[str, Any]]) -> Path:
+    """`<root>/<model id>/<sampler key>/<name>-<prompts hash>`."""
+    identity = generator_for(model, sampler).identity
+    sampler_key = _sha([identity, gen.images_per_prompt, gen.base_seed, gen.batch_prompts])[:12]
+    return Path(root) / model["model_id"] / sampler_key / f"{name}-{prompts_hash(prompts)[:8]}"
+
+
+@task(name="plan-generation", **compute_task_options())
+def plan_generation(model: dict[str, Any], sampler: dict[str, Any], gen: GenerationConfig, folder: str,
+                    prompts: list[dict[str, Any]], reuse_images: bool) -> dict[str, Any]:
+    """{key, complete, chunks, describe}: what is left to generate in `folder`."""
+    generator = generator_for(model, sampler)
+    key = generation_key(generator.identity, prompts, gen)
+    if reuse_images:
+        missing = missing_prompts(folder, prompts, gen)
+        if missing:
+            raise FileNotFoundError(f"--reuse-images: {len(missing)} of {len(prompts)} prompts have no complete "
+                                    f"samples in {folder} (first: {missing[:5]})")
+        return {"key": key, "complete": True, "chunks": [], "describe": generator.describe()}
+    claim_folder(folder, key)
+    complete = folder_complete(folder, prompts, gen, key)
+    todo = [] if complete else [c for c in chunks(len(prompts), gen) if not _chunk_done(folder, prompts, c, gen)]
+    return {"key": key, "complete": complete, "chunks": todo, "describe": generator.describe()}
+
+
+def _chunk_done(folder: str, prompts: list[dict[str, Any]], indices: list[int], gen: GenerationConfig) -> bool:
+    return all(prompt_complete(folder, i, prompts[i], gen.images_per_prompt) for i in indices)
+
+
+def _chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cached by model + prompt set + seeds + sampler settings (the generation key) and the chunk,
+    and only while the chunk's files are on disk: deleted samples are never a stale cache hit."""
+    p = parameters
+    state = "on-disk" if _chunk_done(p["folder"], p["prompts"], p["indices"], p["gen"]) else uuid.uuid4().hex
+    return "eval-gen-" + _sha([p["key"], p["folder"], p["indices"], code_version(), state])[:32]
+
+
+@task(name="generate-chunk", cache_key_fn=_chunk_cache_key, **compute_task_options(retries=1))
+def generate_chunk_task(model: dict[str, Any], sampler: dict[str, Any], gen: GenerationConfig, folder: str,
+                        prompts: list[dict[str, Any]], indices: list[int], key: str) -> dict[str, int]:
+    """Generate and save one chunk of prompts (complete prompts are skipped: resumable)."""
+    return generate_chunk(generator_for(model, sampler), folder, prompts, indices, gen)
+
+
+@task(name="finish-generation", **compute_task_options())
+def finish_generation(folder: str, prompts: list[dict[str, Any]], gen: GenerationConfig, key: str,
+                      describe: dict[str, Any]) -> list[int]:
+    """Write the manifest when every prompt is complete; else return the incomplete prompt indices."""
+    missing = missing_prompts(folder, prompts, gen)
+    if not missing:
+        write_manifest(folder, key, prompts, gen, {"generator": describe})
+    return missing
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@task(name="score-geneval", **compute_task_options())
+def score_geneval_task(folder: str, scale: str, model: dict[str, Any], world: dict[str, Any],
+                       models: dict[str, str | None]) -> dict[str, Any]:
+    """GenEval rows (results.jsonl) and summary: scene parser (toy) or Mask2Former + CLIP (full)."""
+    if scale == "toy":
+        w = toy_world(model, world)
+        splits = prompt_splits(w) if (w.held_out_pairs or w.held_out_prompts) else None
+        return suite.score_geneval(folder, scene_parser_backend(w), splits)
+    try:
+        backend = GenEvalBackend(Mask2FormerDetector(models["detector"]),
+                                 ClipColourClassifier(models.get("colour") or models["clip"]))
+    except BackendUnavailable as exc:
+        return suite.unavailable(str(exc))
+    return suite.score_geneval(folder, backend)
+
+
+@task(name="score-dpg", **compute_task_options())
+def score_dpg_task(folder: str, scale: str, model: dict[str, Any], world: dict[str, Any], prompts: list[dict[str, Any]],
+                   images: int, models: dict[str, str | None], dpg_csv: str | None) -> dict[str, Any]:
+    """DPG-Bench: toy question graphs + oracle VQA (toy), or dpg_bench.csv + a VQA model (full)."""
+    out = Path(folder) / "dpg"
+    if scale == "toy":
+        csv_path = write_questions([q for qs in toy_dpg_questions(prompts).values() for q in qs], out / "questions.csv")
+        questions = load_questions(csv_path, DPGConfig(official_first_row=False))
+        vqa = OracleVQA(toy_world(model, world))
+        ids = [item_id(i) for i in range(len(prompts))]
+    else:
+        csv_path = dpg_csv or (str(Path(get_settings().dpg_bench_dir or ".") / "dpg_bench.csv"))
+        try:
+            questions, vqa = load_questions(csv_path), TransformersVQA(models["vqa"])
+        except (FileNotFoundError, BackendUnavailable) as exc:
+            return suite.unavailable(str(exc))
+        ids = [p["item_id"] for p in prompts]
+        questions = {k: v for k, v in questions.items() if k in set(ids)}
+    grids = suite.write_dpg_grids(folder, prompts, ids, out / "grids", images)
+    return suite.score_dpg(grids, questions, vqa, DPGConfig(tiles=min(4, images)))
+
+
+@task(name="score-fid", **compute_task_options())
+def score_fid_task(folder: str, scale: str, model: dict[str, Any], world: dict[str, Any], prompts: list[dict[str, Any]],
+                   images: int, fid: dict[str, Any]) -> dict[str, Any]:
+    """FID/KID of the saved samples against held-out renders (toy) or reference statistics (full)."""
+    cache = Path(get_settings().home) / "eval" / "fid_stats"
+    cfg = FIDConfig(weights_path=fid.get("weights") or "")
+    if scale == "toy":
+        reference: Any = fid_reference_images(toy_world(model, world), int(fid.get("reference_images", 128)))
+    elif not fid.get("reference"):
+        return suite.unavailable("no FID reference statistics given (--fid-reference: an .npz from FeatureStats.save)")
+    elif not Path(fid["reference"]).is_file():
+        return suite.unavailable(f"FID reference statistics {fid['reference']!r} do not exist")
+    else:
+        reference = FeatureStats.load(fid["reference"])
+    generated = suite.folder_images(folder, prompts, images, int(fid.get("max_images") or 0))
+    return suite.score_fid(generated, reference, cache, cfg)
+
+
+@task(name="score-clip", **compute_task_options())
+def score_clip_task(folder: str, prompts: list[dict[str, Any]], images: int, clip_model: str | None) -> dict[str, Any]:
+    """CLIP score of the saved samples, or the "not available" row."""
+    if not clip_model:
+        return suite.unavailable("no CLIP model given (--clip-model PATH: a local transformers CLIP folder)")
+    texts = suite.folder_prompts(prompts, images)
+    result = clip_score(suite.folder_images(folder, prompts, images), texts, ClipScoreConfig(model_path=clip_model))
+    return result.to_dict()
+
+
+def _rows_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    p = parameters
+    return "eval-reference-" + _sha([p["prompts"], p["world"], p["cfg"].to_dict(), p["model"]["image_size"],
+                                     code_version()])[:32]
+
+
+@task(name="reference-rows", cache_key_fn=_rows_cache_key, **compute_task_options())
+def reference_rows_task(prompts: list[dict[str, Any]], model: dict[str, Any], world: dict[str, Any],
+                        cfg: ToyReferenceConfig) -> dict[str, Any]:
+    """The toy reference rows (clean, floor, noise, blank) scored by the same rules."""
+    return score_reference_rows(prompts, toy_world(model, world), cfg)
+
+
+@task(name="sample-grids", **compute_task_options())
+def sample_grids_task(folder: str, prompts: list[dict[str, Any]], images: int) -> dict[str, str]:
+    """Write `<folder>/grids/<category>.png`; returns category -> path."""
+    out = Path(folder) / "grids"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for tag, grid in suite.category_grids(folder, prompts, images).items():
+        grid.save(out / f"{tag}.png")
+        paths[tag] = str(out / f"{tag}.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------- results
+
+@task(name="write-results", **io_task_options())
+def write_results_json(results: dict[str, Any], path: str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, default=str))
+    return path
+
+
+def previous_run_id(path: str) -> str | None:
+    """The MLflow run of the last evaluation written to `path` (re-evaluations link to it)."""
+    p = Path(path)
+    return json.loads(p.read_text()).get("mlflow_run_id") if p.is_file() else None
+
+
+@task(name="log-evaluation", **io_task_options())
+def log_evaluation(results: dict[str, Any], markdown: str, grids: dict[str, str], parent_run_id: str | None) -> str:
+    """One MLflow run: metrics (consistent names), the table, the results JSON and the sample grids."""
+    model = results["model"]
+    tags = tracking.lineage_tags(parent_runs=[parent_run_id] if parent_run_id else None) | {
+        "snapgen.stage": "evaluate", "snapgen.model_ref": model["ref"], "snapgen.model_id": model["model_id"]}
+    with tracking.start_run(get_settings(), f"evaluate-{model['model_id'][:8]}", tags=tags,
+                            parent_run_id=parent_run_id) as run:
+        run.log_params({"model": model, "generation": results["generation"], "benchmarks": results["requested"]})
+        run.log_metrics(suite.flatten_metrics(results))
+        run.log_dict(results, "eval_results.json")
+        run.log_text(markdown, "eval_table.md")
+        for path in grids.values():
+            run.log_artifact(path, "sample_grids")
+        return run.run_id
