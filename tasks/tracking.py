@@ -630,3 +630,41 @@ def lightning_logger(settings: Any, run_id: str):
 
     configure_mlflow(settings)
     return MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id, log_model=False)
+
+
+_MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
+CHECKPOINT_TAG = "snapgen.checkpoint_uri"  # versions whose large files stay in object storage point there
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` or `models:/name/N` -> (name, alias, version); a clear error otherwise."""
+    match = _MODEL_REF.match(ref.strip())
+    if not match:
+        raise ValueError(f"model ref {ref!r} is malformed: expected models:/NAME@ALIAS or models:/NAME/VERSION "
+                         "(e.g. models:/snapgen@champion, models:/snapgen/3)")
+    return match["name"], match["alias"], match["version"]
+
+
+def resolve_model_version(settings: TrackingSettings, ref: str) -> dict[str, str]:
+    """Registry ref -> {"name", "version", "run_id", "source"}: `source` is the storage URI in the
+    version's `snapgen.checkpoint_uri` tag when set, else the version's artifacts downloaded under
+    `<home>/cache/registry/<name>/<version>` (a local folder or file)."""
+    name, alias, number = parse_model_ref(ref)
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        mv = call_with_retry(lambda: client.get_model_version_by_alias(name, alias) if alias
+                             else client.get_model_version(name, number), RetryPolicy(), "get_model_version")
+    except MlflowException as exc:
+        raise LookupError(f"model ref {ref!r}: not found in the registry at {redact_uri(uri)} ({exc.error_code})") from exc
+    out = {"name": name, "version": str(mv.version), "run_id": mv.run_id or ""}
+    if (mv.tags or {}).get(CHECKPOINT_TAG):
+        return out | {"source": mv.tags[CHECKPOINT_TAG]}
+    target = Path(settings.home) / "cache" / "registry" / name / str(mv.version)
+    if not target.exists():
+        target.mkdir(parents=True)
+        source = client.get_model_version_download_uri(name, mv.version)
+        local = call_with_retry(lambda: mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)),
+                                RetryPolicy(), "download model version")
+        (target / ".source").write_text(str(local))
+    return out | {"source": (target / ".source").read_text()}
