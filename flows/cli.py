@@ -309,6 +309,9 @@ def _register_stage_commands() -> None:
     from flows.cli_eval import eval_command
     from flows.cli_export import export as export_command
 
+    from flows.cli_distill import distill as distill_command
+
+    app.command("distill")(distill_command)
     app.command("eval")(eval_command)
     app.command("export")(export_command)
     try:

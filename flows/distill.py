@@ -1,0 +1,34 @@
+"""distill_steps_flow: pretrained student + teacher cache + teacher bundle -> few-step student (stage 4)."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from tasks.distill import STUDENT_FILES, distill_student, fetch_folder
+from tasks.pretrain import fetch_cache
+
+
+class DistillParams(BaseModel):
+    cache_uri: str = Field(description="teacher cache (cache_teacher_flow output)")
+    student_uri: str = Field(description="pretrained student folder (unet_ema.safetensors + conditioner.safetensors)")
+    bundle_uri: str = Field(description="teacher bundle folder (its frozen transformer is the discriminator backbone)")
+    distill: list[str] = Field(default_factory=list, description="StepDistillConfig overrides, e.g. sampler_steps=8")
+    resume: str = Field("latest", description="latest | none | a state folder")
+
+
+@flow(name="distill-steps", log_prints=True)
+def distill_steps_flow(params: DistillParams) -> dict[str, Any]:
+    cache_dir, manifest = fetch_cache(params.cache_uri)
+    student_dir = fetch_folder(params.student_uri, STUDENT_FILES)
+    bundle_dir = fetch_folder(params.bundle_uri)
+    result = distill_student(cache_dir, manifest, student_dir, bundle_dir, params.bundle_uri, params.distill,
+                             params.resume)
+    s = result["sampler"]
+    create_markdown_artifact(f"### Step distillation `{result['key']}`\n\n{s['steps']}-step student ({s['kind']}, "
+                             f"shift {s['shift']}, guidance {s['guidance']}) at step {result['step']}; student "
+                             f"{result['student']['unet']}; MLflow run {result['mlflow_run_id']}",
+                             key="distill-steps", description="adversarial step distillation")
+    return result

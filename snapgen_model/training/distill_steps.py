@@ -1,0 +1,356 @@
+"""Adversarial step distillation: 4- and 8-step students (SNAPGEN_SPEC.md section 6).
+
+Lightning's GAN template (STYLE.md 8): manual optimisation with two optimisers, the generator
+(student UNet + text conditioner) and the discriminator (the trainable heads on the frozen
+teacher's features, `snapgen_model.distill.adversarial`). Per training step:
+
+1. `d_updates` discriminator updates: fake = the student sampled in N few-step steps (no grad),
+   real = the cached latent; both re-noised at the same sampled t, through the teacher, into the
+   heads; hinge (or non-saturating) loss, optional R1 on the real input.
+2. One generator update: L_G = adv_weight * L_adv(D(fake)) + kd_weight * S(L_task, L_out), the
+   timestep-aware scaled output KD of pretraining (SPEC 5) against cached (or online) teacher targets.
+3. The EMA update of the student.
+
+Generator forward [U]: the N-step few-step sampler (x0 prediction, re-noise with seeded noise) is
+run without gradients up to a step j, and step j is run with gradients; its x0 prediction is the
+generated sample. `backprop=random_step` draws j uniformly per training step (ADD/LADD: every
+sampler timestep gets trained, at the cost of one differentiable UNet call); `last_step` always
+takes j = N - 1 (the full sampler's output, gradient through the last step only).
+
+All randomness of a step comes from a generator seeded by (seed, step, rank), and the full state
+(student, EMA, conditioner, heads, both optimisers, step) is checkpointed, so a resumed run is
+bitwise identical to an uninterrupted one on CPU, as in pretraining.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from snapgen_model.config_base import ConfigBase, check, check_choice
+from snapgen_model.configs import SamplerConfig, SnapGenConfig
+from snapgen_model.diffusion.flow import interpolate, x0_from_velocity
+from snapgen_model.diffusion.samplers import make_timesteps
+from snapgen_model.distill.adversarial import (
+    DiscriminatorConfig,
+    TeacherFeatureDiscriminator,
+    adversarial_losses,
+    discriminator_accuracy,
+    r1_penalty,
+    sample_renoise_t,
+)
+from snapgen_model.distill.cache import CacheConfig, draw_pair
+from snapgen_model.distill.losses import DistillationObjective, KDConfig, OutputKDLoss, TaskLoss
+from snapgen_model.distill.text import Encoded, TextConditioner, sd3_teacher_condition
+from snapgen_model.training.data import CachedData, StepBatches
+from snapgen_model.training.pretrain import NonFiniteLossError, save_student
+from snapgen_model.training.state import load_state, save_state
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepDistillConfig(ConfigBase):
+    """Optimisation, sampler, loss and runtime settings of adversarial step distillation."""
+
+    steps: int = 500  # generator updates (training steps)
+    batch_size: int = 16  # batch per step
+    lr_g: float = 1e-5  # Adam learning rate of the generator (student + conditioner) [U]
+    lr_d: float = 1e-4  # Adam learning rate of the discriminator heads [U]
+    adam_beta1: float = 0.5  # Adam beta1 of both optimisers (GAN practice) [U]
+    d_updates: int = 1  # discriminator updates per generator update (the update ratio) [U]
+    sampler_steps: int = 4  # N: student sampler steps (4 or 8 in the paper) [P]
+    shift: float = 1.0  # timestep shift of the N-step schedule make_timesteps(N, shift) [U]
+    guidance: float = 1.0  # CFG scale stored with the student (trained without CFG: 1 = off) [U]
+    backprop: Literal["random_step", "last_step"] = "random_step"  # which sampler step gets gradients (module doc)
+    adv_weight: float = 1.0  # weight of the adversarial generator loss [U]
+    kd_weight: float = 1.0  # weight of the scaled output-KD term [U]
+    kd: KDConfig = dataclasses.field(default_factory=lambda: KDConfig(feature_kd=False))  # scaled output KD (SPEC 5)
+    discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)
+    grad_clip: float = 1.0  # gradient-norm clipping of both optimisers (0 = off)
+    ema_decay: float = 0.99  # EMA decay of the generator (with warm-up (1 + s) / (10 + s))
+    seed: int = 0  # seeds the heads' init and every per-step draw
+    checkpoint_every: int = 100  # steps between full-state checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # retention
+    max_nonfinite: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    log_every: int = 10  # metric logging interval
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "distill.steps", "must be >= 1")
+        check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
+        check(self.lr_g > 0 and self.lr_d > 0, "distill.lr_g", "learning rates must be > 0")
+        check(0 <= self.adam_beta1 < 1, "distill.adam_beta1", "must be in [0, 1)")
+        check(self.d_updates >= 1, "distill.d_updates", "must be >= 1")
+        check(1 <= self.sampler_steps <= 64, "distill.sampler_steps", "must be in [1, 64]")
+        check(self.guidance >= 1.0, "distill.guidance", "must be >= 1")
+        check_choice(self.backprop, "distill.backprop", ("random_step", "last_step"))
+        check(self.adv_weight >= 0 and self.kd_weight >= 0, "distill.adv_weight", "weights must be >= 0")
+        check(0 <= self.ema_decay < 1, "distill.ema_decay", "must be in [0, 1)")
+        check(self.max_nonfinite >= 0, "distill.max_nonfinite", "must be >= 0")
+        check(self.log_every >= 1, "distill.log_every", "must be >= 1")
+
+    def sampler(self) -> SamplerConfig:
+        """The sampler settings the distilled student carries in its preset."""
+        return SamplerConfig(kind="few_step", steps=self.sampler_steps, guidance=self.guidance, shift=self.shift)
+
+
+class OptimizerPair:
+    """Two optimisers seen as one by `save_state`/`load_state`: the second's parameter ids are
+    offset by the first's parameter count, its param groups appended after the first's."""
+
+    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer) -> None:
+        self.first, self.second = first, second
+
+    def _offset(self) -> tuple[int, int]:
+        return len(self.first.param_groups), sum(len(g["params"]) for g in self.first.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        a, b = self.first.state_dict(), self.second.state_dict()
+        _, n = self._offset()
+        return {"state": dict(a["state"]) | {pid + n: s for pid, s in b["state"].items()},
+                "param_groups": a["param_groups"] + [dict(g, params=[p + n for p in g["params"]])
+                                                     for g in b["param_groups"]]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        k, n = self._offset()
+        groups = sd["param_groups"]
+        self.first.load_state_dict({"state": {p: s for p, s in sd["state"].items() if p < n},
+                                    "param_groups": groups[:k]})
+        self.second.load_state_dict({"state": {p - n: s for p, s in sd["state"].items() if p >= n},
+                                     "param_groups": [dict(g, params=[p - n for p in g["params"]]) for g in groups[k:]]})
+
+
+class StepDistillModule(pl.LightningModule):
+    def __init__(self, preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData, cache_cfg: CacheConfig, *,
+                 teacher, student: torch.nn.Module, conditioner: TextConditioner, start_step: int = 0) -> None:
+        """`teacher`: a frozen SD3Teacher capturing `cfg.discriminator.feature_layers`; `student` and
+        `conditioner`: the pretrained (EMA) student and its text conditioner (copied, not mutated)."""
+        super().__init__()
+        self.automatic_optimization = False
+        self.preset = dataclasses.replace(preset, sampler=cfg.sampler())
+        self.cfg, self.data, self.cache_cfg, self.start_step = cfg, data, cache_cfg, start_step
+        self.student = copy.deepcopy(student).train()
+        self.conditioner = copy.deepcopy(conditioner).train()
+        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        torch.manual_seed(cfg.seed)
+        pooled_dim = sum(data.pooled[e].shape[-1] for e in cache_cfg.teacher_clip_encoders)
+        self.discriminator = TeacherFeatureDiscriminator(teacher, cfg.discriminator, pooled_dim)
+        self.d_loss, self.g_loss = adversarial_losses(cfg.discriminator.loss)
+        self.objective, self.task_loss, self.out_loss = DistillationObjective(cfg.kd), TaskLoss(), OutputKDLoss()
+        self.timesteps = make_timesteps(cfg.sampler_steps, cfg.shift)  # (N + 1,) from 1 to 0
+        self.steps_done, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+
+    resume_from: Any = None
+
+    def current_step(self) -> int:
+        return self.start_step + self.steps_done
+
+    def generator_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in (self.student, self.conditioner) for p in m.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        betas = (self.cfg.adam_beta1, 0.999)
+        return [torch.optim.Adam(self.generator_parameters(), lr=self.cfg.lr_g, betas=betas),
+                torch.optim.Adam(self.discriminator.heads.parameters(), lr=self.cfg.lr_d, betas=betas)]
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.global_rank + 17)
+
+    def _randn(self, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(like.shape, generator=g).to(like.device, like.dtype)  # drawn on CPU: device-independent
+
+    def _encoded(self, idx: torch.Tensor) -> dict[str, Encoded]:
+        d, dev = self.data, self.device
+        return {e: Encoded(d.tokens[e][idx].to(dev), d.pooled[e][idx].to(dev) if e in d.pooled else None,
+                           d.mask[e][idx].to(dev)) for e in d.tokens}
+
+    def generate(self, noise: torch.Tensor, cond: dict[str, torch.Tensor], j: int, g: torch.Generator) -> torch.Tensor:
+        """x0 of the few-step sampler (samplers.sample_few_step) after steps 0..j; only step j has gradients."""
+        ts, x = self.timesteps.to(noise.device), noise
+        full = lambda s: ts[s].expand(x.shape[0])  # noqa: E731
+        with torch.no_grad():
+            for i in range(j):
+                x0 = x0_from_velocity(x, self.student(x, full(i), **cond), full(i))
+                x = (1 - ts[i + 1]) * x0 + ts[i + 1] * self._randn(x, g)  # re-noise to t_{i+1} > 0
+        return x0_from_velocity(x, self.student(x, full(j), **cond), full(j))  # (B, C, h, w)
+
+    def _draw_step(self, g: torch.Generator) -> int:
+        n = self.cfg.sampler_steps
+        return n - 1 if self.cfg.backprop == "last_step" else int(torch.randint(n, (1,), generator=g))
+
+    def _disc(self, x0: torch.Tensor, tcond: dict, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return self.discriminator(x0, t, self._randn(x0, g), tcond["context"], tcond["pooled"])
+
+    def discriminator_loss(self, latent, encoded, tcond, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            fake = self.generate(self._randn(latent, g), self.conditioner(encoded), self._draw_step(g), g)
+        t = sample_renoise_t(len(latent), self.cfg.discriminator, g).to(self.device)
+        r1 = self.cfg.discriminator.r1_weight
+        real = latent.detach().requires_grad_(r1 > 0)
+        # R1 differentiates through the teacher twice: only the math attention kernel has a double backward
+        with sdpa_kernel(SDPBackend.MATH) if r1 > 0 else contextlib.nullcontext():
+            real_logits = self._disc(real, tcond, t, g)
+        fake_logits = self._disc(fake.detach(), tcond, t, g)
+        loss = self.d_loss(real_logits, fake_logits)
+        logs = {}
+        if r1 > 0:
+            penalty = r1_penalty(real_logits, real)
+            loss = loss + 0.5 * r1 * penalty
+            logs["loss/r1"] = penalty.detach()
+        acc_real, acc_fake = discriminator_accuracy(real_logits.detach(), fake_logits.detach())
+        return loss, logs | {"loss/d": loss.detach(), "d/acc_real": acc_real, "d/acc_fake": acc_fake}
+
+    def _kd_targets(self, idx, latent, g, tcond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, noise, v_teacher): a cached pair when the cache has targets, else the teacher online."""
+        d = self.data
+        if d.targets:
+            k = torch.randint(d.targets, (len(idx),), generator=g)
+            noise = torch.stack([draw_pair(d.keys[i], int(kk), latent.shape[1:], self.cache_cfg)[1]
+                                 for i, kk in zip(idx.tolist(), k)])
+            return d.t[idx, k].to(self.device), noise.to(self.device), d.v[idx, k].to(self.device)
+        t = torch.rand(len(idx), generator=g).to(self.device)
+        noise = self._randn(latent, g)
+        with torch.no_grad():
+            v = self.discriminator.teacher(interpolate(latent, noise, t), t, tcond["context"], tcond["pooled"]).velocity
+        return t, noise, v
+
+    def generator_loss(self, idx, latent, encoded, tcond, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cond = self.conditioner(encoded)
+        fake = self.generate(self._randn(latent, g), cond, self._draw_step(g), g)
+        t = sample_renoise_t(len(latent), self.cfg.discriminator, g).to(self.device)
+        adv = self.g_loss(self._disc(fake, tcond, t, g))
+        t_kd, noise, v_teacher = self._kd_targets(idx, latent, g, tcond)
+        v = self.student(interpolate(latent, noise, t_kd), t_kd, **cond)
+        kd, logs = self.objective({"task": self.task_loss(v, noise - latent), "out": self.out_loss(v, v_teacher)}, t_kd)
+        loss = self.cfg.adv_weight * adv + self.cfg.kd_weight * kd
+        return loss, logs | {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/kd": kd.detach()}
+
+    def _update(self, opt, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.cfg.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        step, idx = int(batch["step"]), batch["idx"].cpu()
+        self.steps_done = step + 1 - self.start_step
+        g, (opt_g, opt_d) = self._generator(step), self.optimizers()
+        latent, encoded = self.data.latent[idx].to(self.device), self._encoded(idx)
+        tcond = sd3_teacher_condition(encoded, self.cache_cfg.teacher_clip_encoders,
+                                      self.discriminator.teacher.transformer.config.joint_attention_dim,
+                                      self.cache_cfg.teacher_t5_encoder or None)
+        logs: dict[str, torch.Tensor] = {}
+        for _ in range(self.cfg.d_updates):
+            d_loss, logs = self.discriminator_loss(latent, encoded, tcond, g)
+            if not torch.isfinite(d_loss):
+                return self._skip_nonfinite(step)
+            self._update(opt_d, d_loss)
+        g_loss, g_logs = self.generator_loss(idx, latent, encoded, tcond, g)
+        if not torch.isfinite(g_loss):
+            return self._skip_nonfinite(step)
+        self._update(opt_g, g_loss)
+        self.update_ema(step)
+        self.nonfinite_run = 0
+        if step % self.cfg.log_every == 0:
+            metrics = logs | g_logs | {"nonfinite/total": float(self.nonfinite_total)}
+            self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(idx))
+        return {"loss_g": g_loss.detach(), "loss_d": logs["loss/d"], "acc_real": logs["d/acc_real"],
+                "acc_fake": logs["d/acc_fake"]}
+
+    def _skip_nonfinite(self, step: int) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        if self.nonfinite_run > self.cfg.max_nonfinite:
+            raise NonFiniteLossError(f"step {step}: {self.nonfinite_run} consecutive non-finite losses "
+                                     f"(limit distill.max_nonfinite={self.cfg.max_nonfinite}); last checkpoint is usable")
+        return None
+
+    def update_ema(self, step: int) -> None:
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, s in zip(self.ema.parameters(), self.student.parameters()):
+                e.lerp_(s, 1 - decay)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student, "ema": self.ema, "conditioner": self.conditioner,
+                "heads": self.discriminator.heads}
+
+    def save_training_state(self, folder, trainer) -> Path:
+        return save_state(folder, modules=self.trainable_modules(), optimizer=OptimizerPair(*trainer.optimizers),
+                          scheduler=None, step=self.current_step(),
+                          extra={"nonfinite_total": self.nonfinite_total, "preset": self.preset.to_dict(),
+                                 "distill": self.cfg.to_dict()})
+
+    def on_train_start(self) -> None:
+        if self.resume_from is not None:
+            meta = load_state(self.resume_from, modules=self.trainable_modules(),
+                              optimizer=OptimizerPair(*self.trainer.optimizers))
+            self.nonfinite_total = meta.get("nonfinite_total", 0)
+
+    def train_dataloader(self):
+        batches = StepBatches(len(self.data), self.cfg.batch_size, self.cfg.seed, self.start_step,
+                              self.cfg.steps - self.start_step)
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
+
+
+def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData, cache_cfg: CacheConfig, state_root,
+                *, teacher, student: torch.nn.Module, conditioner: TextConditioner, loggers=None, upload=None,
+                resume: str = "latest", callbacks=(), progress_bar: bool = False) -> dict[str, Any]:
+    """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total", "module"}
+    ("module" is None when the run was already complete)."""
+    from snapgen_model.training.state import StateCheckpoint, latest_state
+
+    root = Path(state_root)
+    start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
+    start = int(json.loads((start_path / "state.json").read_text())["step"]) if start_path else 0
+    module = StepDistillModule(preset, cfg, data, cache_cfg, teacher=teacher, student=student,
+                               conditioner=conditioner, start_step=start)
+    module.resume_from = start_path
+    if start >= cfg.steps:
+        load_state(start_path, modules=module.trainable_modules())
+        return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
+                "module": module}
+    trainer = pl.Trainer(
+        max_epochs=1, max_steps=-1, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
+        logger=loggers or False, enable_checkpointing=False, enable_progress_bar=progress_bar,
+        callbacks=[StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload), *callbacks],
+        enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
+    )
+    trainer.fit(module)
+    final = latest_state(root)
+    return {"step": module.current_step(), "state": str(final) if final else None,
+            "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
+            "module": module}
+
+
+def save_distilled(module: StepDistillModule, folder) -> dict[str, str]:
+    """The few-step student: EMA UNet whose preset carries sampler kind=few_step, steps N, shift and
+    guidance (`read_preset(path).sampler`), and its text conditioner (as `save_student`)."""
+    return save_student(module, folder)
+
+
+def load_pretrained_student(folder) -> tuple[SnapGenConfig, torch.nn.Module, TextConditioner]:
+    """(preset, UNet, conditioner) from a folder written by `save_student` (pretraining)."""
+    from snapgen_model.storage.checkpoint import load_model, read_preset
+    from snapgen_model.training.pretrain import load_conditioner
+
+    unet_path = Path(folder) / "unet_ema.safetensors"
+    preset = read_preset(unet_path)
+    if preset is None:
+        raise ValueError(f"{unet_path}: the student checkpoint carries no preset")
+    return preset, load_model(unet_path, expected_kind="SnapGenUNet"), load_conditioner(Path(folder) / "conditioner.safetensors")
+
+
+def load_teacher(bundle_folder, cfg: DiscriminatorConfig, device: str | torch.device = "cpu"):
+    """The frozen SD3 teacher of a bundle folder, capturing the discriminator's feature layers."""
+    from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
+
+    return SD3Teacher.from_pretrained(TeacherConfig(path=str(bundle_folder), feature_layers=cfg.feature_layers), device)

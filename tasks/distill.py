@@ -1,0 +1,87 @@
+"""Tasks of the step-distillation stage: fetch the pretrained student and the teacher bundle, train
+the few-step student adversarially (SPEC 6), upload checkpoints and the distilled student, log to
+MLflow through Lightning's logger."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from snapgen_model.distill.cache import CacheConfig
+from snapgen_model.training.data import load_cache_folder
+from snapgen_model.training.distill_steps import (
+    StepDistillConfig,
+    fit_distill,
+    load_pretrained_student,
+    load_teacher,
+    save_distilled,
+)
+from tasks.cache import local_folder
+from tasks.defaults import compute_task_options, io_task_options
+from tasks.pretrain import _uploader, storage
+from tasks.settings import get_settings
+
+STUDENT_FILES = ("unet_ema.safetensors", "conditioner.safetensors")
+
+
+@task(name="fetch-model-folder", **io_task_options())
+def fetch_folder(uri: str, required: tuple[str, ...] = ()) -> str:
+    """A local copy of a model folder (file:// as is, s3:// downloaded once), checked for `required` files."""
+    folder = local_folder(uri)
+    missing = [f for f in required if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{uri}: missing {missing} (expected a pretrained student folder with {list(required)})")
+    return str(folder)
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_key(cache_manifest: dict, student_dir: str, bundle_uri: str, cfg: StepDistillConfig) -> str:
+    student = [file_digest(Path(student_dir, f)) for f in STUDENT_FILES]
+    return hashlib.sha256(json.dumps([cache_manifest["key"], student, bundle_uri, cfg.to_dict()]).encode()).hexdigest()[:16]
+
+
+@task(name="distill-student", **compute_task_options())
+def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir: str, bundle_dir: str,
+                    bundle_uri: str, cfg_overrides: list[str], resume: str = "latest") -> dict[str, Any]:
+    """Train the N-step student to the configured step (resuming the latest checkpoint) and save it."""
+    from tasks.tracking import lightning_logger, lineage_tags, start_run
+
+    settings = get_settings()
+    cfg = StepDistillConfig().with_overrides(cfg_overrides)
+    key = run_key(cache_manifest, student_dir, bundle_uri, cfg)
+    store = storage()
+    base = store.join(settings.storage_root, "runs", f"distill-{key}")
+    state_root = Path(settings.home) / "runs" / f"distill-{key}" / "state"
+    preset, unet, conditioner = load_pretrained_student(student_dir)
+    teacher = load_teacher(bundle_dir, cfg.discriminator)
+    data = load_cache_folder(cache_dir, [e["name"] for e in cache_manifest["encoders"]])
+    tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
+                        config_hash=key) | {"snapgen.stage": "distill_steps", "snapgen.checkpoints": base}
+    with start_run(settings, f"distill-{key[:8]}", tags=tags) as run:
+        run.log_params({"preset": preset.name, "distill": cfg.to_dict(), "sampler": cfg.sampler().to_dict()})
+        result = fit_distill(preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]), state_root,
+                             teacher=teacher, student=unet, conditioner=conditioner,
+                             loggers=[lightning_logger(settings, run.run_id)],
+                             upload=_uploader(store, store.join(base, "checkpoints")), resume=resume)
+        module = result.pop("module")
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = save_distilled(module, tmp)
+            for p in paths.values():
+                store.upload_file(p, store.join(base, "student", Path(p).name))
+        out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id,
+               "checkpoints": store.join(base, "checkpoints"), "nonfinite_total": result.get("nonfinite_total"),
+               "sampler": module.preset.sampler.to_dict(),
+               "student": {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}}
+        run.log_dict(out, "distill_result.json")
+        return out

@@ -1,0 +1,129 @@
+"""Adversarial step distillation: bitwise resume (discriminator included), a short run, the saved sampler."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from snapgen_model.distill.cache import CacheConfig, draw_pair
+from snapgen_model.distill.text import TextConditioner, TextConditionerConfig
+from snapgen_model.nn.unet import SnapGenUNet
+from snapgen_model.presets import get_preset
+from snapgen_model.training.data import CachedData
+from snapgen_model.training.distill_steps import (
+    StepDistillConfig,
+    StepDistillModule,
+    fit_distill,
+    save_distilled,
+)
+from snapgen_model.training.state import latest_state
+from tests.unit.test_adversarial import tiny_teacher
+
+PRESET = get_preset("toy-smoke")  # context_dim 32, pooled_dim 32, 8x8x16 latents
+CACHE = CacheConfig(targets_per_sample=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscription stalls on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def synthetic_data(n: int = 8, k: int = 2) -> CachedData:
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(n, 16, 8, 8, generator=g)
+    keys = [f"s{i}" for i in range(n)]
+    t = torch.stack([torch.stack([draw_pair(key, j, latent.shape[1:], CACHE)[0] for j in range(k)]) for key in keys])
+    return CachedData(keys=keys, latent=latent, tokens={"clip": torch.randn(n, 6, 24, generator=g)},
+                      pooled={"clip": torch.randn(n, 32, generator=g)}, mask={"clip": torch.ones(n, 6)},
+                      t=t, v=torch.randn(n, k, 16, 8, 8, generator=g), features={})
+
+
+def student_and_conditioner():
+    torch.manual_seed(0)
+    return SnapGenUNet(PRESET.unet), TextConditioner(TextConditionerConfig(width=32, pooled_dim=32), {"clip": (24, 32)})
+
+
+def cfg(**kw) -> StepDistillConfig:
+    base = dict(steps=4, batch_size=4, lr_g=1e-3, lr_d=1e-3, sampler_steps=2, checkpoint_every=2, log_every=1,
+                accelerator="cpu", discriminator={"feature_layers": [0, -1], "head_width": 8})
+    return StepDistillConfig.from_dict(base | kw)
+
+
+def make_module(data: CachedData, **kw) -> StepDistillModule:
+    student, conditioner = student_and_conditioner()
+    return StepDistillModule(PRESET, cfg(**kw), data, CACHE, teacher=tiny_teacher(), student=student,
+                             conditioner=conditioner)
+
+
+def run(data, root, **kw):
+    student, conditioner = student_and_conditioner()
+    callbacks = kw.pop("callbacks", ())
+    return fit_distill(PRESET, cfg(**kw), data, CACHE, root, teacher=tiny_teacher(), student=student,
+                       conditioner=conditioner, callbacks=callbacks)
+
+
+class StopAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *a):
+        if pl_module.current_step() >= self.step:
+            trainer.should_stop = True
+
+
+class Record(pl.Callback):
+    def __init__(self):
+        self.outputs = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append({k: float(v) for k, v in outputs.items()})
+
+
+def test_resume_is_bitwise_identical_including_the_discriminator(tmp_path):
+    data = synthetic_data()
+    full = run(data, tmp_path / "full", discriminator={"feature_layers": [0, -1], "head_width": 8, "r1_weight": 0.1})
+    part = run(data, tmp_path / "part", callbacks=[StopAt(2)],
+               discriminator={"feature_layers": [0, -1], "head_width": 8, "r1_weight": 0.1})
+    assert full["step"] == 4 and part["step"] == 2
+    resumed = run(data, tmp_path / "part", discriminator={"feature_layers": [0, -1], "head_width": 8, "r1_weight": 0.1})
+    assert resumed["resumed_from"].endswith("step-00000002") and resumed["step"] == 4
+    a_dir, b_dir = latest_state(tmp_path / "full"), latest_state(tmp_path / "part")
+    for name in ("modules.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a = load_file(str(a_dir / "modules.safetensors"))
+    assert {k.split("/")[0] for k in a} == {"student", "ema", "conditioner", "heads"}
+    start = load_file(str((tmp_path / "full" / "step-00000002") / "modules.safetensors"))
+    assert not all(torch.equal(a[k], start[k]) for k in a if k.startswith("heads/"))  # heads trained after the resume point
+
+
+def test_short_run_finite_losses_and_saved_few_step_sampler(tmp_path):
+    from snapgen_model.storage.checkpoint import read_preset
+
+    rec = Record()
+    result = run(synthetic_data(), tmp_path / "state", steps=3, checkpoint_every=0, callbacks=[rec])
+    assert result["step"] == 3 and len(rec.outputs) == 3
+    assert all(torch.isfinite(torch.tensor(list(o.values()))).all() for o in rec.outputs)
+    acc = sum(o["acc_real"] + o["acc_fake"] for o in rec.outputs) / (2 * len(rec.outputs))
+    assert 0 < acc < 1, rec.outputs
+    paths = save_distilled(result["module"], tmp_path / "out")
+    sampler = read_preset(paths["unet"]).sampler
+    assert (sampler.kind, sampler.steps, sampler.guidance) == ("few_step", 2, 1.0)
+    again = run(synthetic_data(), tmp_path / "state", steps=3)  # complete: nothing trained, weights loaded
+    ema = load_file(str(latest_state(tmp_path / "state") / "modules.safetensors"))
+    assert all(torch.equal(v, ema[f"ema/{k}"]) for k, v in again["module"].ema.state_dict().items())
+
+
+def test_config_defaults_and_validation():
+    from snapgen_model.config_base import ConfigError
+
+    c = StepDistillConfig()
+    assert c.sampler_steps == 4 and c.discriminator.loss == "hinge" and not c.kd.feature_kd
+    assert StepDistillConfig().with_overrides(["sampler_steps=8"]).sampler().steps == 8
+    with pytest.raises(ConfigError, match="distill.d_updates"):
+        StepDistillConfig(d_updates=0)
