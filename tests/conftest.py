@@ -9,9 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One intra-op thread: the suite shares 2 cores with the servers it starts (SeaweedFS, MLflow,
+# Prefect); two OpenMP threads under that contention made tiny UNet steps 50x slower.
+torch.set_num_threads(1)
 
 pytest_plugins = [
     "tests.fixtures.seaweed",
