@@ -1,6 +1,6 @@
 """export_flow against a real Prefect API and a real MLflow server: the export lands beside the model
 in storage with its manifest last, the report and files are logged, a rerun is a cache hit, a
-models:/ ref without a registry fails clearly, and a parity failure blocks the upload."""
+a models:/ alias resolves through the registry, and a parity failure blocks the upload."""
 from __future__ import annotations
 
 import json
@@ -102,15 +102,25 @@ def test_export_flow_uploads_logs_and_skips_an_unchanged_checkpoint(env, checkpo
     assert bad.exit_code == 2 and "coreml" in bad.output
 
 
-def test_models_ref_without_a_registry_fails_clearly(env):
-    from flows.export import ExportParams, export_flow
-    from tasks import tracking
-    from tasks.export import RegistryUnavailableError
+def test_export_by_registry_alias(env, checkpoint, mlflow_server):
+    """A models:/NAME@ALIAS ref resolves through the registry to the version's checkpoint folder."""
+    from mlflow.tracking import MlflowClient
 
-    if hasattr(tracking, "resolve_model_uri"):
-        pytest.skip("the registry resolver exists: covered by the registry tests")
-    with pytest.raises(RegistryUnavailableError, match="registry not available"):
-        export_flow(ExportParams(model="models:/snapgen-unet/3", track=False))
+    from flows.export import ExportParams, export_flow
+    from tasks.settings import get_settings
+    from tasks.tracking import CHECKPOINT_TAG, register_model_version, start_run
+
+    settings = get_settings()
+    with start_run(settings, "register-for-export") as run:
+        run_id = run.run_id
+    version = register_model_version(settings, "snapgen-export-test", f"runs:/{run_id}/model", run_id=run_id,
+                                     tags={CHECKPOINT_TAG: f"file://{checkpoint.parent}"})
+    MlflowClient(mlflow_server.uri).set_registered_model_alias("snapgen-export-test", "candidate", version)
+    result = export_flow(ExportParams(model="models:/snapgen-export-test@candidate", formats=["onnx"],
+                                      parts=["unet"], export_overrides=FAST, track=False))
+    assert result["passed"] and (checkpoint.parent / "export" / "unet.onnx").is_file()
+    with pytest.raises(LookupError, match="not found in the registry"):
+        export_flow(ExportParams(model="models:/snapgen-export-test@champion", track=False))
 
 
 def test_a_parity_failure_blocks_the_upload_and_is_logged(env, checkpoint, mlflow_server, monkeypatch):
