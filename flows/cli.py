@@ -27,6 +27,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _as_uri(value: str) -> str:
+    """A storage URI: URIs pass through, local paths become absolute file:// URIs."""
+    return value if "://" in value else "file://" + str(Path(value).expanduser().resolve())
+
+
 def _emit_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -175,12 +180,11 @@ def cache(
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
-    as_uri = lambda v: v if "://" in v else "file://" + str(Path(v).expanduser().resolve())  # noqa: E731
     prefect_env_defaults(get_settings())
     try:
         with bar():
-            manifest = run_cache(CacheParams(dataset_uri=as_uri(dataset), bundle_uri=as_uri(bundle),
-                                             out_uri=as_uri(out) if out else None, overrides=set_, track=track),
+            manifest = run_cache(CacheParams(dataset_uri=_as_uri(dataset), bundle_uri=_as_uri(bundle),
+                                             out_uri=_as_uri(out) if out else None, overrides=set_, track=track),
                                  task_runner=runner, address=dask_address)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -206,10 +210,9 @@ def train_decoder(
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
-    as_uri = lambda v: v if "://" in v else "file://" + str(Path(v).expanduser().resolve())  # noqa: E731
     prefect_env_defaults(get_settings())
     try:
-        result = train_decoder_flow(DecoderParams(cache_uri=as_uri(cache_uri), bundle_uri=as_uri(bundle),
+        result = train_decoder_flow(DecoderParams(cache_uri=_as_uri(cache_uri), bundle_uri=_as_uri(bundle),
                                                   preset=preset, train_overrides=set_))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -236,10 +239,9 @@ def pretrain(
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
-    as_uri = lambda v: v if "://" in v else "file://" + str(Path(v).expanduser().resolve())  # noqa: E731
     prefect_env_defaults(get_settings())
     try:
-        result = pretrain_flow(PretrainParams(cache_uri=as_uri(cache_uri), preset=preset, overrides=preset_set,
+        result = pretrain_flow(PretrainParams(cache_uri=_as_uri(cache_uri), preset=preset, overrides=preset_set,
                                               pretrain=set_, resume=resume))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))

@@ -32,6 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
+from snapgen_model.data.shapes import geneval_relations
+
 from snapgen_model.config_base import ConfigBase, check
 
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -129,17 +131,10 @@ def filter_detections(raw: Mapping[str, Sequence[Detection]], tag: str, cfg: Gen
 
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1) -> set[str]:
-    """Relations of A to B: centre offset shrunk by threshold x (size A + size B) per axis, then the
-    direction of what is left must be mostly (> 0.5 of the offset's norm) along an axis."""
-    a, b = np.asarray(box_a[:4], float).reshape(2, 2), np.asarray(box_b[:4], float).reshape(2, 2)
-    offset = a.mean(0) - b.mean(0)  # centre of A minus centre of B, (dx, dy)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    found = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
-    return {name for name, holds in found.items() if holds}
+    """Relations of A to B by GenEval's rule: centre offset shrunk by threshold x (size A + size B) per
+    axis, then the direction of what is left must be mostly (> 0.5 of the offset's norm) along an axis.
+    One implementation serves the generator and the scorer (`snapgen_model.data.shapes`)."""
+    return geneval_relations(box_a, box_b, threshold)
 
 
 def _colour_clause(image: Image.Image, found: list[Detection], req: Mapping[str, Any],
