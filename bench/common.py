@@ -110,6 +110,16 @@ class TimingPolicy:
 @dataclass
 class Timing:
     times_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # this process's CPU time per run (all threads)
+
+    @property
+    def cpu_share(self) -> float:
+        """Process CPU time / (wall time x torch threads): ~1 when the run had the CPU to itself.
+
+        On a CPU device this is the contention check (other processes on the machine steal cores);
+        on a GPU it only says how busy the host thread was.
+        """
+        return sum(self.cpu_s) / (sum(self.times_s) * torch.get_num_threads()) if self.times_s else math.nan
 
     @property
     def median_s(self) -> float:
@@ -134,10 +144,11 @@ def time_callable(fn: Callable[[], object], device: torch.device, policy: Timing
     while len(out.times_s) < policy.max_runs and (
         len(out.times_s) < policy.min_runs or sum(out.times_s) < policy.budget_s
     ):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
         out.times_s.append(time.perf_counter() - t0)
+        out.cpu_s.append(time.process_time() - c0)
     return out
 
 

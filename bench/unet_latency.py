@@ -132,6 +132,7 @@ GPU_TARGET_MS = 6.0
 REFERENCE_H200 = ("reference on an H200 at 1024^2, batch 1: SDXL UNet ~54 ms eager, SD3-Medium ~33 ms, "
                   "a straightforward SnapGen UNet ~30 ms eager / 8.4 ms with CUDA graphs, "
                   "1.47 TFLOP per SnapGen forward")
+CONTENDED_SHARE = 0.85  # CPU share below this flags a measurement as contended
 VARIANTS = ("eager", "cuda-graph", "compile", "compile+cuda-graph")
 
 
@@ -457,7 +458,8 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace, device: torch.dev
                 vr.timings[b] = tm
                 print(f"[{spec.key}] {variant:>18} bs{b}: median {tm.median_s * 1e3:,.1f} ms over "
                       f"{len(tm.times_s)} runs (min {tm.min_s * 1e3:,.1f}, max {max(tm.times_s) * 1e3:,.1f}; "
-                      f"{b / tm.median_s:,.2f} img/s)", flush=True)
+                      f"{b / tm.median_s:,.2f} img/s" + (f"; CPU share {tm.cpu_share:.0%})" if device.type == "cpu"
+                                                         else ")"), flush=True)
             except Exception as exc:  # noqa: BLE001 - one failing variant must not end the benchmark
                 msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
                 vr.errors[b] = msg
@@ -481,6 +483,13 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace, device: torch.dev
 # report
 
 
+def cpu_share(vr: VariantResult) -> float:
+    """CPU time / (wall x threads) over all timed runs of a variant (1.0 = CPU to ourselves)."""
+    wall = sum(sum(t.times_s) for t in vr.timings.values())
+    cpu = sum(sum(t.cpu_s) for t in vr.timings.values())
+    return cpu / (wall * torch.get_num_threads()) if wall else math.nan
+
+
 def build_rows(results: list[ModelResult], batches: list[int], device: torch.device) -> tuple[list[str], list[list[str]]]:
     lat_b = batches[0]
     thr_bs = batches[1:]
@@ -492,6 +501,8 @@ def build_rows(results: list[ModelResult], batches: list[int], device: torch.dev
         headers += ["FLOPs / SnapGen", "latency / SnapGen"]
     if device.type == "cuda":
         headers += ["peak GiB"]
+    else:
+        headers += ["CPU share"]
     rows = []
     for r in results:
         if r.error:
@@ -521,6 +532,9 @@ def build_rows(results: list[ModelResult], batches: list[int], device: torch.dev
                 row.append(fmt_num(tl.median_s / st.median_s, 3) if tl and st else "-")
             if device.type == "cuda":
                 row.append(fmt_num(r.peak_gib, 3))
+            else:
+                share = cpu_share(vr)
+                row.append(f"{share:.0%}" if not math.isnan(share) else "-")
             rows.append(row)
     return headers, rows
 
@@ -605,6 +619,12 @@ def section_body(results, headers, rows, args, device, runtime_s: float) -> str:
                      "batches timed 1-3x without warm-up (n per batch in the console log)")
     if args.load_warning:
         notes.insert(0, f"- WARNING: {args.load_warning}")
+    if device.type == "cpu":
+        contended = [f"{r.spec.label} {v.variant} ({cpu_share(v):.0%})" for r in results for v in r.variants
+                     if cpu_share(v) < CONTENDED_SHARE]
+        notes.insert(0, "- CPU share = this process's CPU time / (wall time x torch threads) over the timed runs; "
+                        "well below 100% means other processes took cores and the timings are inflated"
+                     + (f". WARNING, contended: {', '.join(contended)}" if contended else ""))
     out += ["", "Notes:"] + notes
     out += [
         "",
