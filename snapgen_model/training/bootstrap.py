@@ -1,0 +1,336 @@
+"""Toy teacher bootstrap: train the toy world's autoencoder, then its SD3-style teacher (plain PyTorch).
+
+DESIGN.md "One code path, two scales": at toy scale the pipeline trains its own teacher, a tiny
+diffusers `AutoencoderKL` (f=4, 16 latent channels; TOY_CALIBRATION.md: f=8 loses the objects) and a
+tiny `SD3Transformer2DModel` with a jointly trained tiny CLIP text encoder, on the shapes world. The
+bundle is then loaded through the production adapters (`bootstrap_bundle.load_bundle`).
+
+* AE: L1 + MSE + a small KL on a seeded posterior sample; afterwards SD3's latent normalisation
+  z = (mean - shift) * scale is fitted (shift = latent mean, scale = 1 / latent std) and stored in
+  the VAE config, where `VAEAdapter` reads it.
+* Teacher: rectified flow (SNAPGEN_SPEC.md section 4): x_t = (1 - t) x0 + t eps, v = eps - x0,
+  t ~ logit-normal; captions replaced by the empty caption with probability `cfg_dropout`, which
+  is the classifier-free-guidance null condition at sampling time. Latents of a fixed pool of
+  train-split scenes are encoded once; batches are drawn from the pool.
+
+Both loops stop at their step count or their wall-clock budget, whichever comes first, and report
+progress through `progress_cb(phase, step, total_steps, info)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from snapgen_model.config_base import ConfigError
+from snapgen_model.configs import FlowMatchingConfig
+from snapgen_model.data.shapes import ShapesWorld, enumerate_prompts
+from snapgen_model.diffusion.flow import FlowMatchingLoss, sample_timesteps
+from snapgen_model.distill.text import Encoded, sd3_teacher_condition
+from snapgen_model.distill.vae import VAEAdapter
+from snapgen_model.training.bootstrap_bundle import (  # noqa: F401  (the bundle API, re-exported)
+    BUNDLE_FILE, TeacherBundle, autoencoder_roundtrip, evaluate_bundle, evaluation_prompts, load_bundle,
+    read_bundle_record, reference_rows, sample_grid, sample_teacher, save_bundle, teacher_diagnostics,
+    update_bundle_record)
+from snapgen_model.training.bootstrap_config import (  # noqa: F401  (re-exported)
+    BOOTSTRAP_PRESETS, ToyBootstrapConfig, get_bootstrap_config)
+
+ProgressFn = Callable[[str, int, int, dict[str, float]], None]
+
+
+@dataclasses.dataclass
+class ScenePool:
+    """Train-split scenes rendered once: images and captions."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    captions: list[str]  # N captions (templates and paraphrases)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training phase reports."""
+
+    metrics: dict[str, float]  # final figures (steps, seconds, losses, ...)
+    curve: list[dict[str, float]]  # {step, elapsed_s, <loss terms>} every `log_every` steps (interval means)
+
+
+@dataclasses.dataclass
+class TeacherModels:
+    """The trained teacher and its text encoder."""
+
+    transformer: nn.Module  # diffusers SD3Transformer2DModel
+    text_model: nn.Module  # transformers CLIPTextModelWithProjection
+    tokenizer: Any  # its word-level PreTrainedTokenizerFast
+
+
+def render_pool(cfg: ToyBootstrapConfig, world: ShapesWorld | None = None) -> ScenePool:
+    """The fixed training pool: train-split scenes 0..pool_size-1 (a pure function of the config)."""
+    world = world or ShapesWorld(cfg.world())
+    images, scenes = world.batch(range(cfg.pool_size), "train")
+    return ScenePool(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes])
+
+
+def _to_unit(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float in [-1, 1] on `device`."""
+    return images.to(device).float() / 127.5 - 1.0
+
+
+class _Budget:
+    """Stops a loop at `steps` or after `budget_s` seconds (0 = no limit); progress in [0, 1]."""
+
+    def __init__(self, steps: int, budget_s: float) -> None:
+        self.steps, self.budget_s, self.start = steps, budget_s, time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def progress(self, step: int) -> float:
+        by_time = self.elapsed / self.budget_s if self.budget_s > 0 else 0.0
+        return min(1.0, max(step / self.steps, by_time))
+
+    def done(self, step: int) -> bool:
+        return step >= self.steps or (self.budget_s > 0 and self.elapsed >= self.budget_s)
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+class _Curve:
+    """Interval means of named loss terms, recorded every `every` steps. Terms stay tensors between
+    records (no device sync per step); a non-finite interval mean stops training with a clear error."""
+
+    def __init__(self, phase: str, every: int) -> None:
+        self.phase, self.every, self.points, self._sums, self._n = phase, every, [], {}, 0
+
+    def add(self, step: int, elapsed: float, terms: dict[str, torch.Tensor], force: bool = False) -> dict[str, float] | None:
+        for k, v in terms.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
+        self._n += 1
+        if not force and step % self.every != 0:
+            return None
+        means = {k: float(s) / self._n for k, s in self._sums.items()}
+        if not all(math.isfinite(v) for v in means.values()):
+            raise FloatingPointError(f"{self.phase} loss is not finite by step {step} ({means}): lower the learning rate")
+        point = {"step": step, "elapsed_s": round(elapsed, 2)} | means
+        self.points.append(point)
+        self._sums, self._n = {}, 0
+        return point
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+def build_autoencoder(cfg: ToyBootstrapConfig) -> nn.Module:
+    """A randomly initialised diffusers AutoencoderKL of the config's size."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(cfg.ae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=cfg.ae_channels,
+                         layers_per_block=cfg.ae_layers_per_block, latent_channels=cfg.ae_latent_channels,
+                         norm_num_groups=cfg.ae_norm_groups, sample_size=cfg.resolution,
+                         scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=cfg.ae_mid_attention)
+
+
+class AutoencoderLoss:
+    """L1 + MSE reconstruction of a posterior sample, plus `kl_weight` x KL(q(z|x) || N(0, I))."""
+
+    def __init__(self, kl_weight: float, sample_posterior: bool = True) -> None:
+        self.kl_weight, self.sample_posterior = kl_weight, sample_posterior
+
+    def __call__(self, vae: nn.Module, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        posterior = vae.encode(x).latent_dist  # mean/std (B, C, h, w)
+        z = posterior.mean
+        if self.sample_posterior:
+            z = z + posterior.std * torch.randn(z.shape, generator=generator).to(x.device)
+        recon = vae.decode(z).sample  # (B, 3, H, W)
+        l1, mse = (recon - x).abs().mean(), (recon - x).pow(2).mean()
+        kl = posterior.kl().mean()
+        loss = l1 + mse + self.kl_weight * kl
+        return loss, {"l1": l1, "mse": mse, "kl": kl, "loss": loss}
+
+
+@torch.no_grad()
+def fit_latent_normalisation(vae: nn.Module, images: torch.Tensor, device: torch.device | str,
+                             batch: int = 256) -> tuple[float, float]:
+    """Set SD3's shift_factor = mean and scaling_factor = 1 / std of the latent means into the VAE config."""
+    vae.eval()
+    z = torch.cat([vae.encode(_to_unit(images[i:i + batch], device)).latent_dist.mean.float().cpu()
+                   for i in range(0, len(images), batch)])  # (N, C, h, w)
+    mean, std = float(z.mean()), float(z.std())
+    vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
+    return mean, std
+
+
+def train_autoencoder(cfg: ToyBootstrapConfig, world: ShapesWorld | None = None, device: str | torch.device = "cpu",
+                      progress_cb: ProgressFn | None = None, pool: ScenePool | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train the toy AE on the scene pool, then fit its latent normalisation. Returns (AutoencoderKL, result)."""
+    torch.manual_seed(cfg.seed)
+    pool = pool or render_pool(cfg, world)
+    vae = build_autoencoder(cfg).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
+    loss_fn, gen = AutoencoderLoss(cfg.ae_kl_weight, cfg.ae_sample_posterior), torch.Generator().manual_seed(cfg.seed)
+    budget, curve, step = _Budget(cfg.ae_steps, cfg.ae_time_budget_s), _Curve("autoencoder", cfg.log_every), 0
+    while not budget.done(step):
+        for group in opt.param_groups:
+            group["lr"] = cfg.ae_lr * lr_factor(step, budget.progress(step), warmup=20)
+        idx = torch.randint(len(pool.captions), (cfg.ae_batch,), generator=gen)
+        loss, terms = loss_fn(vae, _to_unit(pool.images[idx], device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        point = curve.add(step, budget.elapsed, terms, force=budget.done(step))
+        if point and progress_cb:
+            progress_cb("autoencoder", step, cfg.ae_steps, point | {"budget_s": cfg.ae_time_budget_s})
+    seconds = budget.elapsed
+    mean, std = fit_latent_normalisation(vae, pool.images[:1024], device)
+    psnr = _heldout_psnr(vae, cfg, device)
+    last = curve.points[-1]
+    metrics = {"ae_steps": step, "ae_seconds": round(seconds, 2), "ae_l1": last["l1"], "ae_mse": last["mse"],
+               "ae_psnr_heldout": psnr, "latent_mean": mean, "latent_std": std, "ae_params": _params(vae)}
+    return vae.eval(), TrainResult(metrics, curve.points)
+
+
+@torch.no_grad()
+def _heldout_psnr(vae: nn.Module, cfg: ToyBootstrapConfig, device: torch.device | str, count: int = 256) -> float:
+    """PSNR (dB) of AE reconstructions (latent means) of scenes the pool does not hold ("all" split)."""
+    images, _ = ShapesWorld(cfg.world()).batch(range(count), "all")
+    x = _to_unit(torch.from_numpy(images).permute(0, 3, 1, 2), device)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = float((recon - x).pow(2).mean()) / 4.0  # on a [0, 1] scale
+    return round(10 * math.log10(1.0 / max(mse, 1e-12)), 3)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def world_vocabulary(cfg: ToyBootstrapConfig, captions: list[str]) -> list[str]:
+    """Sorted words (letters and digits) of the pool's captions and every template prompt of the world."""
+    texts = captions + [r["prompt"] for r in enumerate_prompts(cfg.world(), "all")]
+    return sorted({w for text in texts for w in re.findall(r"[a-z0-9]+", text.lower())})
+
+
+def build_text_encoder(cfg: ToyBootstrapConfig, vocabulary: list[str]) -> tuple[Any, nn.Module]:
+    """(tokenizer, tiny CLIPTextModelWithProjection) for the world's vocabulary."""
+    from snapgen_model.distill.toy_text import build_tiny_clip, build_tokenizer
+
+    tokenizer = build_tokenizer(vocabulary, max_length=cfg.text_max_length)
+    model = build_tiny_clip(tokenizer, hidden=cfg.text_hidden, layers=cfg.text_layers, heads=cfg.text_heads,
+                            projection=cfg.pooled_dim, max_length=cfg.text_max_length, seed=cfg.seed)
+    return tokenizer, model
+
+
+def build_teacher(cfg: ToyBootstrapConfig) -> nn.Module:
+    """A randomly initialised diffusers SD3Transformer2DModel over the AE's latents."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(cfg.seed)
+    return SD3Transformer2DModel(
+        sample_size=cfg.latent_size, patch_size=cfg.patch_size, in_channels=cfg.ae_latent_channels,
+        out_channels=cfg.ae_latent_channels, num_layers=cfg.teacher_layers, attention_head_dim=cfg.teacher_head_dim,
+        num_attention_heads=cfg.teacher_heads, joint_attention_dim=cfg.joint_dim, caption_projection_dim=cfg.inner_dim,
+        pooled_projection_dim=cfg.pooled_dim, pos_embed_max_size=cfg.latent_size // cfg.patch_size,
+        qk_norm=None if cfg.qk_norm == "none" else cfg.qk_norm)
+
+
+def tokenize(tokenizer: Any, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (N, max_length), as TextEncoderAdapter tokenizes."""
+    unique = sorted(set(captions))
+    too_long = [c for c, ids in zip(unique, tokenizer(unique)["input_ids"]) if len(ids) > max_length]
+    if too_long:
+        raise ConfigError(f"bootstrap.text_max_length: {max_length} tokens do not fit {too_long[0]!r}")
+    batch = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def text_condition(text_model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, joint_dim: int) -> dict[str, torch.Tensor]:
+    """SD3's condition from the tiny CLIP, exactly as TextEncoderAdapter + sd3_teacher_condition compute it."""
+    out = text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    encoded = Encoded(tokens=out.hidden_states[-1], pooled=out.text_embeds, mask=mask)  # (B, L, D), (B, P)
+    return sd3_teacher_condition({"clip": encoded}, ["clip"], joint_dim)
+
+
+@torch.no_grad()
+def encode_pool(vae: nn.Module, pool: ScenePool, device: torch.device | str, batch: int = 256) -> torch.Tensor:
+    """Normalised latents (N, C, h, w) of the pool, through the production VAEAdapter (latent means)."""
+    adapter = VAEAdapter(vae)
+    return torch.cat([adapter.encode(_to_unit(pool.images[i:i + batch], device))
+                      for i in range(0, len(pool.captions), batch)])
+
+
+def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Module, device: str | torch.device = "cpu",
+                  progress_cb: ProgressFn | None = None, pool: ScenePool | None = None) -> tuple[TeacherModels, TrainResult]:
+    """Train the SD3 teacher and its text encoder jointly with flow matching on the pool's latents."""
+    started = time.monotonic()
+    pool = pool or render_pool(cfg, world)
+    latents = encode_pool(vae, pool, device)  # (N, C, h, w)
+    tokenizer, text_model = build_text_encoder(cfg, world_vocabulary(cfg, pool.captions))
+    ids, mask = tokenize(tokenizer, pool.captions, cfg.text_max_length)
+    null_ids, null_mask = tokenize(tokenizer, [""], cfg.text_max_length)
+    transformer, text_model = build_teacher(cfg).to(device).train(), text_model.to(device).train()
+    params = list(transformer.parameters()) + list(text_model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=cfg.teacher_weight_decay)
+    prep_s = time.monotonic() - started
+    step_fn = _TeacherStep(cfg, transformer, text_model, device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    budget, curve, step = _Budget(cfg.teacher_steps, cfg.teacher_time_budget_s), _Curve("teacher", cfg.log_every), 0
+    while not budget.done(step):
+        for group in opt.param_groups:
+            group["lr"] = cfg.teacher_lr * lr_factor(step, budget.progress(step), cfg.teacher_warmup_steps)
+        idx = torch.randint(len(pool.captions), (cfg.teacher_batch,), generator=gen)
+        drop = (torch.rand(cfg.teacher_batch, generator=gen) < cfg.cfg_dropout)[:, None]  # (B, 1)
+        b_ids, b_mask = torch.where(drop, null_ids, ids[idx]), torch.where(drop, null_mask, mask[idx])
+        loss = step_fn(latents[idx], b_ids.to(device), b_mask.to(device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.teacher_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.teacher_grad_clip)
+        opt.step()
+        step += 1
+        point = curve.add(step, budget.elapsed, {"loss": loss}, force=budget.done(step))
+        if point and progress_cb:
+            progress_cb("teacher", step, cfg.teacher_steps, point | {"budget_s": cfg.teacher_time_budget_s})
+    seconds = budget.elapsed
+    metrics = {"teacher_steps": step, "teacher_seconds": round(seconds, 2), "teacher_prep_seconds": round(prep_s, 2),
+               "teacher_loss": curve.points[-1]["loss"], "teacher_images_per_s": round(step * cfg.teacher_batch / seconds, 1),
+               "teacher_params": _params(transformer), "text_encoder_params": _params(text_model),
+               "vocabulary": len(tokenizer)}
+    return TeacherModels(transformer.eval(), text_model.eval(), tokenizer), TrainResult(metrics, curve.points)
+
+
+class _TeacherStep:
+    """One flow-matching loss evaluation (SPEC 4) with seeded noise and logit-normal timesteps."""
+
+    def __init__(self, cfg: ToyBootstrapConfig, transformer: nn.Module, text_model: nn.Module,
+                 device: torch.device | str) -> None:
+        self.cfg, self.transformer, self.text_model, self.device = cfg, transformer, text_model, torch.device(device)
+        self.flow = FlowMatchingConfig(logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
+        self.loss = FlowMatchingLoss(self.flow)
+        self.amp = cfg.mixed_precision == "bf16" and self.device.type == "cuda"
+        # noise is drawn where it is used (no per-step host-to-device copy of a batch of noise)
+        self.noise_gen = None if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(cfg.seed + 2)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            return self.transformer(hidden_states=x_t, encoder_hidden_states=context, pooled_projections=pooled,
+                                    timestep=t * 1000.0, return_dict=False)[0]  # (B, C, h, w)
+
+    def __call__(self, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=self.noise_gen or gen, device=self.device)  # (B, C, h, w)
+        t = sample_timesteps(x0.shape[0], self.flow, gen).to(self.device)  # (B,)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            cond = text_condition(self.text_model, ids, mask, self.cfg.joint_dim)
+        return self.loss(self.velocity, x0, cond, noise=noise, t=t).mean()
