@@ -193,11 +193,11 @@ def test_folder_images_and_prompts_share_one_order(tmp_path) -> None:
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def test_registry_refs_fail_clearly_until_tracking_can_resolve_them(tmp_path, monkeypatch) -> None:
+def test_unknown_registry_refs_and_missing_files_fail_clearly(tmp_path, monkeypatch) -> None:
     from tasks.evaluate import resolve_model
 
     monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path))
-    with pytest.raises(ValueError, match="registry references cannot be resolved yet"):
+    with pytest.raises(LookupError, match="models:/snapgen@champion.*not found in the registry"):
         resolve_model.fn("models:/snapgen@champion")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model.fn(str(tmp_path / "missing.safetensors"))
