@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from snapgen_model.data.shapes import ShapesWorld, ShapesWorldConfig, geneval_relations
+from snapgen_model.data.shapes import ShapesWorld, ShapesWorldConfig
 from snapgen_model.evaluation import geneval
 from snapgen_model.evaluation.geneval import (
     Detection,
@@ -140,13 +140,16 @@ def test_position_clause_pass_fail_margin_and_missing_target() -> None:
     assert not ok and reason.splitlines() == ["expected square>=1, found 0", "no target for circle to be left of"]
 
 
-def test_relative_position_matches_the_shapes_world_rule() -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        a, b = rng.uniform(0, 64, 2), rng.uniform(0, 64, 2)
-        box_a, box_b = (*a, *(a + rng.uniform(4, 20, 2))), (*b, *(b + rng.uniform(4, 20, 2)))
-        assert relative_position(box_a, box_b) == geneval_relations(box_a, box_b)
+def test_relative_position_by_hand() -> None:
+    """GenEval's rule on hand-worked boxes (the generator and the scorer share this implementation)."""
     assert relative_position((0, 0, 10, 10), (30, 30, 40, 40)) == {"left of", "above"}
+    # offset (-20, 0), sizes 20 x 20: margin 0.1 * 20 = 2 -> revised (-18, 0): left only
+    assert relative_position((0, 0, 10, 10), (20, 0, 30, 10)) == {"left of"}
+    # centres 1.5 px apart with a 2 px margin: no relation
+    assert relative_position((0, 0, 10, 10), (1.5, 0, 11.5, 10)) == set()
+    # a wider margin removes a relation that the default keeps
+    assert relative_position((0, 0, 10, 10), (12, 0, 22, 10)) == {"left of"}
+    assert relative_position((0, 0, 10, 10), (12, 0, 22, 10), threshold=0.7) == set()
 
 
 # ----------------------------------------------------------------------------- files and summary
