@@ -69,10 +69,11 @@ class TeacherModels:
     tokenizer: Any  # its word-level PreTrainedTokenizerFast
 
 
-def render_pool(cfg: ToyBootstrapConfig, world: ShapesWorld | None = None) -> ScenePool:
-    """The fixed training pool: train-split scenes 0..pool_size-1 (a pure function of the config)."""
+def render_pool(cfg: ToyBootstrapConfig, world: ShapesWorld | None = None, split: str = "train") -> ScenePool:
+    """A fixed training pool: scenes 0..pool_size-1 of `split` (a pure function of the config). The teacher
+    trains on the "train" split; the AE on "all", since a codec must also encode the held-out pairs."""
     world = world or ShapesWorld(cfg.world())
-    images, scenes = world.batch(range(cfg.pool_size), "train")
+    images, scenes = world.batch(range(cfg.pool_size), split)
     return ScenePool(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes])
 
 
@@ -173,9 +174,9 @@ def fit_latent_normalisation(vae: nn.Module, images: torch.Tensor, device: torch
 
 def train_autoencoder(cfg: ToyBootstrapConfig, world: ShapesWorld | None = None, device: str | torch.device = "cpu",
                       progress_cb: ProgressFn | None = None, pool: ScenePool | None = None) -> tuple[nn.Module, TrainResult]:
-    """Train the toy AE on the scene pool, then fit its latent normalisation. Returns (AutoencoderKL, result)."""
+    """Train the toy AE on a pool of the "all" split, then fit its latent normalisation. Returns (AutoencoderKL, result)."""
     torch.manual_seed(cfg.seed)
-    pool = pool or render_pool(cfg, world)
+    pool = pool or render_pool(cfg, world, "all")
     vae = build_autoencoder(cfg).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
     loss_fn, gen = AutoencoderLoss(cfg.ae_kl_weight, cfg.ae_sample_posterior), torch.Generator().manual_seed(cfg.seed)
@@ -203,8 +204,8 @@ def train_autoencoder(cfg: ToyBootstrapConfig, world: ShapesWorld | None = None,
 
 @torch.no_grad()
 def _heldout_psnr(vae: nn.Module, cfg: ToyBootstrapConfig, device: torch.device | str, count: int = 256) -> float:
-    """PSNR (dB) of AE reconstructions (latent means) of scenes the pool does not hold ("all" split)."""
-    images, _ = ShapesWorld(cfg.world()).batch(range(count), "all")
+    """PSNR (dB) of AE reconstructions (latent means) of "all"-split scenes past the AE's pool."""
+    images, _ = ShapesWorld(cfg.world()).batch(range(cfg.pool_size, cfg.pool_size + count), "all")
     x = _to_unit(torch.from_numpy(images).permute(0, 3, 1, 2), device)
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = float((recon - x).pow(2).mean()) / 4.0  # on a [0, 1] scale

@@ -27,6 +27,7 @@ class ToyBootstrapConfig(ConfigBase):
     """World, model sizes, budgets and evaluation of one toy teacher bootstrap; validated at construction."""
 
     name: str = "toy"  # preset name (recorded in bundle.json; part of the hash)
+    recipe_version: int = 2  # bumped whenever the training code changes what a config produces (cache key)
     # --- shapes world (snapgen_model.data.shapes.ShapesWorldConfig)
     resolution: int = 64  # image side in pixels
     shapes: tuple[str, ...] = ("circle", "square", "triangle")  # shape classes of the world
@@ -34,9 +35,10 @@ class ToyBootstrapConfig(ConfigBase):
     # (min, max) object side in pixels (typed `...`: ConfigBase.coerce mishandles fixed-length tuples)
     object_size_px: tuple[int, ...] = (14, 22)
     max_objects: int = 4  # most objects per scene (1-4)
-    held_out_pairs: tuple[tuple[str, ...], ...] = (("yellow", "triangle"),)  # (colour, shape) pairs never trained
+    # (colour, shape) pairs the teacher never sees (images or captions); the AE, a generic codec, does
+    held_out_pairs: tuple[tuple[str, ...], ...] = (("yellow", "triangle"),)
     world_seed: int = 0  # seed of the world's scenes
-    pool_size: int = 8192  # train-split scenes rendered once; the AE and the teacher draw batches from them
+    pool_size: int = 8192  # scenes rendered once per phase (AE: "all" split, teacher: "train" split)
     # --- autoencoder (diffusers AutoencoderKL; TOY_CALIBRATION: (16, 32, 64), f=4, 16 latent channels)
     ae_channels: tuple[int, ...] = (16, 32, 64)  # block_out_channels; downsampling f = 2^(len - 1)
     ae_layers_per_block: int = 1  # ResNet layers per encoder/decoder block

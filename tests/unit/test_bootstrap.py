@@ -20,7 +20,7 @@ def trained():
     """AE + teacher of the toy-smoke preset, trained once for the module (a few seconds)."""
     cfg = bs.get_bootstrap_config("toy-smoke")
     pool = bs.render_pool(cfg)
-    vae, ae = bs.train_autoencoder(cfg, pool=pool)
+    vae, ae = bs.train_autoencoder(cfg)  # its own pool of the "all" split
     models, teacher = bs.train_teacher(cfg, None, vae, pool=pool)
     return cfg, pool, vae, ae, models, teacher
 
