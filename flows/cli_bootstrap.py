@@ -18,7 +18,7 @@ from rich.table import Table
 console = Console() if sys.stdout.isatty() else Console(width=110)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=110)
 
-PRESET_HELP = "bootstrap preset: toy-smoke (seconds), toy (CPU demo, ~6-7 min), toy-gpu (one GPU, <= 5 min of training)"
+PRESET_HELP = "bootstrap preset: toy-smoke (seconds), toy (CPU demo, ~7-9 min), toy-gpu (one GPU, <= 5 min of training)"
 SET_HELP = "config override key=value (repeatable), e.g. --set teacher_time_budget_s=120"
 
 
@@ -48,23 +48,27 @@ def bootstrap(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Train the toy AE and SD3 teacher (+ text encoder) on the shapes world, publish and register the bundle."""
-    from flows.bootstrap import bootstrap_teacher_flow
     from snapgen_model.config_base import ConfigError
     from snapgen_model.training.bootstrap_config import get_bootstrap_config
+
+    try:  # validate before importing Prefect (a bad --set fails in a second)
+        cfg = get_bootstrap_config(preset, set_)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
-    try:
-        cfg = get_bootstrap_config(preset, set_)
-        prefect_env_defaults(get_settings())
-    except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+    prefect_env_defaults(get_settings())
+    from flows.bootstrap import bootstrap_teacher_flow
     if not as_json:
         err.print(f"bootstrap-teacher {preset} (config {cfg.content_hash()}): AE budget "
                   f"{cfg.ae_time_budget_s:.0f} s / {cfg.ae_steps} steps, teacher budget "
                   f"{cfg.teacher_time_budget_s:.0f} s / {cfg.teacher_steps} steps; progress below")
     logging.getLogger("prefect").setLevel(logging.INFO)
-    result = bootstrap_teacher_flow(preset=preset, overrides=list(set_), force=force)
+    try:
+        result = bootstrap_teacher_flow(preset=preset, overrides=list(set_), force=force)
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad storage root, a diverged loss, a broken bundle
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         return

@@ -132,7 +132,7 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
             return tuple(coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-        return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(coerce(v, a, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if isinstance(hint, type) and issubclass(hint, ConfigBase):
         if isinstance(value, hint):
             return value

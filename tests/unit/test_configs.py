@@ -57,3 +57,18 @@ def test_from_dict_rejects_unknown_nested_key():
     data["decoder"]["colour"] = "red"
     with pytest.raises(ConfigError, match=r"decoder\.colour: unknown key for TinyDecoderConfig"):
         SnapGenConfig.from_dict(data)
+
+
+def test_fixed_length_tuple_fields_round_trip():
+    import dataclasses
+
+    from snapgen_model.config_base import ConfigBase, ConfigError
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Pair(ConfigBase):
+        size: tuple[int, int] = (14, 22)
+
+    assert Pair.from_dict({"size": [8, 11]}).size == (8, 11)
+    assert Pair().with_overrides(["size=[3,4]"]).size == (3, 4)
+    with pytest.raises(ConfigError, match=r"size\[1\]: expected int"):
+        Pair.from_dict({"size": [1, "x"]})
