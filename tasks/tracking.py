@@ -344,14 +344,17 @@ class RunHandle:
             self.dropped_metrics += len(metrics)
             return False
         stamp = int(time.time() * 1000)
-        items = [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
+        return self.log_metric_items([Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()])
+
+    def log_metric_items(self, items: list[Metric]) -> bool:
+        """Batched metric upload; an outage is warned about, counted and never raised."""
         try:
             for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
                 self._call(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "metrics")
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            self._give_up_metrics(exc, len(metrics))
+            self._give_up_metrics(exc, len(items))
             return False
         return True
 
@@ -567,14 +570,7 @@ def log_metric_series(run: RunHandle, key: str, points: list[tuple[int, float]] 
     Outages are handled like :meth:`RunHandle.log_metrics`: warned about, never raised.
     """
     stamp = int(time.time() * 1000)
-    items = [Metric(key, float(value), stamp, int(step)) for step, value in points]
-    try:
-        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
-            run._call(lambda c=chunk: run.client.log_batch(run.run_id, metrics=c), "metrics")
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        run._give_up_metrics(exc, len(items))
+    run.log_metric_items([Metric(key, float(value), stamp, int(step)) for step, value in points])
 
 
 def register_model_version(

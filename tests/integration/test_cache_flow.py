@@ -41,7 +41,6 @@ def read_shard(path) -> list[tuple[str, dict]]:
 def test_cache_contents_and_recomputed_targets(env, tiny_bundle, prefect_harness):
     from snapgen_model.distill.cache import CacheConfig, draw_pair, load_npy
     from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
-    from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec, sd3_teacher_condition
     from snapgen_model.diffusion.flow import interpolate
 
     ds = f"file://{env}/ds"
@@ -58,15 +57,11 @@ def test_cache_contents_and_recomputed_targets(env, tiny_bundle, prefect_harness
     t, noise = draw_pair(key, 1, latent.shape, cfg)
     assert torch.allclose(torch.from_numpy(load_npy(members["t1.npy"])), t.view(1))
     teacher = SD3Teacher.from_pretrained(TeacherConfig(path=str(tiny_bundle)))
-    enc = TextEncoderAdapter.from_pretrained(TextEncoderSpec(name="clip", kind="clip", path=str(tiny_bundle),
-                                                             subfolder="text_encoder", max_length=16))
-    caption = json.loads(members["__caption__"]) if "__caption__" in members else None
     tokens = torch.from_numpy(load_npy(members["clip.tokens.npy"]))[None]
     pooled = torch.from_numpy(load_npy(members["clip.pooled.npy"]))[None]
     cond = {"context": tokens, "pooled": pooled}
     v = teacher(interpolate(latent[None], noise[None], t.view(1)), t.view(1), cond["context"], cond["pooled"]).velocity
     assert torch.allclose(v[0], torch.from_numpy(load_npy(members["v1.npy"])), atol=1e-4)
-    del caption, enc, sd3_teacher_condition
     again = run(ds, tiny_bundle, overrides=["targets_per_sample=2", "feature_dtype=float32"])
     assert again["cache_hit"] and again["key"] == manifest["key"]
     other = run(ds, tiny_bundle, overrides=["targets_per_sample=1"], track=False)
