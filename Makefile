@@ -32,6 +32,9 @@ endif
 
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test]'
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the report browser test"; \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	  || echo "WARNING: could not install chromium; the report browser test will fail"; }
 	touch $@
 
 install: $(STAMP)
