@@ -22,7 +22,7 @@ from snapgen_model.training.distill_steps import (
 )
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
-from tasks.pretrain import _uploader, storage
+from tasks.pretrain import _uploader, storage, write_student_card
 from tasks.settings import get_settings
 
 STUDENT_FILES = ("unet_ema.safetensors", "conditioner.safetensors")
@@ -83,5 +83,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
                "checkpoints": store.join(base, "checkpoints"), "nonfinite_total": result.get("nonfinite_total"),
                "sampler": module.preset.sampler.to_dict(),
                "student": {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}}
+        out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "distill_steps",
+                                                key, run.run_id)
         run.log_dict(out, "distill_result.json")
         return out

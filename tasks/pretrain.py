@@ -80,8 +80,26 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                 for name, p in paths.items():
                     store.upload_file(p, store.join(base, "student", Path(p).name))
             out["student"] = {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}
+            out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "pretrain",
+                                                    key, run.run_id)
             run.log_dict(out, "pretrain_result.json")
         return out
+
+
+def write_student_card(store: Storage, folder_uri: str, cache_manifest: dict[str, Any], stage: str, key: str,
+                       run_id: str) -> str:
+    """`student.json` beside the student's weights: what evaluation and export need to use it as a
+    text-to-image model (the teacher bundle whose text encoders and VAE it was trained on), plus
+    its lineage. Written after the weights, so its presence marks a complete student folder."""
+    card = {"kind": "snapgen-student", "stage": stage, "key": key, "mlflow_run_id": run_id,
+            "bundle_uri": cache_manifest.get("bundle_uri"), "bundle_id": cache_manifest.get("bundle_id"),
+            "encoders": cache_manifest.get("encoders"), "dataset_hash": cache_manifest.get("dataset_hash"),
+            "cache_key": cache_manifest.get("key")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "student.json"
+        path.write_text(json.dumps(card, indent=2))
+        store.upload_file(str(path), store.join(folder_uri, "student.json"))
+    return folder_uri
 
 
 def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders) -> dict[str, Any]:
