@@ -39,10 +39,12 @@ def _hash(obj: Any) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def world_for(resolution: int) -> ShapesWorld:
-    """The default shapes world at `resolution`, object sizes scaled from the 64 px calibration (14-22 px)."""
+def world_for(resolution: int, world: str = "") -> ShapesWorld:
+    """The shapes world at `resolution`: the default one, object sizes scaled from the 64 px calibration
+    (14-22 px), with the fields of the JSON object `world` (a source's `world`) on top."""
     lo, hi = (max(8, round(v * resolution / 64)) for v in (14, 22))
-    return ShapesWorld(ShapesWorldConfig(resolution=resolution, object_size_px=(lo, hi)))
+    fields = {"resolution": resolution, "object_size_px": (lo, hi)} | (json.loads(world) if world else {})
+    return ShapesWorld(ShapesWorldConfig(**fields))
 
 
 def check_sources_exist(specs: list[SourceSpec], store: Storage) -> None:

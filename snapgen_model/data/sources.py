@@ -15,7 +15,7 @@ import posixpath
 import tarfile
 from typing import Any, BinaryIO, Iterator, Literal, Protocol
 
-from snapgen_model.config_base import ConfigBase, check, check_choice
+from snapgen_model.config_base import ConfigBase, ConfigError, check, check_choice
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 CAPTION_EXTS = {"txt", "caption"}
@@ -40,9 +40,17 @@ class SourceSpec(ConfigBase):
     count: int = 0  # shapes: number of scenes to generate
     split: str = "train"  # shapes: train / heldout / all
     resolution: int = 64  # shapes: image side in pixels
+    # shapes: ShapesWorldConfig fields as a JSON object (e.g. a teacher bundle's world, so the student's
+    # data never shows the bundle's held-out pairs); "" = the default world at `resolution`
+    world: str = ""
 
     def __post_init__(self) -> None:
         check_choice(self.kind, "source.kind", ("folder", "manifest", "webdataset", "imagefolder", "shapes"))
+        if self.world:
+            try:
+                check(isinstance(json.loads(self.world), dict), "source.world", "must be a JSON object")
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"source.world: not valid JSON ({exc})") from None
         if self.kind == "shapes":
             check(self.count >= 1, "source.count", "shapes source needs count >= 1")
         else:
@@ -77,7 +85,8 @@ def enumerate_source(spec: SourceSpec, reader: ObjectReader) -> Iterator[dict[st
     else:
         for i in range(spec.count):
             yield {"source": name, "raw_key": f"{name}/{spec.split}-{i:08d}", "kind": "shapes",
-                   "index": i, "split": spec.split, "resolution": spec.resolution}
+                   "index": i, "split": spec.split, "resolution": spec.resolution,
+                   **({"world": spec.world} if spec.world else {})}
 
 
 def _folder(root: str, name: str, reader: ObjectReader) -> Iterator[dict[str, Any]]:
@@ -252,7 +261,7 @@ def _read_tar_members(cands: list[dict[str, Any]], reader: ObjectReader) -> dict
 
 
 def _render_shapes(cand: dict[str, Any], world_factory) -> tuple[bytes | None, Any, str | None]:
-    world = world_factory(cand["resolution"])
+    world = world_factory(cand["resolution"], cand.get("world", ""))
     image, scene = world.image(cand["index"], cand["split"])
     buf = io.BytesIO()
     image.save(buf, format="PNG")

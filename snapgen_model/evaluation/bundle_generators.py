@@ -1,0 +1,161 @@
+"""Text-to-image generators built from a teacher bundle: the teacher itself, and a student trained
+on the bundle's latents and text embeddings.
+
+A student folder (written by pretraining or step distillation) holds `unet_ema.safetensors` (its
+preset, with the sampler settings, in the metadata), `conditioner.safetensors` (the trained
+per-encoder projections) and `student.json` (which bundle and text encoders it was trained with).
+The student then generates exactly as in training: prompts -> the bundle's frozen text encoders ->
+the student's conditioner -> the UNet sampled with classifier-free guidance against the
+conditioner's null condition -> the bundle VAE's decoder. Both generators satisfy the
+`ImageGenerator` protocol of `runner.py` (`__call__`, `identity`, `describe`), so every benchmark
+scores students, teachers and plain checkpoints with the same code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from snapgen_model.diffusion.generate import generate
+from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
+from snapgen_model.evaluation.fid import file_sha256
+from snapgen_model.storage.checkpoint import load_model, read_preset
+
+STUDENT_CARD = "student.json"
+STUDENT_WEIGHTS = ("unet_ema.safetensors", "conditioner.safetensors")
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_student_folder(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and (folder / STUDENT_CARD).is_file() and all((folder / f).is_file() for f in STUDENT_WEIGHTS)
+
+
+def is_bundle_folder(folder: str | Path) -> bool:
+    return Path(folder).is_dir() and (Path(folder) / "bundle.json").is_file()
+
+
+def read_student_card(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / STUDENT_CARD
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not a student folder ({STUDENT_CARD} missing; pretraining and step "
+                                "distillation write it beside unet_ema.safetensors)")
+    card = json.loads(path.read_text())
+    for key in ("bundle_uri", "encoders"):
+        if not card.get(key):
+            raise ValueError(f"{path}: field {key!r} is missing or empty")
+    return card
+
+
+class _VAEDecode(nn.Module):
+    """The bundle VAE's decoder as the `decoder` module `generate` expects (latents -> [-1, 1] images)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents)
+
+
+class BundleStudentGenerator:
+    """A student folder + the (local) teacher bundle it was trained against, as an ImageGenerator."""
+
+    def __init__(self, student_folder: str | Path, bundle_folder: str | Path, *, steps: int | None = None,
+                 guidance: float | None = None, device: str = "cpu") -> None:
+        from snapgen_model.distill.vae import VAEAdapter, VAEConfig
+        from snapgen_model.training.pretrain import load_conditioner
+
+        folder = Path(student_folder)
+        card = read_student_card(folder)
+        unet_path = folder / "unet_ema.safetensors"
+        preset = read_preset(unet_path)
+        if preset is None:
+            raise ValueError(f"{unet_path}: the student checkpoint carries no preset (sampler settings)")
+        sampler = dataclasses.replace(preset.sampler, **{k: v for k, v in {"steps": steps, "guidance": guidance}.items()
+                                                         if v is not None})
+        self.preset = dataclasses.replace(preset, sampler=sampler)
+        self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
+        self.conditioner = load_conditioner(folder / "conditioner.safetensors").to(device).eval()
+        bundle = str(Path(bundle_folder).resolve())
+        self.encoders: dict[str, TextEncoderAdapter] = {}
+        for spec in card["encoders"]:
+            spec = TextEncoderSpec.from_dict(dict(spec) | {"path": bundle})
+            self.encoders[spec.name] = TextEncoderAdapter.from_pretrained(spec, device)
+        missing = [n for n in self.conditioner.names if n not in self.encoders]
+        if missing:
+            raise ValueError(f"{folder}: the conditioner expects text encoders {missing} that {STUDENT_CARD} does not "
+                             f"list (it lists {list(self.encoders)})")
+        self.decoder = _VAEDecode(VAEAdapter.from_pretrained(VAEConfig(path=bundle, subfolder="vae"), device)).eval()
+        if self.decoder.vae.latent_channels != self.preset.latent.channels:
+            raise ValueError(f"{folder}: student latents have {self.preset.latent.channels} channels but the bundle VAE "
+                             f"at {bundle} has {self.decoder.vae.latent_channels}")
+        self.device, self.card = device, card
+        self.identity = _sha({"unet": file_sha256(str(unet_path)),
+                              "conditioner": file_sha256(str(folder / "conditioner.safetensors")),
+                              "bundle": card.get("bundle_id") or bundle, "encoders": card["encoders"],
+                              "sampler": sampler.to_dict(), "kind": "bundle-student"})[:32]
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        encoded = {name: enc(list(prompts)) for name, enc in self.encoders.items()}
+        cond = self.conditioner(encoded)
+        uncond = self.conditioner.null_condition(encoded)
+        return generate(self.unet, self.decoder, self.preset, seeds, cond=cond, uncond=uncond)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "student", "preset": self.preset.name, "image_size": self.preset.image_size,
+                "identity": self.identity, "sampler": self.preset.sampler.to_dict(),
+                "conditioning": f"text:{','.join(self.encoders)} (bundle {str(self.card.get('bundle_id'))[:12]})",
+                "stage": self.card.get("stage")}
+
+
+class BundleTeacherGenerator:
+    """The toy teacher bundle (SD3 transformer + VAE + text encoder) as an ImageGenerator."""
+
+    def __init__(self, bundle_folder: str | Path, *, steps: int | None = None, guidance: float | None = None,
+                 device: str = "cpu") -> None:
+        from snapgen_model.training.bootstrap_bundle import load_bundle
+
+        self.bundle = load_bundle(bundle_folder, device)
+        cfg = self.bundle.config
+        self.steps = steps or cfg.eval_steps
+        self.guidance = cfg.eval_guidance if guidance is None else guidance
+        record = self.bundle.record
+        self.image_size = int(cfg.resolution)
+        self.identity = _sha({"bundle": record.get("config_hash"), "files": record.get("files"),
+                              "steps": self.steps, "guidance": self.guidance, "kind": "bundle-teacher"})[:32]
+
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        from snapgen_model.training.bootstrap_bundle import sample_teacher
+
+        return sample_teacher(self.bundle, list(prompts), list(seeds), steps=self.steps, guidance=self.guidance)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "teacher", "preset": f"bundle:{self.bundle.record.get('preset', 'toy')}",
+                "image_size": self.image_size, "identity": self.identity,
+                "sampler": {"kind": "euler", "steps": self.steps, "guidance": self.guidance},
+                "conditioning": "text:clip (teacher bundle)"}
+
+
+def bundle_image_size(bundle_folder: str | Path) -> int:
+    from snapgen_model.training.bootstrap_bundle import read_bundle_record
+
+    return int(read_bundle_record(bundle_folder)["config"]["resolution"])
+
+
+def bundle_world(bundle_folder: str | Path) -> Mapping[str, Any]:
+    """The shapes-world settings the bundle was trained on (held-out pairs included), for toy scoring."""
+    from snapgen_model.training.bootstrap_bundle import read_bundle_record
+
+    return dict(read_bundle_record(bundle_folder).get("world") or {})
