@@ -410,6 +410,28 @@ def active_run() -> RunHandle | None:
     return stack[-1] if stack else None
 
 
+# An end-to-end pipeline run sets these (process-wide, so stage runs opened in worker threads and
+# launched subprocesses see them too): stage runs then land in the pipeline's experiment, nested
+# under the pipeline's run. `pipeline_scope` sets and restores them.
+PIPELINE_PARENT_ENV = "SNAPGEN_PIPELINE_PARENT_RUN_ID"
+PIPELINE_EXPERIMENT_ENV = "SNAPGEN_PIPELINE_EXPERIMENT"
+
+
+@contextmanager
+def pipeline_scope(experiment: str, parent_run_id: str) -> Iterator[None]:
+    """Within the block, runs opened by :func:`start_run` go to `experiment`, nested under `parent_run_id`."""
+    saved = {k: os.environ.get(k) for k in (PIPELINE_PARENT_ENV, PIPELINE_EXPERIMENT_ENV)}
+    os.environ[PIPELINE_PARENT_ENV], os.environ[PIPELINE_EXPERIMENT_ENV] = parent_run_id, experiment
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextmanager
 def start_run(
     settings: TrackingSettings,
@@ -431,7 +453,8 @@ def start_run(
     client = MlflowClient(tracking_uri=uri)
     policy = retry or RetryPolicy()
     experiment_id = call_with_retry(
-        lambda: get_or_create_experiment(experiment or settings.experiment_name, tracking_uri=uri),
+        lambda: get_or_create_experiment(experiment or os.environ.get(PIPELINE_EXPERIMENT_ENV) or settings.experiment_name,
+                                         tracking_uri=uri),
         policy,
         "get_or_create_experiment",
     )
@@ -459,7 +482,7 @@ def _run_tags(
 ) -> dict[str, str]:
     """Tags a new run starts with: base lineage, the caller's tags, the parent link."""
     merged: dict[str, Any] = {**lineage_tags(), **(tags or {})}
-    parent = parent_run_id
+    parent = parent_run_id or os.environ.get(PIPELINE_PARENT_ENV) or None
     if parent is None and nested:
         outer = active_run()
         if outer is None:
