@@ -22,6 +22,16 @@ from prefect.context import TaskRunContext
 
 from snapgen_model.data.shapes import ShapesWorldConfig
 from snapgen_model.evaluation import suite
+from snapgen_model.evaluation.bundle_generators import (
+    BundleStudentGenerator,
+    BundleTeacherGenerator,
+    bundle_image_size,
+    bundle_world,
+    is_bundle_folder,
+    is_student_folder,
+    is_toy_teacher_bundle,
+    read_student_card,
+)
 from snapgen_model.evaluation.clip_score import ClipScoreConfig, clip_score
 from snapgen_model.evaluation.dpg import DPGConfig, load_prompts, load_questions, write_questions
 from snapgen_model.evaluation.fid import FeatureStats, FIDConfig, file_sha256
@@ -57,7 +67,9 @@ from snapgen_model.evaluation.toy_reference import (
     toy_prompts,
 )
 from snapgen_model.storage.checkpoint import read_preset
+from snapgen_model.training.bootstrap_bundle import read_bundle_record
 from tasks import tracking
+from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
 from tasks.storage import Storage
@@ -105,24 +117,71 @@ def _local_checkpoint(uri: str) -> str:
     return str(target)
 
 
+def _model_folder(uri: str) -> Path | None:
+    """A local folder for a folder-like model URI (a student folder or a teacher bundle), else None."""
+    if uri.endswith(".safetensors"):
+        return None
+    if uri.startswith("s3://"):
+        store = Storage.from_settings(get_settings())
+        if not (store.exists(store.join(uri, "student.json")) or store.exists(store.join(uri, "bundle.json"))):
+            return None
+    folder = local_folder(uri)
+    return folder if folder.is_dir() and (is_student_folder(folder) or is_bundle_folder(folder)) else None
+
+
+def _folder_model(ref: str, source: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Model record of a student folder (student.json + weights) or a teacher bundle (bundle.json)."""
+    common = {"ref": ref, "folder": str(folder), "decoder": None, "run_id": source.get("run_id"),
+              "version": source.get("version")}
+    if is_bundle_folder(folder) and not is_student_folder(folder):
+        if not is_toy_teacher_bundle(folder):
+            raise ValueError(f"--model {ref}: {folder} is a teacher bundle but not one the toy bootstrap wrote "
+                             "(bundle.json has no format); only toy teacher bundles can be sampled for evaluation")
+        record = read_bundle_record(folder)
+        return common | {"kind": "teacher", "unet": None, "bundle": str(folder), "world": bundle_world(folder),
+                         "model_id": "t" + _sha(record.get("files") or record.get("config_hash"))[:15],
+                         "preset": str(record.get("preset", "toy")), "image_size": bundle_image_size(folder)}
+    card = read_student_card(folder)
+    bundle = local_folder(card["bundle_uri"])
+    if not is_bundle_folder(bundle):
+        raise FileNotFoundError(f"--model {ref}: its teacher bundle {card['bundle_uri']} (student.json) is not a "
+                                "finished bundle (bundle.json missing)")
+    unet = folder / "unet_ema.safetensors"
+    preset = read_preset(unet)
+    if preset is None:
+        raise ValueError(f"--model {ref}: {unet} carries no preset (sampler settings)")
+    model_id = _sha([file_sha256(str(unet)), file_sha256(str(folder / "conditioner.safetensors")),
+                     card.get("bundle_id")])[:16]
+    return common | {"kind": "student", "unet": str(unet), "bundle": str(bundle), "world": bundle_world(bundle),
+                     "model_id": model_id, "preset": preset.name, "image_size": preset.image_size,
+                     "stage": card.get("stage")}
+
+
 @task(name="resolve-model", **io_task_options())
 def resolve_model(ref: str) -> dict[str, Any]:
-    """{ref, unet, decoder, model_id, preset, image_size, run_id} of a checkpoint path/URI or registry ref."""
+    """{ref, kind, unet, decoder, model_id, preset, image_size, run_id, ...} of a checkpoint path/URI, a
+    student folder, a teacher bundle folder, or a registry ref (`models:/name@alias`, `models:/name/N`)."""
     source: dict[str, Any] = {"source": ref}
     if ref.startswith(MODEL_URI_PREFIX):
         source = _registry_source(ref)
-    unet, decoder = resolve_checkpoint(_local_checkpoint(str(source["source"])))
+    uri = str(source["source"])
+    folder = _model_folder(uri)
+    if folder is not None:
+        return _folder_model(ref, source, folder)
+    unet, decoder = resolve_checkpoint(_local_checkpoint(uri[len("file://"):] if uri.startswith("file://") else uri))
     preset = read_preset(unet)
     if preset is None:
         raise ValueError(f"--model {ref}: {unet} carries no preset (sampler settings); "
                          "save it with save_model(preset=...)")
-    return {"ref": ref, "unet": str(unet), "decoder": str(decoder) if decoder else None,
+    return {"ref": ref, "kind": "checkpoint", "unet": str(unet), "decoder": str(decoder) if decoder else None,
             "model_id": file_sha256(str(unet))[:16], "preset": preset.name, "image_size": preset.image_size,
             "run_id": source.get("run_id"), "version": source.get("version")}
 
 
 def toy_world(model: dict[str, Any], world: dict[str, Any]) -> ShapesWorldConfig:
-    return ShapesWorldConfig(**({"resolution": model["image_size"]} | world))
+    """The world a toy model is scored in: its teacher bundle's (held-out pairs included) when it has
+    one, else the default world at its image size; `world` (EvaluateParams.world) on top."""
+    return ShapesWorldConfig(**(dict(model.get("world") or {}) | {"resolution": model["image_size"]} | world))
 
 
 @task(name="build-prompt-sets", **compute_task_options())
@@ -148,12 +207,19 @@ def build_prompt_sets(scale: str, model: dict[str, Any], world: dict[str, Any], 
 # ----------------------------------------------------------------------------- generation
 
 @functools.lru_cache(maxsize=4)
-def _generator(unet: str, decoder: str | None, steps: int | None, guidance: float | None) -> CheckpointGenerator:
+def _generator(kind: str, unet: str | None, decoder: str | None, folder: str | None, bundle: str | None,
+               steps: int | None, guidance: float | None) -> Any:
+    if kind == "student":
+        return BundleStudentGenerator(folder, bundle, steps=steps, guidance=guidance)
+    if kind == "teacher":
+        return BundleTeacherGenerator(bundle, steps=steps, guidance=guidance)
     return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance)
 
 
-def generator_for(model: dict[str, Any], sampler: dict[str, Any]) -> CheckpointGenerator:
-    return _generator(model["unet"], model["decoder"], sampler.get("steps"), sampler.get("guidance"))
+def generator_for(model: dict[str, Any], sampler: dict[str, Any]) -> Any:
+    """The ImageGenerator of a resolved model (checkpoint, bundle student or bundle teacher)."""
+    return _generator(model.get("kind", "checkpoint"), model.get("unet"), model.get("decoder"), model.get("folder"),
+                      model.get("bundle"), sampler.get("steps"), sampler.get("guidance"))
 
 
 def set_folder(root: str, model: dict[str, Any], sampler: dict[str, Any], gen: GenerationConfig, name: str,

@@ -687,3 +687,19 @@ def resolve_model_version(settings: TrackingSettings, ref: str) -> dict[str, str
                                 RetryPolicy(), "download model version")
         (target / ".source").write_text(str(local))
     return out | {"source": (target / ".source").read_text()}
+
+
+def metric_histories(settings: TrackingSettings, run_id: str, prefixes: tuple[str, ...] = ("",),
+                     limit: int = 40) -> dict[str, list[tuple[int, float]]]:
+    """Metric histories of a run, `{key: [(step, value), ...]}` for keys starting with any of
+    `prefixes` (at most `limit` keys): the loss curves of a run report. An outage gives {}."""
+    client = MlflowClient(tracking_uri=configure_mlflow(settings))
+    try:
+        run = call_with_retry(lambda: client.get_run(run_id), RetryPolicy(), "get_run")
+        keys = sorted(k for k in run.data.metrics if any(k.startswith(p) for p in prefixes))[:limit]
+        return {k: [(int(m.step), float(m.value)) for m in
+                    call_with_retry(lambda k=k: client.get_metric_history(run_id, k), RetryPolicy(), "metric history")]
+                for k in keys}
+    except Exception as exc:  # noqa: BLE001 - the report shows "not available" rather than failing the run
+        warnings.warn(f"metric histories of run {run_id}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2)
+        return {}

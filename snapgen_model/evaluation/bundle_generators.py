@@ -154,8 +154,20 @@ def bundle_image_size(bundle_folder: str | Path) -> int:
     return int(read_bundle_record(bundle_folder)["config"]["resolution"])
 
 
-def bundle_world(bundle_folder: str | Path) -> Mapping[str, Any]:
-    """The shapes-world settings the bundle was trained on (held-out pairs included), for toy scoring."""
-    from snapgen_model.training.bootstrap_bundle import read_bundle_record
+def is_toy_teacher_bundle(folder: str | Path) -> bool:
+    """A bundle written by the toy bootstrap (bundle.json with its format and config): samplable as a teacher."""
+    from snapgen_model.training.bootstrap_bundle import BUNDLE_FORMAT
 
-    return dict(read_bundle_record(bundle_folder).get("world") or {})
+    path = Path(folder) / "bundle.json"
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == BUNDLE_FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+def bundle_world(bundle_folder: str | Path) -> dict[str, Any]:
+    """The shapes-world settings a toy teacher bundle was trained on (held-out pairs included), for toy
+    scoring; {} for other bundles (a full SD3 snapshot, a test bundle)."""
+    if not is_toy_teacher_bundle(bundle_folder):
+        return {}
+    return dict(json.loads((Path(bundle_folder) / "bundle.json").read_text()).get("world") or {})

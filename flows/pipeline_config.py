@@ -1,0 +1,274 @@
+"""Parameters of the end-to-end pipeline: one pydantic model per stage, named presets, and `--set`
+overrides validated before any work starts (an error names the field and what it allows).
+
+`--set` paths address fields (`pretrain.preset=toy-gpu`, `evaluate.options.images_per_prompt=4`,
+`promotion.tolerance=0.05`). A stage's `*_overrides`/`train` list holds the `key=value` overrides of
+its library config; a path through such a list sets one key in it (`pretrain.train.steps=300`
+replaces or appends `steps=300`), so every knob of every stage is reachable from the command line.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+BENCHMARKS = ("geneval", "dpg", "fid", "clip")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherStage(_Strict):
+    bundle_uri: str | None = Field(None, description="an existing teacher bundle folder (file:// or s3://); "
+                                                     "None = bootstrap the toy teacher")
+    bootstrap_preset: str = Field("toy", description="toy teacher bootstrap preset (toy-smoke, toy, toy-gpu)")
+    bootstrap_overrides: list[str] = Field(default_factory=list, description="ToyBootstrapConfig overrides k=v")
+
+
+class CurateStage(_Strict):
+    scenes: int = Field(2000, ge=1, description="shapes-world scenes (toy); ignored when sources are given")
+    sources: list[dict[str, Any]] = Field(default_factory=list, description="curation sources (full scale)")
+    overrides: list[str] = Field(default_factory=lambda: ["samples_per_shard=500"],
+                                 description="CurationConfig overrides k=v")
+
+
+class CacheStage(_Strict):
+    overrides: list[str] = Field(default_factory=lambda: ["targets_per_sample=1"], description="CacheConfig k=v")
+    feature_layers: list[int] = Field(default_factory=lambda: [-1], description="teacher blocks to capture")
+    encoders: list[dict[str, Any]] | None = Field(None, description="TextEncoderSpec dicts (default: the toy CLIP)")
+
+
+class DecoderStage(_Strict):
+    enabled: bool = True
+    train: list[str] = Field(default_factory=lambda: ["steps=150"], description="DecoderTrainConfig overrides")
+
+
+class PretrainStage(_Strict):
+    preset: str = Field("toy", description="student architecture preset")
+    overrides: list[str] = Field(default_factory=list, description="preset overrides k=v")
+    train: list[str] = Field(default_factory=lambda: ["steps=400", "batch_size=32"],
+                             description="PretrainConfig overrides k=v")
+
+
+class DistillStage(_Strict):
+    enabled: bool = True
+    train: list[str] = Field(default_factory=lambda: ["steps=60", "sampler_steps=4"],
+                             description="StepDistillConfig overrides k=v")
+
+
+class EvaluateStage(_Strict):
+    benchmarks: list[str] = Field(default_factory=lambda: ["geneval", "dpg", "fid", "clip"])
+    models: list[Literal["teacher", "pretrained", "distilled"]] = Field(
+        default_factory=lambda: ["teacher", "pretrained", "distilled"], description="which models to score")
+    options: dict[str, Any] = Field(default_factory=lambda: {"images_per_prompt": 2, "max_prompts_per_task": 4,
+                                                             "fid_images": 64, "fid_reference_images": 64},
+                                    description="other EvaluateParams fields")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        bad = [b for b in value if b not in BENCHMARKS]
+        if bad or not value:
+            raise ValueError(f"unknown benchmarks {bad}; choose from {list(BENCHMARKS)}")
+        return value
+
+
+class ExportStage(_Strict):
+    enabled: bool = True
+    formats: list[Literal["onnx", "coreml"]] = Field(default_factory=lambda: ["onnx", "coreml"])
+    parts: list[Literal["unet", "decoder", "text_encoder"]] = Field(
+        default_factory=lambda: ["unet", "decoder", "text_encoder"])
+    overrides: list[str] = Field(default_factory=lambda: ["dynamic_batch=false"], description="ExportConfig k=v")
+
+
+class Gate(_Strict):
+    metric: str = Field(description="flat evaluation metric, as logged: geneval/overall, dpg/overall, fid, geneval/split/heldout ...")
+    higher_is_better: bool = True
+    threshold: float | None = Field(None, description="absolute bound: min if higher_is_better, else max")
+
+
+class PromotionStage(_Strict):
+    enabled: bool = True
+    model_name: str = Field("snapgen", min_length=1, description="MLflow registered model")
+    gates: list[Gate] = Field(default_factory=lambda: [Gate(metric="geneval/overall", threshold=0.0),
+                                                       Gate(metric="dpg/overall", threshold=0.0),
+                                                       Gate(metric="fid", higher_is_better=False, threshold=None)])
+    tolerance: float = Field(0.02, ge=0.0, description="allowed regression against the current champion")
+    require_export_parity: bool = True
+    demo_thresholds: bool = Field(False, description="thresholds are demo values (stated in every report)")
+
+
+class PipelineConfig(_Strict):
+    preset: str = "toy"
+    experiment: str = Field("snapgen-pipeline", min_length=1, description="MLflow experiment of the pipeline")
+    scale: Literal["toy", "full"] = "toy"
+    teacher: TeacherStage = Field(default_factory=TeacherStage)
+    curate: CurateStage = Field(default_factory=CurateStage)
+    cache: CacheStage = Field(default_factory=CacheStage)
+    decoder: DecoderStage = Field(default_factory=DecoderStage)
+    pretrain: PretrainStage = Field(default_factory=PretrainStage)
+    distill: DistillStage = Field(default_factory=DistillStage)
+    evaluate: EvaluateStage = Field(default_factory=EvaluateStage)
+    export: ExportStage = Field(default_factory=ExportStage)
+    promotion: PromotionStage = Field(default_factory=PromotionStage)
+
+
+# Named presets: each a set of `--set` style overrides on the defaults. `toy` fits the 2-core CPU demo
+# budget of TOY_CALIBRATION.md (mechanics); `toy-gpu` is the quality run; `toy-smoke` is for tests.
+PRESETS: dict[str, list[str]] = {
+    "toy-smoke": [
+        "teacher.bootstrap_preset=toy-smoke", "curate.scenes=24", "curate.overrides=[\"samples_per_shard=12\"]",
+        "decoder.train=[\"steps=4\", \"batch_size=4\", \"heldout=4\"]",
+        "pretrain.preset=toy-smoke", "pretrain.train=[\"steps=4\", \"batch_size=4\", \"checkpoint_every=2\", "
+        "\"log_every=1\", \"accelerator=cpu\", \"kd.feature_kd=false\"]",
+        "distill.train=[\"steps=2\", \"batch_size=2\", \"log_every=1\", \"accelerator=cpu\", \"sampler_steps=2\", "
+        "\"discriminator.head_width=8\", \"discriminator.feature_layers=[0,1]\"]",
+        "evaluate.options={\"images_per_prompt\": 1, \"max_prompts_per_task\": 1, \"chunk_size\": 8, "
+        "\"fid_images\": 8, \"fid_reference_images\": 8, \"steps\": 2}",
+        "export.formats=[\"onnx\"]", "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]",
+        "promotion.demo_thresholds=true",
+    ],
+    "toy": [
+        "teacher.bootstrap_preset=toy", "curate.scenes=4000",
+        "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]", "promotion.demo_thresholds=true",
+    ],
+    "toy-gpu": [
+        "teacher.bootstrap_preset=toy-gpu", "curate.scenes=20000", "pretrain.preset=toy-gpu",
+        "pretrain.train=[\"steps=6000\", \"batch_size=128\", \"accelerator=auto\"]",
+        "distill.train=[\"steps=1500\", \"sampler_steps=4\", \"accelerator=auto\"]",
+        "decoder.train=[\"steps=2000\"]",
+        "evaluate.options={\"images_per_prompt\": 4, \"max_prompts_per_task\": 0, \"fid_images\": 0, "
+        "\"fid_reference_images\": 1000}",
+        "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]",
+        "promotion.gates=[{\"metric\": \"geneval/overall\", \"threshold\": 0.5}, "
+        "{\"metric\": \"dpg/overall\", \"threshold\": 0.5}, {\"metric\": \"fid\", \"higher_is_better\": false}]",
+    ],
+    "snapgen-1024": [
+        "scale=full", "pretrain.preset=snapgen-1024", "teacher.bootstrap_preset=none",
+        "pretrain.train=[\"accelerator=auto\", \"precision=bf16-mixed\"]", "distill.train=[\"sampler_steps=4\"]",
+        "evaluate.models=[\"pretrained\", \"distilled\"]", "evaluate.options={\"images_per_prompt\": 4}",
+        "promotion.gates=[{\"metric\": \"geneval/overall\", \"threshold\": 0.6}, "
+        "{\"metric\": \"dpg/overall\", \"threshold\": 0.8}]",
+    ],
+}
+
+
+class PipelineConfigError(ValueError):
+    """A bad preset or override; the message names the field and what it allows."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _set_kv(items: list[str], key: str, value: Any) -> list[str]:
+    """Replace or append `key=value` in a list of library-config overrides."""
+    rendered = json.dumps(value) if not isinstance(value, str) else value
+    kept = [x for x in items if x.split("=", 1)[0].strip() != key]
+    return kept + [f"{key}={rendered}"]
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """One `path=value` on a config dict (not yet validated)."""
+    if "=" not in override:
+        raise PipelineConfigError(f"--set {override!r}: expected KEY=VALUE (e.g. pretrain.train.steps=300)")
+    path, raw = (part.strip() for part in override.split("=", 1))
+    keys = [k for k in path.split(".") if k]
+    if not keys:
+        raise PipelineConfigError(f"--set {override!r}: empty key")
+    model: Any = PipelineConfig
+    node = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            if key not in model.model_fields:
+                where = ".".join(keys[:depth]) or "the pipeline config"
+                raise PipelineConfigError(f"--set {path}: {where} has no field {key!r}; allowed: "
+                                          f"{', '.join(_fields(model))}")
+            if last:
+                node[key] = _parse_value(raw)
+                return data
+            annotation = model.model_fields[key].annotation
+            node = node.setdefault(key, {})
+            if isinstance(node, list):  # a list of k=v library overrides: the rest of the path is one key
+                sub = ".".join(keys[depth + 1:])
+                parent = data
+                for k in keys[:depth]:
+                    parent = parent[k]
+                parent[key] = _set_kv(node, sub, _parse_value(raw))
+                return data
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else dict
+        else:  # a free-form dict (evaluate.options): plain nesting
+            if last:
+                node[key] = _parse_value(raw)
+                return data
+            node = node.setdefault(key, {})
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] in ("literal_error", "enum"):
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def build_config(preset: str = "toy", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Defaults, then the preset's overrides, then the caller's, validated as a whole."""
+    if preset not in PRESETS:
+        raise PipelineConfigError(f"unknown pipeline preset {preset!r}; choose from {', '.join(PRESETS)}")
+    data: dict[str, Any] = PipelineConfig(preset=preset).model_dump()
+    for source, items in (("preset " + preset, PRESETS[preset]), ("--set", list(overrides))):
+        for item in items:
+            data = apply_override(copy.deepcopy(data), item)
+        try:
+            PipelineConfig.model_validate(data)
+        except ValidationError as exc:
+            raise PipelineConfigError(_format_errors(exc, source)) from None
+    cfg = PipelineConfig.model_validate(data)
+    if cfg.teacher.bundle_uri is None and cfg.teacher.bootstrap_preset == "none":
+        raise PipelineConfigError("teacher.bundle_uri: the preset needs a teacher bundle (a local SD3 snapshot "
+                                  "folder with vae/, transformer/, text encoders); pass --set teacher.bundle_uri=...")
+    return cfg
+
+
+def validate_stage_configs(cfg: PipelineConfig) -> None:
+    """Build every library config the stages will build, so a bad key fails before any stage runs."""
+    from snapgen_model.distill.cache import CacheConfig
+    from snapgen_model.presets import get_preset
+    from snapgen_model.training.bootstrap_config import get_bootstrap_config
+    from snapgen_model.training.decoder import DecoderTrainConfig
+    from snapgen_model.training.distill_steps import StepDistillConfig
+    from snapgen_model.training.pretrain import PretrainConfig
+
+    checks = [
+        ("pretrain.preset/overrides", lambda: get_preset(cfg.pretrain.preset, cfg.pretrain.overrides)),
+        ("pretrain.train", lambda: PretrainConfig().with_overrides(cfg.pretrain.train)),
+        ("distill.train", lambda: StepDistillConfig().with_overrides(cfg.distill.train)),
+        ("decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train)),
+        ("cache.overrides", lambda: CacheConfig().with_overrides(cfg.cache.overrides)),
+    ]
+    if cfg.teacher.bundle_uri is None:
+        checks.append(("teacher.bootstrap_*", lambda: get_bootstrap_config(cfg.teacher.bootstrap_preset,
+                                                                           cfg.teacher.bootstrap_overrides)))
+    for name, build in checks:
+        try:
+            build()
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PipelineConfigError(f"{name}: {exc}") from None
