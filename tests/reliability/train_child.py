@@ -89,7 +89,7 @@ def progress_callback(path: str | None, throttle_s: float):
     return Progress()
 
 
-def run(spec: dict[str, Any], callbacks: tuple = ()) -> dict[str, Any]:
+def run(spec: dict[str, Any], callbacks: tuple = (), loggers: list | None = None) -> dict[str, Any]:
     """Train as ``spec`` says; returns the fit result (without the module)."""
     from snapgen_model.distill.cache import CacheConfig
     from snapgen_model.presets import get_preset
@@ -105,7 +105,7 @@ def run(spec: dict[str, Any], callbacks: tuple = ()) -> dict[str, Any]:
         cfg = PretrainConfig.from_dict({"steps": spec["steps"], "batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
                                         "checkpoint_every": spec["checkpoint_every"], "log_every": 1,
                                         "accelerator": "cpu", "kd": {"feature_kd": False}} | spec.get("extra", {}))
-        result = fit(preset, cfg, data, cache_cfg, spec["state_root"], callbacks=callbacks)
+        result = fit(preset, cfg, data, cache_cfg, spec["state_root"], callbacks=callbacks, loggers=loggers)
     else:
         from snapgen_model.training.distill_steps import StepDistillConfig, fit_distill
 
@@ -116,7 +116,7 @@ def run(spec: dict[str, Any], callbacks: tuple = ()) -> dict[str, Any]:
                                           | spec.get("extra", {}))
         student, conditioner = student_and_conditioner(preset)
         result = fit_distill(preset, cfg, data, cache_cfg, spec["state_root"], teacher=tiny_teacher(),
-                             student=student, conditioner=conditioner, callbacks=callbacks)
+                             student=student, conditioner=conditioner, callbacks=callbacks, loggers=loggers)
     result.pop("module", None)
     return result
 
