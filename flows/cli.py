@@ -267,45 +267,6 @@ def settings(as_json: bool = typer.Option(False, "--json", help="print as JSON")
         console.print(s.render_table())
 
 
-@app.command()
-def demo(out_dir: Path = typer.Option(Path(".snapgen/demo"), "--out-dir", help="where demo outputs go"),
-         scenes: int = typer.Option(2000, "--scenes", help="shapes-world scenes to curate")) -> None:
-    """The toy demo on embedded defaults: architecture tables, a curated shapes-world dataset on the
-    embedded storage (with its MLflow run), and samples from a freshly initialised toy model. It grows
-    into the end-to-end pipeline as the remaining stages are wired in."""
-    from flows.curate import CurateParams, curate_flow
-    from flows.progress import bar
-    from flows.report import curation_table, inspect_table
-    from snapgen_model.inspect import inspect_config
-    from snapgen_model.presets import get_preset
-    from snapgen_model.sample_model import sample_grid
-    from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
-
-    start = time.perf_counter()
-    settings_ = get_settings()
-    prefect_env_defaults(settings_)
-    console.rule("[bold]snapgen demo (toy preset, CPU)")
-    console.print(settings_.render_table())
-    for name in ("toy", "snapgen-1024"):
-        console.print(inspect_table(inspect_config(get_preset(name)).to_dict()))
-    console.rule("[bold]curate: the shapes world -> WebDataset shards")
-    out = settings_.storage_root.rstrip("/") + "/datasets/demo-shapes"
-    with bar():
-        manifest = curate_flow(CurateParams(sources=[{"kind": "shapes", "count": scenes, "name": "shapes"}], out=out,
-                                            overrides=["samples_per_shard=500"]))
-    console.print(curation_table(manifest))
-    console.print(f"dataset {manifest['dataset_hash'][:16]} at {out}"
-                  + (" (cache hit: nothing rebuilt)" if manifest.get("cache_hit") else ""))
-    grid = out_dir / "toy_fresh_init_samples.png"
-    summary = sample_grid(get_preset("toy"), list(range(16)), grid)
-    console.print(f"sample grid from a freshly initialised toy UNet + tiny decoder ({summary['steps']} Euler "
-                  f"steps): [bold]{grid}[/] (untrained: expect noise-like images)")
-    console.print(f"MLflow: {settings_.mlflow_tracking_uri} (open with `mlflow ui --backend-store-uri "
-                  f"{settings_.mlflow_tracking_uri}`)")
-    console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
-
-
 def _register_stage_commands() -> None:
     """Stage commands that live in their own modules (kept out of this file to keep it short)."""
     from flows.cli_eval import eval_command
@@ -313,6 +274,13 @@ def _register_stage_commands() -> None:
 
     from flows.cli_distill import distill as distill_command
 
+    from flows.cli_pipeline import demo, promote, rollback, run, ui
+
+    app.command("run")(run)
+    app.command("demo")(demo)
+    app.command("promote")(promote)
+    app.command("rollback")(rollback)
+    app.command("ui")(ui)
     app.command("distill")(distill_command)
     app.command("eval")(eval_command)
     app.command("export")(export_command)

@@ -8,6 +8,7 @@ Layout under the cache URI:
 from __future__ import annotations
 
 import functools
+import threading
 import hashlib
 import json
 import os
@@ -55,8 +56,17 @@ def local_folder(uri: str) -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=2)
+_LOAD_LOCK = threading.Lock()  # cache tasks run in threads: diffusers' lazy imports and lru_cache are not thread-safe
+
+
 def load_models(bundle: str, encoders_json: str, feature_layers: tuple[int, ...], with_teacher: bool):
+    """(vae, {name: encoder}, teacher | None), loaded once per process (thread-safe)."""
+    with _LOAD_LOCK:
+        return _load_models(bundle, encoders_json, feature_layers, with_teacher)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_models(bundle: str, encoders_json: str, feature_layers: tuple[int, ...], with_teacher: bool):
     """(vae, {name: encoder}, teacher | None), loaded once per process through the production adapters."""
     folder = str(local_folder(bundle))
     vae = VAEAdapter.from_pretrained(VAEConfig(path=folder, subfolder="vae"))

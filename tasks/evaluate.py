@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -216,9 +217,13 @@ def _generator(kind: str, unet: str | None, decoder: str | None, folder: str | N
     return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance)
 
 
+_GENERATOR_LOCK = threading.Lock()  # generation tasks run in threads; loading is not thread-safe
+
+
 def generator_for(model: dict[str, Any], sampler: dict[str, Any]) -> Any:
     """The ImageGenerator of a resolved model (checkpoint, bundle student or bundle teacher)."""
-    return _generator(model.get("kind", "checkpoint"), model.get("unet"), model.get("decoder"), model.get("folder"),
+    with _GENERATOR_LOCK:
+        return _generator(model.get("kind", "checkpoint"), model.get("unet"), model.get("decoder"), model.get("folder"),
                       model.get("bundle"), sampler.get("steps"), sampler.get("guidance"))
 
 

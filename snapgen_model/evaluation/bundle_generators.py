@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class BundleStudentGenerator:
         if self.decoder.vae.latent_channels != self.preset.latent.channels:
             raise ValueError(f"{folder}: student latents have {self.preset.latent.channels} channels but the bundle VAE "
                              f"at {bundle} has {self.decoder.vae.latent_channels}")
-        self.device, self.card = device, card
+        self.device, self.card, self._lock = device, card, threading.Lock()
         self.identity = _sha({"unet": file_sha256(str(unet_path)),
                               "conditioner": file_sha256(str(folder / "conditioner.safetensors")),
                               "bundle": card.get("bundle_id") or bundle, "encoders": card["encoders"],
@@ -108,7 +109,8 @@ class BundleStudentGenerator:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        encoded = {name: enc(list(prompts)) for name, enc in self.encoders.items()}
+        with self._lock:  # HF fast tokenizers refuse concurrent use ("Already borrowed")
+            encoded = {name: enc(list(prompts)) for name, enc in self.encoders.items()}
         cond = self.conditioner(encoded)
         uncond = self.conditioner.null_condition(encoded)
         return generate(self.unet, self.decoder, self.preset, seeds, cond=cond, uncond=uncond)
@@ -132,14 +134,15 @@ class BundleTeacherGenerator:
         self.steps = steps or cfg.eval_steps
         self.guidance = cfg.eval_guidance if guidance is None else guidance
         record = self.bundle.record
-        self.image_size = int(cfg.resolution)
+        self.image_size, self._lock = int(cfg.resolution), threading.Lock()
         self.identity = _sha({"bundle": record.get("config_hash"), "files": record.get("files"),
                               "steps": self.steps, "guidance": self.guidance, "kind": "bundle-teacher"})[:32]
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         from snapgen_model.training.bootstrap_bundle import sample_teacher
 
-        return sample_teacher(self.bundle, list(prompts), list(seeds), steps=self.steps, guidance=self.guidance)
+        with self._lock:  # one sampling at a time: the bundle's tokenizer refuses concurrent use
+            return sample_teacher(self.bundle, list(prompts), list(seeds), steps=self.steps, guidance=self.guidance)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "teacher", "preset": f"bundle:{self.bundle.record.get('preset', 'toy')}",

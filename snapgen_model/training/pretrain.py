@@ -246,9 +246,11 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg:
     root = Path(state_root)
     start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
     start = int(json.loads((start_path / "state.json").read_text())["step"]) if start_path else 0
-    if start >= cfg.steps:
-        return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None}
     module = PretrainModule(preset, cfg, data, cache_cfg, teacher=teacher, start_step=start)
+    if start >= cfg.steps:  # finished before: the trained weights, nothing to train
+        load_state(start_path, modules=module.trainable_modules())
+        return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
+                "module": module}
     module.resume_from = start_path
     ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
     trainer = pl.Trainer(
