@@ -154,6 +154,7 @@ def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
 
 def _publish(params: EvaluateParams, results: dict[str, Any], grids: dict[str, str], logger: Any) -> dict[str, Any]:
     """Markdown artifact, MLflow run, results JSON next to the samples."""
+    results["grids"] = dict(grids)
     table = results_markdown(results)
     create_markdown_artifact(table, key=f"evaluation-{results['model']['model_id'][:8]}",
                              description=f"evaluation of {results['model']['ref']}")

@@ -53,8 +53,8 @@ class _Stages:
         if record is not None:
             self.logger.info("stage %s: finished before with the same inputs (key %s), skipped", stage, key[:12])
             self.rows.append({"name": stage, "seconds": 0.0, "status": "cached", "cache_hit": True,
-                              "mlflow_run_id": record["result"].get("mlflow_run_id"), "detail": f"key {key[:12]}",
-                              "first_seconds": record.get("seconds")})
+                              "mlflow_run_id": record["result"].get("mlflow_run_id"),
+                              "detail": f"key {key[:12]}; took {record.get('seconds', 0):.1f} s when it ran"})
             self.results[stage] = record["result"]
             return record["result"]
         self.logger.info("stage %s: running (key %s)", stage, key[:12])

@@ -1,0 +1,123 @@
+"""snapgen_pipeline end to end on the toy-smoke preset, against a real MLflow server and Prefect's API:
+every stage runs and is recorded, a rerun with unchanged inputs is a no-op, a stage that fails for
+real (a missing FID weights file) is resumed at that stage once the file exists, the registry holds
+the candidate with lineage and checksums, and the run report is logged."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STAGES = ["teacher", "curate", "cache_teacher", "train_decoder", "pretrain", "distill_steps", "evaluate", "export",
+          "register", "promote"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory, mlflow_server, prefect_harness):
+    home = tmp_path_factory.mktemp("pipeline")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SNAPGEN_HOME", str(home / "home"))
+    mp.setenv("SNAPGEN_STORAGE_ROOT", f"file://{home}/storage")
+    mp.setenv("SNAPGEN_MLFLOW_TRACKING_URI", mlflow_server.uri)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"home": home, "mlflow": mlflow_server}
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline_env):
+    from flows.pipeline import snapgen_pipeline
+
+    return snapgen_pipeline(preset="toy-smoke")
+
+
+def _status(summary):
+    return {r["name"]: r["status"] for r in summary["stages"]}
+
+
+def test_every_stage_runs_registers_and_promotes(first_run, pipeline_env):
+    from mlflow.tracking import MlflowClient
+
+    assert [r["name"] for r in first_run["stages"]] == STAGES
+    assert set(_status(first_run).values()) == {"completed"}
+    client = MlflowClient(pipeline_env["mlflow"].uri)
+    reg = first_run["results"]["register"]
+    assert first_run["aliases"] == {"candidate": reg["version"], "champion": reg["version"]}
+    mv = client.get_model_version("snapgen", reg["version"])
+    tags = mv.tags
+    assert tags["snapgen.checkpoint_uri"] == first_run["results"]["distill_steps"]["student_uri"]
+    assert tags["snapgen.dataset_hash"] == first_run["results"]["curate"]["dataset_hash"]
+    assert tags["snapgen.teacher_id"] == first_run["results"]["teacher"]["bundle_id"]
+    assert tags["snapgen.export_parity"] == "passed" and "snapgen.metric.geneval/overall" in tags
+    sha = [k for k in tags if k.startswith("snapgen.sha256.")]
+    assert "snapgen.sha256.unet_ema.safetensors" in sha and any(k.startswith("snapgen.sha256.export/") for k in sha)
+    decision = json.loads(tags["snapgen.promotion.decision"])
+    assert decision["passed"] and decision["promoted"] and decision["champion_before"] is None
+
+    # every stage run is nested under the pipeline run, in the pipeline's experiment
+    pipeline_run = client.get_run(first_run["mlflow_run_id"])
+    experiment = client.get_experiment(pipeline_run.info.experiment_id)
+    assert experiment.name == "snapgen-pipeline"
+    stage_runs = [r["mlflow_run_id"] for r in first_run["stages"] if r["mlflow_run_id"]
+                  and r["mlflow_run_id"] != first_run["mlflow_run_id"]]
+    assert len(stage_runs) >= 6
+    for run_id in stage_runs:
+        run = client.get_run(run_id)
+        assert run.data.tags.get("mlflow.parentRunId") == first_run["mlflow_run_id"], run.data.tags.get("snapgen.stage")
+        assert run.info.experiment_id == pipeline_run.info.experiment_id
+
+    # the report: a self-contained HTML file, logged beside the summary table
+    html = Path(first_run["report"]["html"]).read_text()
+    assert "student, few-step" in html and "data:image/png;base64," in html and 'id="exports"' in html
+    logged = {a.path for a in client.list_artifacts(first_run["mlflow_run_id"], "report")}
+    assert any(p.endswith(".html") for p in logged) and "report/summary.md" in logged
+
+    # the table carries the three models and the reference rows; the evaluation used the student's text path
+    evaluated = first_run["results"]["evaluate"]["models"]
+    assert set(evaluated) == {"teacher", "pretrained", "distilled"}
+    assert evaluated["distilled"]["generation"]["kind"] == "student"
+    assert evaluated["distilled"]["generation"]["conditioning"].startswith("text:clip")
+    assert evaluated["teacher"]["model"]["kind"] == "teacher"
+    assert {"clean", "floor", "noise", "blank"} <= set(evaluated["teacher"]["reference_rows"])
+    assert "ref: prompt-blind floor" in first_run["report"]["markdown"]
+
+
+def test_rerun_with_unchanged_inputs_is_a_no_op(first_run, pipeline_env):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import snapgen_pipeline
+
+    again = snapgen_pipeline(preset="toy-smoke")
+    assert set(_status(again).values()) == {"cached"}
+    assert again["results"]["register"]["version"] == first_run["results"]["register"]["version"]
+    versions = MlflowClient(pipeline_env["mlflow"].uri).search_model_versions("name = 'snapgen'")
+    assert len(versions) == 1
+
+
+def test_failed_stage_is_resumed_there(first_run, pipeline_env, tmp_path):
+    """A real failure (the FID weights file a setting points at does not exist yet), then the same
+    command again once it exists: the finished stages are skipped, the pipeline resumes at evaluate."""
+    from flows.pipeline import snapgen_pipeline
+    from snapgen_model.evaluation.fid import default_weights_path
+
+    weights = tmp_path / "weights" / "inception.pt"
+    overrides = [f"evaluate.options.fid_weights={weights}"]
+    with pytest.raises(Exception) as failure:
+        snapgen_pipeline(preset="toy-smoke", overrides=overrides)
+    assert "inception.pt" in str(failure.value) or "weights" in str(failure.value).lower()
+    weights.parent.mkdir(parents=True)
+    shutil.copy(default_weights_path(), weights)
+    resumed = snapgen_pipeline(preset="toy-smoke", overrides=overrides)
+    status = _status(resumed)
+    assert all(status[s] == "cached" for s in STAGES[:6]), status
+    assert status["evaluate"] == "completed" and status["export"] == "cached"
+    assert status["register"] == "completed" and status["promote"] == "completed"
+    assert resumed["results"]["register"]["version"] != first_run["results"]["register"]["version"]
