@@ -164,6 +164,10 @@ def _publish(params: EvaluateParams, results: dict[str, Any], grids: dict[str, s
         results["mlflow_run_id"] = log_evaluation(results, table, grids, parent)
     results["results_path"] = write_results_json(results, results_path)
     logger.info("evaluation of %s:\n%s", params.model, table)
+    if params.model.startswith("models:/"):
+        from flows.promote import emit_evaluation_completed
+
+        emit_evaluation_completed(params.model, results)
     return results
 
 
