@@ -32,6 +32,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+from urllib3.exceptions import ProtocolError as Urllib3ProtocolError
+from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
 from pydantic import SecretStr
 
 from tasks.settings import MASK, MIB, mask_uri, secret_value
@@ -50,6 +53,10 @@ _COPY_CHUNK = 4 * MIB
 _MIN_SCRUB_LEN = 6  # shorter "credentials" (test dummies) would mangle every message
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+# errors while streaming a GET body (after botocore's request retries are over): connection reset or
+# closed mid-body, body shorter than Content-Length, read timeout. The read resumes with a Range GET.
+_STREAM_ERRORS = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, BotoConnectionError,
+                  Urllib3ProtocolError, Urllib3ReadTimeoutError, ConnectionError, TimeoutError)
 _ACCESS_CODES = {
     "403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken",
     "ExpiredToken", "InvalidClientTokenId", "AuthorizationHeaderMalformed",
@@ -316,12 +323,13 @@ class Storage:
         return json.loads(self.read_bytes(uri))
 
     def open_read(self, uri: str) -> BinaryIO:
-        """A binary stream (a file, or the S3 ``StreamingBody``); close it when done."""
+        """A binary stream (a file, or an S3 object body that resumes with a ranged GET when the
+        connection breaks mid-body, see :class:`_S3Reader`); close it when done."""
         loc = parse_uri(uri)
         if loc.scheme == "file":
             return self._open_local(loc)
         response = self._call("read", loc, lambda: self.client.get_object(Bucket=loc.bucket, Key=loc.key))
-        return response["Body"]
+        return io.BufferedReader(_S3Reader(self, loc, response), buffer_size=_COPY_CHUNK)  # type: ignore[return-value]
 
     def download_file(self, uri: str, local_path: str | Path) -> Path:
         """Atomically copy ``uri`` to ``local_path`` (parents created); returns the path."""
@@ -482,6 +490,70 @@ class Storage:
             if value and len(value) >= _MIN_SCRUB_LEN:
                 text = text.replace(value, MASK)
         return mask_uri(text) if "://" in text and "@" in text else text
+
+
+class _S3Reader(io.RawIOBase):
+    """An S3 object body that survives a broken connection: on a streaming error (reset, body cut
+    short of Content-Length, read timeout) it re-requests the rest with ``Range: bytes=<pos>-`` and
+    ``If-Match: <ETag>`` (so a replaced object is never spliced in), up to the storage's
+    ``max_attempts`` times with exponential backoff; then it raises :class:`StorageUnavailableError`
+    naming the URI. A short read is never returned as the whole object."""
+
+    def __init__(self, storage: Storage, loc: StorageURI, response: dict[str, Any]) -> None:
+        super().__init__()
+        self._storage, self._loc = storage, loc
+        self._body = response["Body"]
+        self._etag = response.get("ETag")
+        self._size = response.get("ContentLength")
+        self._pos = 0
+        self._failures = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while True:
+            try:
+                data = self._body.read(len(view))
+            except _STREAM_ERRORS as exc:
+                self._resume(exc)
+                continue
+            if not data and len(view) and self._size is not None and self._pos < self._size:
+                self._resume(IncompleteReadError(actual_bytes=self._pos, expected_bytes=self._size))
+                continue
+            view[: len(data)] = data
+            self._pos += len(data)
+            return len(data)
+
+    def _resume(self, exc: BaseException) -> None:
+        import random
+        import time
+
+        self._failures += 1
+        uri = str(self._loc)
+        if self._failures > max(1, self._storage.max_attempts):
+            message = self._storage._scrub(f"read {uri} failed at byte {self._pos} after {self._failures} "
+                                           f"interrupted attempts: {type(exc).__name__}: {exc}")
+            raise StorageUnavailableError(message) from None
+        log.info("read %s interrupted at byte %d (%s); resuming", uri, self._pos, type(exc).__name__)
+        time.sleep(min(8.0, 0.2 * 2 ** (self._failures - 1)) * (0.5 + random.random() / 2))
+        self._close_body()
+        extra = {"IfMatch": self._etag} if self._etag else {}
+        response = self._storage._call("read", self._loc, lambda: self._storage.client.get_object(
+            Bucket=self._loc.bucket, Key=self._loc.key, Range=f"bytes={self._pos}-", **extra))
+        self._body = response["Body"]
+
+    def _close_body(self) -> None:
+        try:
+            self._body.close()
+        except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self._close_body()
+        super().close()
 
 
 def _credentials_from_environment() -> tuple[SecretStr | None, ...]:
