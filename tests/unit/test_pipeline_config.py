@@ -1,0 +1,71 @@
+"""Pipeline presets and `--set` overrides (errors name the field and what it allows), and the pure
+promotion gate logic."""
+from __future__ import annotations
+
+import pytest
+
+from flows.pipeline_config import PRESETS, PipelineConfigError, build_config, validate_stage_configs
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "snapgen-1024"])
+def test_every_toy_preset_builds_and_its_stage_configs_validate(preset):
+    cfg = build_config(preset)
+    validate_stage_configs(cfg)
+    assert cfg.preset == preset and cfg.scale == "toy"
+
+
+def test_full_preset_needs_a_teacher_bundle():
+    with pytest.raises(PipelineConfigError, match="teacher.bundle_uri"):
+        build_config("snapgen-1024")
+    cfg = build_config("snapgen-1024", ["teacher.bundle_uri=s3://models/sd35-large"])
+    assert cfg.scale == "full" and cfg.pretrain.preset == "snapgen-1024" and "teacher" not in cfg.evaluate.models
+
+
+def test_overrides_reach_fields_library_lists_and_free_dicts():
+    cfg = build_config("toy", ["pretrain.train.steps=300", "pretrain.train.lr=0.002", "evaluate.options.steps=3",
+                               "promotion.tolerance=0.1", "export.formats=[\"onnx\"]", "distill.enabled=false"])
+    assert "steps=300" in cfg.pretrain.train and "steps=400" not in cfg.pretrain.train and "lr=0.002" in cfg.pretrain.train
+    assert cfg.evaluate.options["steps"] == 3 and cfg.evaluate.options["images_per_prompt"] == 2
+    assert cfg.promotion.tolerance == 0.1 and cfg.export.formats == ["onnx"] and cfg.distill.enabled is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.trian=3", "pretrain has no field 'trian'; allowed: preset, overrides, train"),
+    ("nosuchstage.x=1", "the pipeline config has no field 'nosuchstage'"),
+    ("promotion.tolerance=-1", "promotion.tolerance: Input should be greater than or equal to 0"),
+    ("export.formats=[\"tflite\"]", "export.formats.0: Input should be 'onnx' or 'coreml'"),
+    ("evaluate.benchmarks=[\"imagenet\"]", "unknown benchmarks ['imagenet']"),
+    ("curate.scenes=many", "curate.scenes: Input should be a valid integer"),
+    ("steps", "expected KEY=VALUE"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(PipelineConfigError) as exc:
+        build_config("toy", [override])
+    assert message in str(exc.value)
+
+
+def test_bad_library_keys_fail_before_any_stage():
+    with pytest.raises(PipelineConfigError, match=r"pretrain.train: .*stepz.*allowed keys"):
+        validate_stage_configs(build_config("toy", ["pretrain.train.stepz=3"]))
+    with pytest.raises(PipelineConfigError, match="unknown pipeline preset 'toyy'; choose from toy-smoke, toy"):
+        build_config("toyy")
+
+
+def test_gate_logic():
+    from tasks.registry import evaluate_gates
+
+    gates = [{"metric": "geneval/overall", "higher_is_better": True, "threshold": 0.5},
+             {"metric": "fid", "higher_is_better": False, "threshold": 200.0}]
+    ok = evaluate_gates({"geneval/overall": 0.6, "fid": 150.0}, None, gates, 0.02, parity="passed",
+                        require_parity=True, checksum_problems=[])
+    assert ok["passed"] and not ok["reasons"] and len(ok["checks"]) == 4
+    worse = evaluate_gates({"geneval/overall": 0.6, "fid": 150.0}, {"geneval/overall": 0.65, "fid": 140.0}, gates,
+                           0.02, parity="passed", require_parity=True, checksum_problems=[])
+    assert not worse["passed"] and len(worse["reasons"]) == 2  # both metrics regressed beyond 0.02
+    within = evaluate_gates({"geneval/overall": 0.64, "fid": 140.01}, {"geneval/overall": 0.65, "fid": 140.0}, gates,
+                            0.02, parity="passed", require_parity=True, checksum_problems=[])
+    assert within["passed"]
+    blocked = evaluate_gates({"fid": 250.0}, None, gates, 0.0, parity="absent", require_parity=True,
+                             checksum_problems=["unet: modified"])
+    assert [r.split(":")[0] for r in blocked["reasons"]] == ["geneval/overall present", "fid <= 200",
+                                                              "export parity passed", "artifact checksums verified"]
