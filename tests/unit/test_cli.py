@@ -11,7 +11,8 @@ from flows.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", ["inspect", "sample", "settings", "demo"])
+@pytest.mark.parametrize("command", ["inspect", "sample", "settings", "demo", "run", "promote", "rollback", "ui", "eval",
+                                     "export", "distill", "bootstrap-teacher"])
 def test_help_on_every_command(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -46,3 +47,13 @@ def test_sample_writes_a_png(tmp_path):
     assert summary["images"] == 2 and out.stat().st_size > 0
     from PIL import Image
     assert Image.open(out).size[0] > 2 * 32
+
+
+def test_run_bad_override_exits_2_naming_the_field():
+    result = runner.invoke(app, ["run", "--preset", "toy", "--set", "pretrain.trian=3"])
+    assert result.exit_code == 2 and "pretrain has no field 'trian'" in result.output
+
+
+def test_run_unknown_preset_lists_choices():
+    result = runner.invoke(app, ["run", "--preset", "huge"])
+    assert result.exit_code == 2 and "toy-smoke, toy, toy-gpu, snapgen-1024" in result.output
