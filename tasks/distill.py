@@ -22,7 +22,7 @@ from snapgen_model.training.distill_steps import (
 )
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
-from tasks.pretrain import _uploader, storage, write_student_card
+from tasks.pretrain import _uploader, storage, upload_with_retry, write_student_card
 from tasks.settings import get_settings
 
 STUDENT_FILES = ("unet_ema.safetensors", "conditioner.safetensors")
@@ -78,7 +78,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
         with tempfile.TemporaryDirectory() as tmp:
             paths = save_distilled(module, tmp)
             for p in paths.values():
-                store.upload_file(p, store.join(base, "student", Path(p).name))
+                upload_with_retry(store, Path(p), store.join(base, "student", Path(p).name))
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id,
                "checkpoints": store.join(base, "checkpoints"), "nonfinite_total": result.get("nonfinite_total"),
                "sampler": module.preset.sampler.to_dict(),

@@ -39,10 +39,43 @@ def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: Pretra
     return hashlib.sha256(json.dumps([cache_manifest["key"], preset, overrides, cfg.to_dict()]).encode()).hexdigest()[:16]
 
 
-def _uploader(store: Storage, base_uri: str):
+# Backoff of checkpoint/student uploads on top of botocore's own retries: about two minutes of
+# object-store outage are ridden out (training waits); after that the run fails with a clear error
+# and resumes from its complete local state on the next run.
+UPLOAD_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+
+
+def upload_with_retry(store: Storage, local: Path, uri: str, delays: tuple[float, ...] = UPLOAD_RETRY_DELAYS_S) -> None:
+    """`store.upload_file` retried with exponential backoff (+ up to 50% jitter) on I/O errors."""
+    import logging
+    import random
+    import time
+
+    from tasks.defaults import is_io_error
+
+    for attempt in range(len(delays) + 1):
+        try:
+            return store.upload_file(local, uri)
+        except Exception as exc:
+            if not is_io_error(exc):
+                raise
+            if attempt == len(delays):
+                raise RuntimeError(f"upload of {local} to {uri} failed {attempt + 1} times (last: {exc}); the local "
+                                   "copy is complete: re-run to resume and upload again") from None
+            wait = delays[attempt] * (1 + random.random() / 2)
+            logging.getLogger(__name__).warning("upload to %s failed (%s); retry %d/%d in %.1fs", uri, exc,
+                                                attempt + 1, len(delays), wait)
+            time.sleep(wait)
+
+
+def _uploader(store: Storage, base_uri: str, delays: tuple[float, ...] = UPLOAD_RETRY_DELAYS_S):
+    """Upload a finished state folder; `state.json` goes last, so a checkpoint in storage without
+    it is an unfinished upload, never a finished checkpoint."""
+    from snapgen_model.training.state import STATE_FILE
+
     def upload(folder: Path) -> None:
-        for f in sorted(folder.iterdir()):
-            store.upload_file(f, store.join(base_uri, folder.name, f.name))
+        for f in sorted(folder.iterdir(), key=lambda p: (p.name == STATE_FILE, p.name)):
+            upload_with_retry(store, f, store.join(base_uri, folder.name, f.name), delays)
     return upload
 
 
@@ -78,7 +111,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
             with tempfile.TemporaryDirectory() as tmp:
                 paths = save_student(module, tmp)
                 for name, p in paths.items():
-                    store.upload_file(p, store.join(base, "student", Path(p).name))
+                    upload_with_retry(store, Path(p), store.join(base, "student", Path(p).name))
             out["student"] = {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}
             out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "pretrain",
                                                     key, run.run_id)

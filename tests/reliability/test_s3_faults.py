@@ -8,12 +8,12 @@ cue (5xx replies, resets, bodies cut short, stalls); every other byte goes to Se
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.reliability.datasets import check_dataset, curate, direct_objects
 from tests.reliability.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -39,37 +39,6 @@ def s3_env(seaweed_s3, proxy, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
     return bucket
-
-
-def direct_objects(seaweed_s3, bucket: str, prefix: str) -> dict[str, bytes]:
-    """Objects read straight from SeaweedFS (not through the proxy)."""
-    client = seaweed_s3.client()
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
-
-
-def check_dataset(seaweed_s3, bucket: str, prefix: str, manifest: dict) -> None:
-    """Manifest complete, counts balanced, every shard object exactly what the manifest says."""
-    objects = direct_objects(seaweed_s3, bucket, prefix)
-    assert json.loads(objects[f"{prefix}manifest.json"]) == {k: v for k, v in manifest.items()
-                                                            if k not in ("cache_hit", "mlflow_run_id")}
-    counts = manifest["counts"]
-    assert counts["input"] == counts["kept"] + counts["quarantined"]
-    assert sum(s["samples"] for s in manifest["shards"]) == counts["kept"]
-    quarantine = objects[f"{prefix}quarantine.jsonl"].decode().splitlines()
-    assert len(quarantine) == counts["quarantined"]
-    for shard in manifest["shards"]:
-        data = objects[prefix + shard["name"]]
-        assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"], shard["name"]
-    assert sum(k.endswith(".tar") for k in objects) == len(manifest["shards"])
-
-
-def curate(out: str, count: int = 30, **kw):
-    from flows.curate import CurateParams, curate_flow
-
-    return curate_flow(CurateParams(sources=[{"kind": "shapes", "count": count, "resolution": 32, "name": "shapes"}],
-                                    out=out, overrides=["samples_per_shard=5", "chunk_size=10"], track=False, **kw))
 
 
 # ------------------------------------------------------------------------------------------ storage
