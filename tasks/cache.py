@@ -11,6 +11,7 @@ import functools
 import threading
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +23,6 @@ from snapgen_model.distill.cache import CacheConfig, cache_batch, storage_report
 from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
 from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
 from snapgen_model.distill.vae import VAEAdapter, VAEConfig
-from snapgen_model.data.sources import iter_tar_groups
 from snapgen_model.data.wds_io import decode_sample, write_shard
 from tasks.defaults import io_task_options
 from tasks.settings import get_settings
@@ -103,7 +103,7 @@ def cache_shard(dataset_uri: str, shard: dict[str, Any], out_uri: str, bundle: s
             return done | {"reused": True}
     vae, encs, teacher = load_models(bundle, json.dumps(encoders, sort_keys=True), tuple(feature_layers),
                                      cfg.targets_per_sample > 0)
-    samples = [decode_sample(k, m) for k, m in iter_tar_groups(store.open_read(store.join(dataset_uri, shard["name"])))]
+    samples, skipped = read_curated_shard(store, store.join(dataset_uri, shard["name"]), shard.get("samples"))
     members: list[dict[str, bytes]] = []
     for i in range(0, len(samples), cfg.batch_size):
         batch = samples[i:i + cfg.batch_size]
@@ -114,14 +114,42 @@ def cache_shard(dataset_uri: str, shard: dict[str, Any], out_uri: str, bundle: s
         info = write_shard(iter(members), local)
         store.upload_file(local, tar_uri)
     done = {"name": f"shards/{name}.tar", "source": shard["name"], "samples": info.samples, "bytes": info.bytes,
-            "sha256": info.sha256, "key": key, "storage": storage_report(members[0]) if members else {}}
+            "sha256": info.sha256, "key": key, "storage": storage_report(members[0]) if members else {}} | skipped
     store.write_json(rec_uri, done)
     return done | {"reused": False}
 
 
+def read_curated_shard(store: Storage, uri: str, expected: int | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Decoded samples of one curated shard, read by the streaming reader: corrupt samples (bad
+    image bytes, broken members) and a truncated or garbled tar are skipped and counted, never
+    fatal; storage errors (outages, a missing shard) are raised so the task retries."""
+    from snapgen_model.data.wds_io import ShardStream
+    from tasks.storage import StorageError
+
+    stream = ShardStream([uri], store.open_read, resampled=False, rank=0, world_size=1, decode=decode_sample,
+                         expected_counts={uri: expected} if expected else None,
+                         fatal=(StorageError, FileNotFoundError))
+    samples = list(stream)
+    stats = stream.stats
+    skipped = {"bad_samples": stats["bad_samples"] + stats["missing_samples"], "bad_shards": stats["bad_shards"]}
+    if skipped["bad_samples"] or skipped["bad_shards"]:
+        logging.getLogger(__name__).warning("%s: skipped %d corrupt or unreadable samples (%s)", uri,
+                                            skipped["bad_samples"], "truncated or garbled tar" if
+                                            skipped["bad_shards"] else "bad members")
+    return samples, skipped
+
+
 @task(name="write-cache-manifest", **io_task_options())
 def write_cache_manifest(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    storage().write_json(storage().join(out_uri, "manifest.json"), manifest)
+    """manifest.json last; the totals of samples skipped as corrupt come from the shard records."""
+    store = storage()
+    totals = {"bad_samples": 0, "bad_shards": 0}
+    for shard in manifest.get("shards", []):
+        record = store.read_json(store.join(out_uri, "shards", f"{Path(shard['name']).stem}.json"))
+        for field in totals:
+            totals[field] += int(record.get(field, 0))
+    manifest = manifest | totals
+    store.write_json(store.join(out_uri, "manifest.json"), manifest)
     return manifest
 
 
@@ -134,7 +162,8 @@ def log_cache(manifest: dict[str, Any], out_uri: str) -> str:
     with start_run(get_settings(), f"cache-{manifest['key'][:8]}", tags=tags) as run:
         run.log_params({"cache": manifest["config"], "encoders": [e["name"] for e in manifest["encoders"]]})
         metrics = {"samples": manifest["samples"], "shards": len(manifest["shards"]),
-                   "reused_shards": manifest["reused_shards"]}
+                   "reused_shards": manifest["reused_shards"], "bad_samples": manifest.get("bad_samples", 0),
+                   "bad_shards": manifest.get("bad_shards", 0)}
         metrics |= {f"bytes_per_sample.{f}": v["bytes_per_sample"] for f, v in manifest["storage"].items()}
         run.log_metrics(metrics)
         run.log_dict(manifest, "cache_manifest.json")

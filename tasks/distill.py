@@ -70,6 +70,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
                         config_hash=key) | {"snapgen.stage": "distill_steps", "snapgen.checkpoints": base}
     with start_run(settings, f"distill-{key[:8]}", tags=tags) as run:
         run.log_params({"preset": preset.name, "distill": cfg.to_dict(), "sampler": cfg.sampler().to_dict()})
+        run.log_metrics({f"data/{k}": v for k, v in data.skipped.items()}, step=0)
         result = fit_distill(preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]), state_root,
                              teacher=teacher, student=unet, conditioner=conditioner,
                              loggers=[lightning_logger(settings, run.run_id)],
@@ -81,6 +82,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
                 upload_with_retry(store, Path(p), store.join(base, "student", Path(p).name))
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id,
                "checkpoints": store.join(base, "checkpoints"), "nonfinite_total": result.get("nonfinite_total"),
+               "data_skipped": data.skipped,
                "sampler": module.preset.sampler.to_dict(),
                "student": {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}}
         out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "distill_steps",

@@ -98,15 +98,17 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
         if cfg.devices * cfg.num_nodes > 1:
             result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders)
-            module = None
+            module, skipped = None, result.get("data_skipped", {})
         else:
             data = load_cache_folder(cache_dir, encoders)
+            skipped = data.skipped
             result = fit(get_preset(preset, overrides), cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
                          state_root, loggers=[lightning_logger(settings, run.run_id)],
                          upload=_uploader(store, store.join(base, "checkpoints")), resume=resume)
             module = result.pop("module", None)
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
-               "nonfinite_total": result.get("nonfinite_total")}
+               "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}
+        run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
         if module is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 paths = save_student(module, tmp)

@@ -74,7 +74,8 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], open_fn: Callable[[str], BinaryIO], *, seed: int = 0,
                  resampled: bool = True, epoch_length: int | None = None, rank: int | None = None,
                  world_size: int | None = None, decode: Callable[[str, dict[str, bytes]], Any] = decode_sample,
-                 require: tuple[str, ...] = (), expected_counts: dict[str, int] | None = None) -> None:
+                 require: tuple[str, ...] = (), expected_counts: dict[str, int] | None = None,
+                 fatal: tuple[type[BaseException], ...] = ()) -> None:
         if not shards:
             raise ValueError("ShardStream: empty shard list")
         if resampled and not epoch_length:
@@ -84,6 +85,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.decode, self.require = decode, require
         self.expected = expected_counts or {}  # samples per shard from the manifest: detects lost tails
+        self.fatal = tuple(fatal)  # errors that are not corrupt data (e.g. storage outages): raised, not counted
         self.epoch = 0
         self.stats = {"samples": 0, "bad_samples": 0, "bad_shards": 0, "missing_samples": 0}
 
@@ -126,6 +128,8 @@ class ShardStream(IterableDataset):
                     self.stats["bad_samples"] += 1
                     continue
                 yield sample
+        except self.fatal:
+            raise
         except (tarfile.TarError, OSError, EOFError):
             self.stats["bad_shards"] += 1
         if shard in self.expected and seen < self.expected[shard]:

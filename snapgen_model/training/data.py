@@ -28,6 +28,7 @@ class CachedData:
     t: torch.Tensor | None  # (N, K) pre-drawn timesteps of the cached targets
     v: torch.Tensor | None  # (N, K, C, h, w) teacher velocity targets
     features: dict[str, torch.Tensor]  # teacher feature name -> (N, K, T, D)
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # corrupt data left out (load_cache_folder)
 
     @property
     def targets(self) -> int:
@@ -57,16 +58,68 @@ class CachedData:
 
 
 def load_cache_folder(folder, encoders: list[str]) -> CachedData:
-    """CachedData from a local cache folder (`shards/*.tar` as written by the caching stage)."""
+    """CachedData from a local cache folder (`shards/*.tar` as written by the caching stage).
+
+    Corrupt data is skipped and counted, never fatal: a truncated or garbled tar keeps the samples
+    before the damage (`skipped["bad_shards"]`; the samples the manifest promised but that could not
+    be read count in `skipped["bad_samples"]`), and a sample with an undecodable or non-finite array,
+    or arrays whose names or shapes differ from the other samples', is left out (`bad_samples`)."""
+    import collections
+    import json
+    import logging
+    import tarfile
+    import zlib
     from pathlib import Path
 
     from snapgen_model.data.sources import iter_tar_groups
 
-    samples = []
-    for shard in sorted(Path(folder, "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            samples.extend(iter_tar_groups(f))
-    return CachedData.from_members(samples, encoders)
+    folder = Path(folder)
+    expected: dict[str, int] = {}
+    if (folder / "manifest.json").is_file():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        expected = {Path(s["name"]).name: int(s["samples"]) for s in manifest.get("shards", []) if "samples" in s}
+    good: list[tuple[str, dict[str, bytes], tuple]] = []
+    skipped = {"bad_samples": 0, "bad_shards": 0}
+    for shard in sorted(folder.joinpath("shards").glob("*.tar")):
+        seen = 0
+        try:
+            with open(shard, "rb") as f:
+                for key, members in iter_tar_groups(f):
+                    seen += 1
+                    signature = _signature(members)
+                    if signature is None:
+                        skipped["bad_samples"] += 1
+                    else:
+                        good.append((key, members, signature))
+        except (tarfile.TarError, EOFError, zlib.error):
+            skipped["bad_shards"] += 1
+        skipped["bad_samples"] += max(0, expected.get(shard.name, seen) - seen)
+    if good:  # the layout most samples share is the cache's; a sample that differs is corrupt
+        common = collections.Counter(sig for _, _, sig in good).most_common(1)[0][0]
+        skipped["bad_samples"] += sum(sig != common for _, _, sig in good)
+        good = [g for g in good if g[2] == common]
+    if skipped["bad_samples"] or skipped["bad_shards"]:
+        logging.getLogger(__name__).warning("%s: skipped %d corrupt samples (%d damaged shards)", folder,
+                                            skipped["bad_samples"], skipped["bad_shards"])
+    data = CachedData.from_members([(key, members) for key, members, _ in good], encoders)
+    data.skipped = skipped
+    return data
+
+
+def _signature(members: dict[str, bytes]) -> tuple | None:
+    """(name, shape, dtype) of every .npy member, or None when one is undecodable or non-finite."""
+    out = []
+    for name in sorted(members):
+        if not name.endswith(".npy"):
+            continue
+        try:
+            arr = load_npy(members[name])
+        except Exception:  # noqa: BLE001 - any decoding failure means a corrupt member
+            return None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return None
+        out.append((name, arr.shape, arr.dtype.str))
+    return tuple(out)
 
 
 def global_batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:

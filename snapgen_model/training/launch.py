@@ -24,7 +24,7 @@ def run(spec: dict) -> dict:
     result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], resume=spec.get("resume", "latest"))
     module = result.pop("module", None)
     if module is not None and module.global_rank == 0 and spec.get("result_path"):
-        out = result | {"world_size": module.trainer.world_size, "samples": len(data)}
+        out = result | {"world_size": module.trainer.world_size, "samples": len(data), "data_skipped": data.skipped}
         Path(spec["result_path"]).write_text(json.dumps(out, default=str))
     return result
 
