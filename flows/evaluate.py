@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
@@ -21,6 +22,8 @@ from snapgen_model.evaluation.runner import GenerationConfig
 from snapgen_model.evaluation.suite import BENCHMARKS, results_markdown
 from snapgen_model.evaluation.toy_reference import ToyReferenceConfig
 from tasks.evaluate import (
+    EVAL_LIMIT,
+    evaluation_slot,
     build_prompt_sets,
     finish_generation,
     generate_chunk_task,
@@ -124,6 +127,14 @@ def _score(params: EvaluateParams, scale: str, model: dict, folders: dict[str, s
 def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
     """Returns the results table: {model, generation, benchmarks, reference_rows, timings, ...}."""
     logger, started = get_run_logger(), time.perf_counter()
+    with evaluation_slot() as slot:  # evaluations beyond settings.eval_concurrency queue here
+        results, grids = _evaluate(params, started)
+        results["concurrency"] = {"limit": EVAL_LIMIT, "queued_s": round(slot["waited_s"], 2),
+                                  "started": slot["started"], "ended": time.time()}
+    return _publish(params, results, grids, logger)
+
+
+def _evaluate(params: EvaluateParams, started: float) -> tuple[dict[str, Any], dict[str, str]]:
     model = resolve_model(params.model)
     scale = _scale(params, model)
     sampler = {"steps": params.steps, "guidance": params.guidance}
@@ -149,7 +160,7 @@ def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
     grids = {f"{name}/{tag}": path for name, folder in folders.items()
              for tag, path in sample_grids_task(folder, sets[name], params.images_per_prompt).items()}
     results["timings"] = timings | {"total_s": round(time.perf_counter() - started, 2)}
-    return _publish(params, results, grids, logger)
+    return results, grids
 
 
 def _publish(params: EvaluateParams, results: dict[str, Any], grids: dict[str, str], logger: Any) -> dict[str, Any]:
@@ -162,7 +173,9 @@ def _publish(params: EvaluateParams, results: dict[str, Any], grids: dict[str, s
     parent = params.parent_run_id or results["model"].get("run_id")
     if params.track:
         results["mlflow_run_id"] = log_evaluation(results, table, grids, parent)
-    results["results_path"] = write_results_json(results, results_path)
+    results["results_path"] = write_results_json(results, results_path)  # the latest evaluation of these samples
+    own = results.get("mlflow_run_id") or str(flow_run.get_id() or time.time_ns())
+    results["own_results_path"] = write_results_json(results, results_path.replace("results.json", f"results-{own}.json"))
     logger.info("evaluation of %s:\n%s", params.model, table)
     if params.model.startswith("models:/"):
         from flows.promote import emit_evaluation_completed

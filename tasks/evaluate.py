@@ -10,19 +10,21 @@ and `<home>/eval/fid_stats/<hash>.npz`: Inception statistics of image sets, keye
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import task
 from prefect.context import TaskRunContext
 
 from snapgen_model.data.shapes import ShapesWorldConfig
-from snapgen_model.evaluation import suite
+from snapgen_model.evaluation import atomic, suite
 from snapgen_model.evaluation.bundle_generators import (
     BundleStudentGenerator,
     BundleTeacherGenerator,
@@ -353,14 +355,27 @@ def score_clip_task(folder: str, prompts: list[dict[str, Any]], images: int, cli
 def _rows_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     p = parameters
     return "eval-reference-" + _sha([p["prompts"], p["world"], p["cfg"].to_dict(), p["model"]["image_size"],
-                                     code_version()])[:32]
+                                     p["model"].get("world"), _ae_bundle(p["model"]), code_version()])[:32]
+
+
+def _ae_bundle(model: dict[str, Any]) -> str | None:
+    """The toy teacher bundle whose autoencoder gives the AE-ceiling row (None: no such row)."""
+    bundle = model.get("bundle")
+    return bundle if bundle and is_toy_teacher_bundle(bundle) else None
 
 
 @task(name="reference-rows", cache_key_fn=_rows_cache_key, **compute_task_options())
 def reference_rows_task(prompts: list[dict[str, Any]], model: dict[str, Any], world: dict[str, Any],
                         cfg: ToyReferenceConfig) -> dict[str, Any]:
-    """The toy reference rows (clean, floor, noise, blank) scored by the same rules."""
-    return score_reference_rows(prompts, toy_world(model, world), cfg)
+    """The toy reference rows (clean, floor, noise, blank, and the AE ceiling when the model has a toy
+    teacher bundle: clean renders through its autoencoder) scored by the same rules."""
+    decode = None
+    if _ae_bundle(model):
+        from snapgen_model.training.bootstrap_bundle import autoencoder_roundtrip, load_bundle
+
+        bundle = load_bundle(_ae_bundle(model))
+        decode = lambda images: autoencoder_roundtrip(bundle, images)  # noqa: E731
+    return score_reference_rows(prompts, toy_world(model, world), cfg, decode=decode)
 
 
 @task(name="sample-grids", **compute_task_options())
@@ -370,7 +385,7 @@ def sample_grids_task(folder: str, prompts: list[dict[str, Any]], images: int) -
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for tag, grid in suite.category_grids(folder, prompts, images).items():
-        grid.save(out / f"{tag}.png")
+        atomic.save_image(grid, out / f"{tag}.png")
         paths[tag] = str(out / f"{tag}.png")
     return paths
 
@@ -379,8 +394,7 @@ def sample_grids_task(folder: str, prompts: list[dict[str, Any]], images: int) -
 
 @task(name="write-results", **io_task_options())
 def write_results_json(results: dict[str, Any], path: str) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results, indent=2, default=str))
+    atomic.write_text(path, json.dumps(results, indent=2, default=str))
     return path
 
 
@@ -405,3 +419,36 @@ def log_evaluation(results: dict[str, Any], markdown: str, grids: dict[str, str]
         for path in grids.values():
             run.log_artifact(path, "sample_grids")
         return run.run_id
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+EVAL_LIMIT = "snapgen-evaluate"
+
+
+def _ensure_limit(name: str, limit: int) -> None:
+    """Create the Prefect global concurrency limit `name` if it does not exist (first caller wins)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except Exception:  # noqa: BLE001 - a concurrent first caller created it: fine if it exists now
+                client.read_global_concurrency_limit_by_name(name)
+
+
+@contextlib.contextmanager
+def evaluation_slot() -> Iterator[dict[str, float]]:
+    """Hold one slot of the `snapgen-evaluate` global concurrency limit (settings.eval_concurrency slots,
+    created on first use): evaluations beyond the limit queue here. Yields {waited_s, started}."""
+    from prefect.concurrency.sync import concurrency
+
+    _ensure_limit(EVAL_LIMIT, get_settings().eval_concurrency)
+    asked = time.time()
+    with concurrency(EVAL_LIMIT, occupy=1, strict=True):
+        yield {"waited_s": time.time() - asked, "started": time.time()}

@@ -54,7 +54,28 @@ def resolve_registry_ref(ref: str) -> str:
             f"model ref {ref!r}: registry not available (tasks.tracking has no resolve_model_version yet); "
             "pass a checkpoint path or a file:// / s3:// URI instead")
     resolved = resolver(get_settings(), ref)
+    verify_registered_files(ref)
     return str(resolved["source"] if isinstance(resolved, dict) else resolved)
+
+
+class TamperedArtifactError(RuntimeError):
+    """A registered file no longer matches the sha256 recorded at registration."""
+
+
+def verify_registered_files(ref: str) -> dict[str, str]:
+    """The version's tags, after checking every registered file against its recorded sha256: a
+    registered model whose files were modified is never exported."""
+    from tasks import registry
+
+    tags = registry.version_tags(ref)
+    if any(k.startswith(registry.SHA_PREFIX) for k in tags):
+        problems = registry.verify_checksums(tags)
+        if problems:
+            raise TamperedArtifactError(f"model ref {ref!r}: refusing to export: " + "; ".join(problems))
+    return tags
+
+
+STUDENT_CARD, STUDENT_UNET = "student.json", "unet_ema.safetensors"
 
 
 def _cache_dir(uri: str) -> Path:
@@ -95,9 +116,19 @@ def resolve_model_ref(ref: str, decoder: str | None = None, text_encoder: str | 
     explicitly, a sibling `decoder.safetensors` and `text_encoder/` folder are picked up too."""
     uri = resolve_registry_ref(ref) if ref.startswith(REGISTRY_SCHEME) else as_uri(ref)
     store = storage()
-    if not store.exists(uri):  # a folder (bundle) holding unet.safetensors
-        uri = store.join(uri, UNET_FILE)
+    card = None
+    if not store.exists(uri):  # a folder: a student (student.json + unet_ema) or a bundle with unet.safetensors
+        if store.exists(store.join(uri, STUDENT_CARD)):
+            card = store.read_json(store.join(uri, STUDENT_CARD))
+            uri = store.join(uri, STUDENT_UNET)
+        else:
+            uri = store.join(uri, UNET_FILE)
     folder = parent_uri(uri)
+    if card is None and uri.endswith(STUDENT_UNET) and store.exists(store.join(folder, STUDENT_CARD)):
+        card = store.read_json(store.join(folder, STUDENT_CARD))
+    if card and not text_encoder and card.get("bundle_uri"):  # a student's text encoder is its teacher bundle's
+        bundle_te = store.join(card["bundle_uri"], TEXT_ENCODER_DIR)
+        text_encoder = bundle_te if _fetch(store, bundle_te) is not None else None
     result = {"ref": ref, "uri": uri, "unet": str(_required(store, uri, "model checkpoint"))}
     for name, given, sibling in (("decoder", decoder, DECODER_FILE), ("text_encoder", text_encoder, TEXT_ENCODER_DIR)):
         if given:

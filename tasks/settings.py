@@ -134,6 +134,7 @@ class SnapgenSettings(BaseSettings):
     geneval_metadata_path: Path | None = Field(None, description="GenEval prompt metadata (jsonl)")
     dpg_bench_dir: Path | None = Field(None, description="DPG-Bench folder")
     experiment_name: str = Field("snapgen", min_length=1, description="MLflow experiment")
+    eval_concurrency: int = Field(2, ge=1, le=64, description="evaluations that run at once (more queue)")
 
     # ---------------------------------------------------------------- sources
     @classmethod

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,7 @@ class FeatureStats:
         """Write an npz atomically (mu, sigma, features, key)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npz")  # unique per writer
         np.savez(tmp, mu=self.mu, sigma=self.sigma, features=self.features.astype(np.float32), key=self.key)
         os.replace(tmp, path)
         return path

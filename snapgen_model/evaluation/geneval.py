@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from snapgen_model.data.shapes import geneval_relations
+from snapgen_model.evaluation import atomic
 
 from snapgen_model.config_base import ConfigBase, check
 
@@ -221,22 +222,14 @@ def sample_path(root: str | os.PathLike, index: int, sample: int) -> Path:
 
 def write_metadata(root: str | os.PathLike, index: int, metadata: Mapping[str, Any]) -> Path:
     """Write `<index>/metadata.jsonl` (one JSON object, as GenEval's generation script does)."""
-    path = prompt_folder(root, index) / "metadata.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(metadata)))
-    return path
+    return atomic.write_text(prompt_folder(root, index) / "metadata.jsonl", json.dumps(dict(metadata)))
 
 
 def write_samples(root: str | os.PathLike, index: int, images: np.ndarray, start: int = 0) -> list[Path]:
     """Save (N, H, W, 3) uint8 images as `<index>/samples/NNNN.png` (atomic per file)."""
     paths = []
     for n, image in enumerate(np.asarray(images), start=start):
-        path = sample_path(root, index, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic.save_image(Image.fromarray(image), sample_path(root, index, n)))
     return paths
 
 
@@ -263,12 +256,7 @@ def score_folder(root: str | os.PathLike, backend: GenEvalBackend, cfg: GenEvalC
 
 def write_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """`results.jsonl`: one JSON object per image (pandas `read_json(lines=True)` reads it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({k: row[k] for k in RESULT_FIELDS}) + "\n" for row in rows))
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, "".join(json.dumps({k: row[k] for k in RESULT_FIELDS}) + "\n" for row in rows))
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from snapgen_model.config_base import ConfigBase, check
+from snapgen_model.evaluation import atomic
 from snapgen_model.diffusion.generate import generate, null_condition
 from snapgen_model.evaluation.fid import file_sha256
 from snapgen_model.evaluation.geneval import prompt_folder, sample_path, write_metadata, write_samples
@@ -137,10 +138,7 @@ def write_manifest(folder: str | os.PathLike, key: str, prompts: Sequence[Mappin
     """Write `manifest.json` last, atomically: the folder is complete."""
     manifest = {"generation_key": key, "prompts": len(prompts), "prompts_hash": prompts_hash(prompts),
                 "generation": cfg.to_dict(), **dict(extra or {})}
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    atomic.write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -151,8 +149,7 @@ def claim_folder(folder: str | os.PathLike, key: str) -> None:
     if marker.is_file() and marker.read_text().strip() != key:
         raise ValueError(f"{folder} holds samples of another generation (key {marker.read_text().strip()[:12]}, "
                          f"not {key[:12]}); use a new folder")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    atomic.write_text(marker, key)
 
 
 # ----------------------------------------------------------------------------- generation

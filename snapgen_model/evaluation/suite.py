@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from snapgen_model.evaluation import dpg, geneval
+from snapgen_model.evaluation import atomic, dpg, geneval
 from snapgen_model.evaluation.fid import FeatureStats, FIDConfig, InceptionFeatures, fid_kid, reference_stats
 from snapgen_model.evaluation.runner import load_prompt_images
 from snapgen_model.imaging import make_grid
@@ -60,7 +60,7 @@ def write_dpg_grids(folder: str | os.PathLike, prompts: Sequence[Mapping[str, An
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(item_ids[:len(prompts)]):
-        dpg.tile_2x2(load_prompt_images(folder, i, min(4, images))).save(out / f"{item}.png")
+        atomic.save_image(dpg.tile_2x2(load_prompt_images(folder, i, min(4, images))), out / f"{item}.png")
     return out
 
 
@@ -69,7 +69,7 @@ def score_dpg(grid_dir: str | os.PathLike, questions: Mapping[str, Sequence[dpg.
     """DPG-Bench over a folder of 2x2 grids; per-item scores to `<grid_dir>/../dpg_scores.jsonl`."""
     items = dpg.score_grids(grid_dir, questions, vqa, cfg)
     lines = "".join(json.dumps(i.to_dict()) + "\n" for i in items)
-    (Path(grid_dir).parent / "dpg_scores.jsonl").write_text(lines)
+    atomic.write_text(Path(grid_dir).parent / "dpg_scores.jsonl", lines)
     return {"available": True, "backend": vqa.name, **dpg.summarize(items, questions)}
 
 
