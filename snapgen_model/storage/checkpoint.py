@@ -78,6 +78,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` naming `path` unless it is an intact safetensors file (missing,
+    pickled, truncated and malformed files are refused before any byte is deserialised)."""
+    _check_safetensors(Path(path))
+
+
 def _check_safetensors(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
@@ -94,8 +100,11 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has {size})")
     with path.open("rb") as f:
         f.seek(8)
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not a safetensors file (malformed header: {exc})") from None
     if 8 + header_len + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (tensor data ends at {8 + header_len + end}, "
                               f"file has {size} bytes)")

@@ -85,13 +85,19 @@ class StepDistillConfig(ConfigBase):
     def __post_init__(self) -> None:
         check(self.steps >= 1, "distill.steps", "must be >= 1")
         check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
-        check(self.lr_g > 0 and self.lr_d > 0, "distill.lr_g", "learning rates must be > 0")
+        check(self.lr_g > 0, "distill.lr_g", "must be > 0")
+        check(self.lr_d > 0, "distill.lr_d", "must be > 0")
         check(0 <= self.adam_beta1 < 1, "distill.adam_beta1", "must be in [0, 1)")
         check(self.d_updates >= 1, "distill.d_updates", "must be >= 1")
         check(1 <= self.sampler_steps <= 64, "distill.sampler_steps", "must be in [1, 64]")
         check(self.guidance >= 1.0, "distill.guidance", "must be >= 1")
         check_choice(self.backprop, "distill.backprop", ("random_step", "last_step"))
-        check(self.adv_weight >= 0 and self.kd_weight >= 0, "distill.adv_weight", "weights must be >= 0")
+        check(self.adv_weight >= 0, "distill.adv_weight", "must be >= 0")
+        check(self.kd_weight >= 0, "distill.kd_weight", "must be >= 0")
+        check(self.shift > 0, "distill.shift", "must be > 0")
+        check(self.grad_clip >= 0, "distill.grad_clip", "must be >= 0 (0 = off)")
+        check(self.checkpoint_every >= 0, "distill.checkpoint_every", "must be >= 0 (0 = only at the end)")
+        check(self.keep_checkpoints >= 1, "distill.keep_checkpoints", "must be >= 1")
         check(0 <= self.ema_decay < 1, "distill.ema_decay", "must be in [0, 1)")
         check(self.max_nonfinite >= 0, "distill.max_nonfinite", "must be >= 0")
         check(self.log_every >= 1, "distill.log_every", "must be >= 1")
@@ -306,11 +312,11 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData,
                 resume: str = "latest", callbacks=(), progress_bar: bool = False) -> dict[str, Any]:
     """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total", "module"}
     ("module" is None when the run was already complete)."""
-    from snapgen_model.training.state import StateCheckpoint, latest_state
+    from snapgen_model.training.state import StateCheckpoint, latest_state, read_state_meta
 
     root = Path(state_root)
     start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
-    start = int(json.loads((start_path / "state.json").read_text())["step"]) if start_path else 0
+    start = int(read_state_meta(start_path)["step"]) if start_path else 0
     module = StepDistillModule(preset, cfg, data, cache_cfg, teacher=teacher, student=student,
                                conditioner=conditioner, start_step=start)
     module.resume_from = start_path

@@ -75,6 +75,15 @@ class PretrainConfig(ConfigBase):
         check(0 <= self.encoder_dropout <= 1, "pretrain.encoder_dropout", "must be in [0, 1]")
         check_choice(self.mode, "pretrain.mode", ("cached", "online"))
         check(self.max_nonfinite >= 0, "pretrain.max_nonfinite", "must be >= 0")
+        check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, "pretrain.warmup_steps", "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "pretrain.min_lr_ratio", "must be in [0, 1]")
+        check(self.grad_clip >= 0, "pretrain.grad_clip", "must be >= 0 (0 = off)")
+        check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", "must be >= 0 (0 = only at the end)")
+        check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints", "must be >= 1")
+        check(self.devices >= 1, "pretrain.devices", "must be >= 1")
+        check(self.num_nodes >= 1, "pretrain.num_nodes", "must be >= 1")
+        check(self.log_every >= 1, "pretrain.log_every", "must be >= 1")
 
 
 def lr_lambda(cfg: PretrainConfig):
@@ -241,11 +250,11 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg:
     """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total"}."""
     from pathlib import Path
 
-    from snapgen_model.training.state import StateCheckpoint, latest_state
+    from snapgen_model.training.state import StateCheckpoint, latest_state, read_state_meta
 
     root = Path(state_root)
     start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
-    start = int(json.loads((start_path / "state.json").read_text())["step"]) if start_path else 0
+    start = int(read_state_meta(start_path)["step"]) if start_path else 0
     module = PretrainModule(preset, cfg, data, cache_cfg, teacher=teacher, start_step=start)
     if start >= cfg.steps:  # finished before: the trained weights, nothing to train
         load_state(start_path, modules=module.trainable_modules())

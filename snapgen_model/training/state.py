@@ -60,23 +60,69 @@ def save_state(folder: str | os.PathLike, *, modules: dict[str, torch.nn.Module]
     return folder
 
 
+def read_state_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """state.json of a state folder; `CheckpointError` naming the file when it is missing or unreadable."""
+    from snapgen_model.storage.checkpoint import CheckpointError
+
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{Path(folder)}: not a complete training state (no {STATE_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+        int(meta["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable training state ({type(exc).__name__}: {exc}); remove the folder "
+                              "to resume from an earlier checkpoint") from None
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a state folder, checked first (no pickles, no truncated files)."""
+    from snapgen_model.storage.checkpoint import CheckpointError, check_safetensors
+
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error types for corrupt contents
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def _mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    return "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
+                                   f"unexpected {unexpected[:3]}" if unexpected else "",
+                                   f"shape mismatch {shapes[:3]}" if shapes else ""]))
+
+
 def load_state(folder: str | os.PathLike, *, modules: dict[str, torch.nn.Module], optimizer=None,
                scheduler=None) -> dict[str, Any]:
-    """Restore modules (strict), optimiser, scheduler and RNG from a state folder; returns state.json."""
+    """Restore modules (strict), optimiser, scheduler and RNG from a state folder; returns state.json.
+    A truncated, pickled or foreign-architecture state raises `CheckpointError` naming the file."""
+    from snapgen_model.storage.checkpoint import CheckpointError
+
     folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{folder}: not a complete training state (no {STATE_FILE})")
-    meta = json.loads((folder / STATE_FILE).read_text())
-    weights = load_file(str(folder / "modules.safetensors"))
+    meta = read_state_meta(folder)
+    weights_path = folder / "modules.safetensors"
+    weights = _load_tensors(weights_path)
     for name, mod in modules.items():
         prefix = f"{name}/"
-        mod.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+        sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        detail = _mismatch(mod, sub)
+        if detail:
+            raise CheckpointError(f"{weights_path}: weights of {name!r} do not fit the model being trained ({detail}); "
+                                  "the state comes from another architecture or configuration")
+        mod.load_state_dict(sub, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")),
-                                                       meta["optimizer"]))
+        opt_path = folder / "optimizer.safetensors"
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(_load_tensors(opt_path), meta["optimizer"]))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{opt_path}: optimiser state does not fit this run ({exc})") from None
     if scheduler is not None and meta.get("scheduler"):
         scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+    torch.set_rng_state(_load_tensors(folder / "rng.safetensors")["cpu"])
     return meta
 
 
