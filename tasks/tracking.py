@@ -662,6 +662,7 @@ class MetricBuffer:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._urgent = False  # set by flush(): retry now instead of waiting out the back-off
 
     @property
     def pending(self) -> int:
@@ -711,8 +712,10 @@ class MetricBuffer:
                 if down_since is None:
                     down_since = time.monotonic()
                     log.warning("MLflow unreachable; buffering metrics of run %s and retrying: %s", self.run_id, exc)
-                with self._cond:
-                    self._cond.wait(timeout=delay)
+                retry_at = time.monotonic() + delay
+                with self._cond:  # back off (new metrics do not cut it short; a flush does)
+                    while not self._urgent and (left := retry_at - time.monotonic()) > 0:
+                        self._cond.wait(timeout=left)
                 delay = min(self.policy.max_delay_s, delay * 2)
                 continue
             with self._cond:
@@ -726,9 +729,12 @@ class MetricBuffer:
             delay = self.policy.base_delay_s
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until everything queued is sent (True) or ``timeout_s`` passed (False)."""
+        """Wait until everything queued is sent (True) or ``timeout_s`` passed (False); a retry
+        back-off in progress is cut short."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            self._urgent = True
+            self._cond.notify_all()
             while self._pending or self._inflight:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None or not self._thread.is_alive():

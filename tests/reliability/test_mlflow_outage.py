@@ -1,5 +1,6 @@
 """The MLflow server goes away during training and comes back on the same port: training keeps
-going at full speed, metrics logged meanwhile are buffered and arrive once it is back, nothing
+going at full speed, metrics logged meanwhile are buffered and arrive once it is back (here the
+run ends while the server is still down, so the logger's final flush waits for it), nothing
 crashes. The server is a real ``mlflow server`` process, stopped (SIGTERM to its process group)
 and restarted on the same port and store."""
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.reliability.servers import MlflowOnPort
 from tests.reliability.train_child import write_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-STEPS, OUTAGE_AT = 40, 3
+STEPS, OUTAGE_AT = 30, 3
 
 
 class Outage(pl.Callback):
@@ -47,7 +48,7 @@ class Outage(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step_times.append((self._t, time.monotonic() - self._t))
-        time.sleep(0.15)  # paces the run so that it spans the outage; changes no numbers
+        time.sleep(0.1)  # paces the run; changes no numbers
 
 
 def test_mlflow_outage_during_training(tmp_path, record):
@@ -67,12 +68,13 @@ def test_mlflow_outage_during_training(tmp_path, record):
             result = fit(get_preset("toy-smoke"), cfg, data, CacheConfig(targets_per_sample=2), tmp_path / "state",
                          loggers=[lightning_logger(settings, run.run_id)], callbacks=[outage])
             train_s = time.monotonic() - started
+        ended = time.monotonic()
         outage.restarter.join()
         assert result["step"] == STEPS
-        down = [d for t, d in outage.step_times if outage.down_at <= t < outage.up_at]
+        down = [d for t, d in outage.step_times if outage.down_at <= t < (outage.up_at or ended)]
         assert len(down) >= 3, "training did not go on while the server was down"
         during = max(down)
-        assert during < 2.0, f"a step took {during:.1f}s while MLflow was down: logging blocks training"
+        assert during < 2.5, f"a step took {during:.1f}s while MLflow was down: logging blocks training"
         client = MlflowClient(server.uri)
         history = client.get_metric_history(run.run_id, "loss/total")
         steps = sorted({m.step for m in history})
@@ -80,6 +82,6 @@ def test_mlflow_outage_during_training(tmp_path, record):
         assert client.get_run(run.run_id).info.status == "FINISHED"
         record(outage_s=outage.up_at - outage.down_at, steps_during_outage=len(down), max_step_s_during_outage=during,
                metrics_expected=STEPS, metrics_arrived=len(steps), train_s=train_s,
-               restart_s=server.starts[-1])
+               buffered_metrics_sent_s_after_restart=max(0.0, ended - outage.up_at), restart_s=server.starts[-1])
     finally:
         server.stop()
