@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 
 from tests.reliability.datasets import check_dataset, check_shards, curate, direct_objects
@@ -124,8 +123,10 @@ def test_s3_down_during_caching(s3_env, seaweed_s3, tiny_bundle, prefect_harness
 
 def test_s3_down_during_checkpoint_upload(s3_env, seaweed_s3, tmp_path, record):
     """Training uploads each checkpoint through the pretraining task's uploader; the server is
-    stopped just before the step-4 checkpoint. botocore retries once (max_attempts=1) so the
-    uploader's own backoff has to ride out the outage; training then finishes."""
+    stopped half way through the step-4 checkpoint's upload (weights sent, optimiser state not).
+    botocore retries once (max_attempts=1), so the uploader's own backoff has to ride out the
+    outage; training then finishes. The half-uploaded checkpoint has no state.json (uploaded last),
+    so it never passes for a finished one."""
     from snapgen_model.distill.cache import CacheConfig
     from snapgen_model.presets import get_preset
     from snapgen_model.training.data import load_cache_folder
@@ -138,11 +139,16 @@ def test_s3_down_during_checkpoint_upload(s3_env, seaweed_s3, tmp_path, record):
     store = Storage.from_settings(get_settings(), max_attempts=1)
     base = store.uri("runs", "pretrain-outage", "checkpoints")
     outage = Outage(seaweed_s3)
+    prefix = base[len(f"s3://{s3_env}/"):] + "/"
+    real_upload, partial = store.upload_file, {}
 
-    class StopBeforeStep4(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if int(batch["step"]) == 3:
-                outage.begin()
+    def upload_file(local, uri):
+        if uri.endswith("step-00000004/optimizer.safetensors") and outage.thread is None:
+            partial.update(direct_objects(seaweed_s3, s3_env, prefix + "step-00000004/"))
+            outage.begin()
+        return real_upload(local, uri)
+
+    store.upload_file = upload_file  # the uploader calls store.upload_file: stop the server in the middle
 
     cfg = PretrainConfig.from_dict({"steps": 8, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 2,
                                     "keep_checkpoints": 10, "log_every": 1, "accelerator": "cpu",
@@ -151,12 +157,12 @@ def test_s3_down_during_checkpoint_upload(s3_env, seaweed_s3, tmp_path, record):
     started = time.monotonic()
     try:
         result = fit(get_preset("toy-smoke"), cfg, data, CacheConfig(targets_per_sample=2), tmp_path / "state",
-                     upload=_uploader(store, base), callbacks=[StopBeforeStep4()])
+                     upload=_uploader(store, base))
     finally:
         down = outage.end()
     elapsed = time.monotonic() - started
     assert result["step"] == 8
-    prefix = base[len(f"s3://{s3_env}/"):] + "/"
+    assert [k.rsplit("/", 1)[1] for k in partial] == ["modules.safetensors"]  # mid-upload: no state.json yet
     objects = direct_objects(seaweed_s3, s3_env, prefix)
     local = sorted((tmp_path / "state").glob("step-*"))
     assert [p.name for p in local] == ["step-00000002", "step-00000004", "step-00000006", "step-00000008"]
