@@ -184,7 +184,11 @@ def resolve_model(ref: str) -> dict[str, Any]:
 def toy_world(model: dict[str, Any], world: dict[str, Any]) -> ShapesWorldConfig:
     """The world a toy model is scored in: its teacher bundle's (held-out pairs included) when it has
     one, else the default world at its image size; `world` (EvaluateParams.world) on top."""
-    return ShapesWorldConfig(**(dict(model.get("world") or {}) | {"resolution": model["image_size"]} | world))
+    base = dict(model.get("world") or {})
+    if not base:  # the default world at this size, object sizes scaled from the 64 px calibration (as curation)
+        lo, hi = (max(8, round(v * model["image_size"] / 64)) for v in (14, 22))
+        base = {"object_size_px": (lo, hi)}
+    return ShapesWorldConfig(**(base | {"resolution": model["image_size"]} | world))
 
 
 @task(name="build-prompt-sets", **compute_task_options())
