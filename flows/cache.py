@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.progress import progress
 from snapgen_model.distill.cache import CacheConfig
@@ -21,6 +21,8 @@ TOY_ENCODERS = [{"name": "clip", "kind": "clip", "path": "-", "subfolder": "text
 
 
 class CacheParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     dataset_uri: str = Field(description="curated dataset folder (with manifest.json)")
     bundle_uri: str = Field(description="teacher bundle folder: vae/, transformer/, text encoder folders")
     out_uri: str | None = Field(None, description="cache folder (default: <dataset>/cache/<key>)")

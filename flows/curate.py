@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.progress import progress
 from snapgen_model.data.curation import CurationConfig
@@ -30,6 +30,8 @@ from tasks.curate import (
 
 
 class CurateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     sources: list[dict[str, Any]] = Field(description="source specs: {kind, uri | count, name?, ...}")
     out: str = Field(description="output dataset URI (file:// or s3://)")
     overrides: list[str] = Field(default_factory=list, description="curation config overrides key=value")

@@ -5,12 +5,14 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.decoder import log_decoder, train_decoder_task
 
 
 class DecoderParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     cache_uri: str = Field(description="teacher cache folder (cache_teacher_flow output)")
     bundle_uri: str = Field(description="teacher bundle folder (its vae/ is the reference decoder)")
     preset: str = "toy"

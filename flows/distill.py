@@ -5,13 +5,15 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.distill import STUDENT_FILES, distill_student, fetch_folder
 from tasks.pretrain import fetch_cache
 
 
 class DistillParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     cache_uri: str = Field(description="teacher cache (cache_teacher_flow output)")
     student_uri: str = Field(description="pretrained student folder (unet_ema.safetensors + conditioner.safetensors)")
     bundle_uri: str = Field(description="teacher bundle folder (its frozen transformer is the discriminator backbone)")

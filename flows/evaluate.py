@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.progress import progress
 from snapgen_model.evaluation.runner import GenerationConfig
@@ -44,6 +44,8 @@ from tasks.settings import get_settings
 
 
 class EvaluateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     model: str = Field(description="checkpoint path/URI (file, or folder with unet.safetensors), or models:/name@alias")
     benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS),
                                   description="subset of geneval, dpg, fid, clip")
@@ -185,6 +187,8 @@ def _publish(params: EvaluateParams, results: dict[str, Any], grids: dict[str, s
 
 
 class ReevaluateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     model: str = Field(description="model version or alias (models:/name@alias, models:/name/N) or checkpoint")
     benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS), description="benchmark subset")
     options: dict[str, Any] = Field(default_factory=dict, description="other EvaluateParams fields")

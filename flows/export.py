@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from snapgen_model.export import ParityError
 from snapgen_model.export.report import report_markdown
@@ -29,6 +29,8 @@ from tasks.export import (
 
 
 class ExportParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     model: str = Field(description="UNet checkpoint: a path, file:// or s3:// URI (models:/ refs need the registry)")
     formats: list[Literal["onnx", "coreml"]] = Field(default_factory=lambda: ["onnx"], description="export formats")
     parts: list[Literal["unet", "decoder", "text_encoder"]] = Field(

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.report import inspect_markdown
 from tasks.inspect import inspect_preset, log_inspect_report
 
 
 class InspectParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     preset: str = Field("toy", description="preset name, e.g. snapgen-1024, toy")
     overrides: list[str] = Field(default_factory=list, description="key=value config overrides")
 

@@ -267,8 +267,15 @@ def validate_stage_configs(cfg: PipelineConfig) -> None:
     if cfg.teacher.bundle_uri is None:
         checks.append(("teacher.bootstrap_*", lambda: get_bootstrap_config(cfg.teacher.bootstrap_preset,
                                                                            cfg.teacher.bootstrap_overrides)))
+    def _evaluate_options() -> None:
+        from flows.evaluate import EvaluateParams
+
+        EvaluateParams(model="-", benchmarks=cfg.evaluate.benchmarks, **cfg.evaluate.options)
+
+    checks.append(("evaluate.options", _evaluate_options))
     for name, build in checks:
         try:
             build()
         except (ValueError, KeyError, TypeError) as exc:
-            raise PipelineConfigError(f"{name}: {exc}") from None
+            message = _format_errors(exc, name) if isinstance(exc, ValidationError) else f"{name}: {exc}"
+            raise PipelineConfigError(message) from None

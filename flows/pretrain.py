@@ -5,12 +5,14 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.pretrain import fetch_cache, train_student
 
 
 class PretrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     cache_uri: str = Field(description="teacher cache (cache_teacher_flow output)")
     preset: str = "toy"
     overrides: list[str] = Field(default_factory=list, description="preset overrides")

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.pipeline_config import build_config
 from tasks import registry
@@ -15,6 +15,8 @@ EVALUATION_EVENT = "snapgen.evaluation.completed"
 
 
 class PromoteParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a parameter name is an error, not ignored
+
     model: str = Field(description="models:/NAME/VERSION or models:/NAME@ALIAS")
     preset: str = Field("toy", description="pipeline preset whose promotion gates apply")
     overrides: list[str] = Field(default_factory=list, description="--set overrides, e.g. promotion.tolerance=0.05")

@@ -332,9 +332,6 @@ def flow_parameter_models() -> dict[str, type]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="flows/* parameter models ignore unknown keys (pydantic's default "
-                   "extra='ignore'): a typo such as `overides=` or `pretrian=` is silently dropped; needs "
-                   "model_config = ConfigDict(extra='forbid') in flows/ (not owned by the reliability suite)")
 def test_flow_parameters_reject_unknown_keys():
     from pydantic import ValidationError
 

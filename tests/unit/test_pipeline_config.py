@@ -69,3 +69,8 @@ def test_gate_logic():
                              checksum_problems=["unet: modified"])
     assert [r.split(":")[0] for r in blocked["reasons"]] == ["geneval/overall present", "fid <= 200",
                                                               "export parity passed", "artifact checksums verified"]
+
+
+def test_unknown_evaluation_option_fails_before_any_stage():
+    with pytest.raises(PipelineConfigError, match="evaluate.options: images_per_promt: unknown field"):
+        validate_stage_configs(build_config("toy", ["evaluate.options.images_per_promt=4"]))
