@@ -141,15 +141,17 @@ class StateCheckpoint(pl.Callback):
         self.root, self.every, self.keep, self.upload = Path(root), every, keep, upload
         self.handle_sigterm, self.sigterm = handle_sigterm, False
         self.saved: list[Path] = []
+        self.last_saved_step: int | None = None  # on every rank (only global rank 0 writes files)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.handle_sigterm and trainer.is_global_zero:
+        if self.handle_sigterm:  # every rank: a pod/process group stop signals all of them
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True
 
     def save(self, trainer, pl_module) -> Path | None:
+        """Collective: every rank calls it (the barrier); global rank 0 writes."""
         step = pl_module.current_step()
         path = None
         if trainer.is_global_zero:
@@ -159,17 +161,24 @@ class StateCheckpoint(pl.Callback):
                 self.upload(path)
             for old in sorted(p for p in self.root.glob("step-*") if not p.name.endswith(".tmp"))[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        self.last_saved_step = step
         trainer.strategy.barrier()
         return path
 
+    def _stop_requested(self, trainer) -> bool:
+        """SIGTERM seen by any rank (all ranks must agree before the collective save)."""
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(self.sigterm, all=False))
+        return self.sigterm
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = pl_module.current_step()
-        if self.sigterm:
+        if self._stop_requested(trainer):
             self.save(trainer, pl_module)
             trainer.should_stop = True
         elif self.every and step % self.every == 0:
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.saved or self.saved[-1].name != f"step-{pl_module.current_step():08d}":
+        if self.last_saved_step != pl_module.current_step():  # the same decision on every rank
             self.save(trainer, pl_module)

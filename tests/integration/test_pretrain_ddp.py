@@ -35,7 +35,10 @@ def write_cache(folder: Path, n: int = 8) -> None:
     write_shard(iter(samples), folder / "shards" / "shard-000000.tar")
 
 
-def test_two_process_ddp_run(tmp_path):
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_two_process_ddp_run(tmp_path, launcher):
+    """`lightning`: the launch module re-executed per rank by Lightning (as `snapgen pretrain --set devices=2`);
+    `torchrun`: the multi-node launch (docs/training.md, infra/k8s) on one node, which fails if any rank fails."""
     write_cache(tmp_path / "cache")
     spec = {"preset": "toy-smoke", "pretrain": {"steps": 4, "batch_size": 4, "strategy": "ddp", "devices": 2,
                                                 "accelerator": "cpu", "checkpoint_every": 2, "log_every": 1,
@@ -44,8 +47,11 @@ def test_two_process_ddp_run(tmp_path):
             "state_root": str(tmp_path / "state"), "result_path": str(tmp_path / "result.json")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "snapgen_model.training.launch", str(tmp_path / "spec.json")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    module = ["-m", "snapgen_model.training.launch", str(tmp_path / "spec.json")]
+    rdzv = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:0"]
+    command = [sys.executable, *(rdzv if launcher == "torchrun" else []), *module]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == 4
