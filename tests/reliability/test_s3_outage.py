@@ -83,10 +83,12 @@ def test_s3_down_during_curation(s3_env, seaweed_s3, prefect_harness, monkeypatc
     finally:
         down = outage.end()
     elapsed = time.monotonic() - started
+    after_restart = max(0.0, started + elapsed - outage.up_at)
     assert manifest["counts"] == {"input": 30, "kept": 30, "quarantined": 0}
     assert len(manifest["shards"]) == 6
     check_dataset(seaweed_s3, s3_env, "ds/", manifest)
-    record(stage="curation", outage_s=down, flow_s=elapsed, shards=len(manifest["shards"]),
+    record(stage="curation", outage_s=down, flow_s=elapsed, finished_s_after_restart=after_restart,
+           shards=len(manifest["shards"]),
            data_lost="none (counts balance, every shard's sha256 and sample count match the manifest)")
 
 
@@ -112,12 +114,14 @@ def test_s3_down_during_caching(s3_env, seaweed_s3, tiny_bundle, prefect_harness
     finally:
         down = outage.end()
     elapsed = time.monotonic() - started
+    after_restart = max(0.0, started + elapsed - outage.up_at)
     assert manifest["samples"] == dataset["counts"]["kept"] == 12 and len(manifest["shards"]) == 3
     prefix = manifest["uri"][len(f"s3://{s3_env}/"):] + "/"
     objects = direct_objects(seaweed_s3, s3_env, prefix)
     assert json.loads(objects[prefix + "manifest.json"])["samples"] == 12
     check_shards(objects, prefix, manifest["shards"])
-    record(stage="teacher caching", outage_s=down, flow_s=elapsed, shards=len(manifest["shards"]),
+    record(stage="teacher caching", outage_s=down, flow_s=elapsed, finished_s_after_restart=after_restart,
+           shards=len(manifest["shards"]),
            data_lost="none (12/12 samples cached, shard sha256 and sample counts match)")
 
 
@@ -161,6 +165,7 @@ def test_s3_down_during_checkpoint_upload(s3_env, seaweed_s3, tmp_path, record):
     finally:
         down = outage.end()
     elapsed = time.monotonic() - started
+    after_restart = max(0.0, started + elapsed - outage.up_at)
     assert result["step"] == 8
     assert [k.rsplit("/", 1)[1] for k in partial] == ["modules.safetensors"]  # mid-upload: no state.json yet
     objects = direct_objects(seaweed_s3, s3_env, prefix)
@@ -171,5 +176,6 @@ def test_s3_down_during_checkpoint_upload(s3_env, seaweed_s3, tmp_path, record):
             remote = objects[f"{prefix}{folder.name}/{f.name}"]
             assert hashlib.sha256(remote).digest() == hashlib.sha256(f.read_bytes()).digest(), f"{folder.name}/{f.name}"
     assert len(objects) == sum(len(list(p.iterdir())) for p in local)
-    record(stage="checkpoint upload", outage_s=down, train_s=elapsed, checkpoints_uploaded=len(local),
+    record(stage="checkpoint upload", outage_s=down, train_s=elapsed, finished_s_after_restart=after_restart,
+           checkpoints_uploaded=len(local),
            data_lost="none (every checkpoint file in S3 byte-identical to the local one)")
