@@ -245,7 +245,8 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
     stages = _Stages(force, logger)
     with tracking.start_run(settings, f"pipeline-{preset}", experiment=cfg.experiment,
                             tags={"snapgen.stage": "pipeline", "snapgen.preset": preset,
-                                  "snapgen.prefect_flow_run": str(flow_run.get_id() or "")}) as run, \
+                                  "snapgen.prefect_flow_run": str(flow_run.get_id() or "")},
+                            system_metrics=True) as run, \
             tracking.pipeline_scope(cfg.experiment, run.run_id):
         run.log_params({"preset": preset, "overrides": list(overrides or []), "config": cfg.model_dump()})
         teacher = stages.run("teacher", cfg.teacher.model_dump(), [], lambda: _teacher(cfg))

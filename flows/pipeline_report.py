@@ -165,6 +165,13 @@ def _eval_bars(summary: dict[str, Any]) -> dict[str, Any]:
 def _images(summary: dict[str, Any]) -> list[dict[str, Any]]:
     models = (summary["results"].get("evaluate") or {}).get("models", {})
     images = []
+    out = Path(get_settings().home) / "reports" / "previews" / summary["mlflow_run_id"]
+    for stage, label in (("pretrain", "KD pretraining"), ("distill_steps", "step distillation")):
+        run_id = (summary["results"].get(stage) or {}).get("mlflow_run_id")
+        path = tracking.latest_artifact(get_settings(), run_id, "previews", out / stage) if run_id else None
+        if path is not None:
+            images.append({"title": f"{label}: teacher (top) beside the student (bottom)", "path": str(path),
+                           "caption": f"fixed prompts and seeds, end of {stage} ({path.stem})"})
     for name, res in models.items():
         for tag, path in sorted((res.get("grids") or {}).items())[:3]:
             images.append({"title": f"{MODEL_LABELS.get(name, name)}: {tag}", "path": path,

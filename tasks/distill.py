@@ -22,6 +22,7 @@ from snapgen_model.training.distill_steps import (
 )
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
+from tasks.preview import preview_callback
 from tasks.pretrain import _uploader, storage, upload_with_retry, write_student_card
 from tasks.settings import get_settings
 
@@ -68,13 +69,15 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
     data = load_cache_folder(cache_dir, [e["name"] for e in cache_manifest["encoders"]])
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "distill_steps", "snapgen.checkpoints": base}
-    with start_run(settings, f"distill-{key[:8]}", tags=tags) as run:
+    with start_run(settings, f"distill-{key[:8]}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset.name, "distill": cfg.to_dict(), "sampler": cfg.sampler().to_dict()})
         run.log_metrics({f"data/{k}": v for k, v in data.skipped.items()}, step=0)
+        preview = preview_callback(cache_manifest, preset, run, cfg.sample_every)
         result = fit_distill(preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]), state_root,
                              teacher=teacher, student=unet, conditioner=conditioner,
                              loggers=[lightning_logger(settings, run.run_id)],
-                             upload=_uploader(store, store.join(base, "checkpoints")), resume=resume)
+                             upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
+                             callbacks=[preview] if preview else [])
         module = result.pop("module")
         with tempfile.TemporaryDirectory() as tmp:
             paths = save_distilled(module, tmp)

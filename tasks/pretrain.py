@@ -19,6 +19,7 @@ from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
+from tasks.preview import preview_callback
 from tasks.settings import get_settings
 from tasks.storage import Storage
 
@@ -94,7 +95,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
     encoders = [e["name"] for e in cache_manifest["encoders"]]
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "pretrain", "snapgen.checkpoints": base}
-    with start_run(settings, f"pretrain-{key[:8]}", tags=tags) as run:
+    with start_run(settings, f"pretrain-{key[:8]}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
         if cfg.devices * cfg.num_nodes > 1:
             result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders)
@@ -102,9 +103,12 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
         else:
             data = load_cache_folder(cache_dir, encoders)
             skipped = data.skipped
-            result = fit(get_preset(preset, overrides), cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
+            student_preset = get_preset(preset, overrides)
+            preview = preview_callback(cache_manifest, student_preset, run, cfg.sample_every)
+            result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
                          state_root, loggers=[lightning_logger(settings, run.run_id)],
-                         upload=_uploader(store, store.join(base, "checkpoints")), resume=resume)
+                         upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
+                         callbacks=[preview] if preview else [])
             module = result.pop("module", None)
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
                "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}

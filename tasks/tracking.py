@@ -442,6 +442,7 @@ def start_run(
     nested: bool = False,
     parent_run_id: str | None = None,
     retry: RetryPolicy | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[RunHandle]:
     """Open an MLflow run and yield its :class:`RunHandle`; end it FINISHED, FAILED or KILLED.
 
@@ -466,6 +467,7 @@ def start_run(
     )
     handle = RunHandle(client=client, run_id=run.info.run_id, retry=policy)
     token = _ACTIVE_RUNS.set((*_ACTIVE_RUNS.get(), handle))
+    monitor = _system_monitor(run.info.run_id, uri) if system_metrics else None
     try:
         yield handle
     except BaseException as exc:
@@ -474,7 +476,34 @@ def start_run(
     else:
         _terminate(handle, "FINISHED")
     finally:
+        if monitor is not None:
+            _stop_monitor(monitor)
         _ACTIVE_RUNS.reset(token)
+
+
+SYSTEM_METRICS_INTERVAL_S = float(os.environ.get("SNAPGEN_SYSTEM_METRICS_INTERVAL_S", "10"))
+
+
+def _system_monitor(run_id: str, tracking_uri: str) -> Any:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU when present) sampled into the run
+    (`system/...` metrics) while it is open; None if the monitor cannot start (never fails a run)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, samples_before_logging=1,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - monitoring is best effort
+        warnings.warn(f"system metrics disabled for run {run_id}: {type(exc).__name__}: {str(exc)[:160]}", stacklevel=3)
+        return None
+
+
+def _stop_monitor(monitor: Any) -> None:
+    try:
+        monitor.finish()
+    except Exception as exc:  # noqa: BLE001 - an outage at the end must not fail the run
+        warnings.warn(f"system metrics: final flush failed: {type(exc).__name__}", stacklevel=3)
 
 
 def _run_tags(
@@ -853,3 +882,17 @@ def metric_histories(settings: TrackingSettings, run_id: str, prefixes: tuple[st
     except Exception as exc:  # noqa: BLE001 - the report shows "not available" rather than failing the run
         warnings.warn(f"metric histories of run {run_id}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2)
         return {}
+
+
+def latest_artifact(settings: TrackingSettings, run_id: str, folder: str, dst_dir: str | Path) -> Path | None:
+    """Download the last file (by name) under artifact `folder` of a run (e.g. the final preview grid);
+    None when there is none or MLflow is unreachable."""
+    client = MlflowClient(tracking_uri=configure_mlflow(settings))
+    try:
+        files = sorted(a.path for a in client.list_artifacts(run_id, folder) if not a.is_dir and a.path.endswith(".png"))
+        if not files:
+            return None
+        return Path(client.download_artifacts(run_id, files[-1], str(dst_dir)))
+    except Exception as exc:  # noqa: BLE001 - a report without this image is still a report
+        warnings.warn(f"artifact {folder} of run {run_id}: {type(exc).__name__}: {str(exc)[:160]}", stacklevel=2)
+        return None

@@ -81,8 +81,10 @@ class StepDistillConfig(ConfigBase):
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     log_every: int = 10  # metric logging interval
+    sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
 
     def __post_init__(self) -> None:
+        check(self.sample_every >= 0, "distill.sample_every", "must be >= 0 (0 = only at the end)")
         check(self.steps >= 1, "distill.steps", "must be >= 1")
         check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
         check(self.lr_g > 0, "distill.lr_g", "must be > 0")

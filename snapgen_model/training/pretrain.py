@@ -66,8 +66,10 @@ class PretrainConfig(ConfigBase):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     compile: bool = False  # torch.compile the student
     log_every: int = 10  # metric logging interval
+    sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
 
     def __post_init__(self) -> None:
+        check(self.sample_every >= 0, "pretrain.sample_every", "must be >= 0 (0 = only at the end)")
         check(self.steps >= 1, "pretrain.steps", "must be >= 1")
         check(self.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
         check(self.lr > 0, "pretrain.lr", "must be > 0")

@@ -23,6 +23,7 @@ def pipeline_env(tmp_path_factory, mlflow_server, prefect_harness):
     mp.setenv("SNAPGEN_HOME", str(home / "home"))
     mp.setenv("SNAPGEN_STORAGE_ROOT", f"file://{home}/storage")
     mp.setenv("SNAPGEN_MLFLOW_TRACKING_URI", mlflow_server.uri)
+    mp.setattr("tasks.tracking.SYSTEM_METRICS_INTERVAL_S", 1.0)
     import torch
 
     threads = torch.get_num_threads()
@@ -74,9 +75,16 @@ def test_every_stage_runs_registers_and_promotes(first_run, pipeline_env):
         assert run.data.tags.get("mlflow.parentRunId") == first_run["mlflow_run_id"], run.data.tags.get("snapgen.stage")
         assert run.info.experiment_id == pipeline_run.info.experiment_id
 
+    # training stages log preview grids (student beside teacher) and system metrics; so does the pipeline run
+    pretrain_run = first_run["results"]["pretrain"]["mlflow_run_id"]
+    previews = [a.path for a in client.list_artifacts(pretrain_run, "previews")]
+    assert any(p.endswith(".png") for p in previews) and "previews/prompts.txt" in previews
+    assert any(k.startswith("system/") for k in client.get_run(first_run["mlflow_run_id"]).data.metrics)
+
     # the report: a self-contained HTML file, logged beside the summary table
     html = Path(first_run["report"]["html"]).read_text()
     assert "student, few-step" in html and "data:image/png;base64," in html and 'id="exports"' in html
+    assert "teacher (top) beside the student (bottom)" in html
     logged = {a.path for a in client.list_artifacts(first_run["mlflow_run_id"], "report")}
     assert any(p.endswith(".html") for p in logged) and "report/summary.md" in logged
 
