@@ -511,20 +511,31 @@ class _S3Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes (b"" only at the real end of the object), resuming on breaks."""
         while True:
             try:
-                data = self._body.read(len(view))
+                data = self._body.read(size)
             except _STREAM_ERRORS as exc:
                 self._resume(exc)
                 continue
-            if not data and len(view) and self._size is not None and self._pos < self._size:
+            if not data and size and self._size is not None and self._pos < self._size:
                 self._resume(IncompleteReadError(actual_bytes=self._pos, expected_bytes=self._size))
                 continue
-            view[: len(data)] = data
             self._pos += len(data)
-            return len(data)
+            return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        chunks = []
+        while chunk := self._read(_COPY_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _resume(self, exc: BaseException) -> None:
         import random
