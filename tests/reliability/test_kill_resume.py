@@ -92,8 +92,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(stage, tmp_path, record):
     assert 0 <= lost < every, f"k={k}: step {reached} reached, last checkpoint {saved}: more than one interval lost"
 
     resume_started = time.monotonic()
-    proc = child(base | {"state_root": str(killed_root), "result_path": str(tmp_path / "resumed.json")},
-                 tmp_path / "resumed")
+    proc = child(base | {"state_root": str(killed_root), "result_path": str(tmp_path / "resumed.json"),
+                         "throttle_s": 0.0}, tmp_path / "resumed")
     assert proc.wait(300) == 0, (tmp_path / "resumed" / "stderr.log").read_text()[-3000:]
     resume_s = time.monotonic() - resume_started
     result = json.loads((tmp_path / "resumed.json").read_text())

@@ -45,7 +45,7 @@ def s3_env(seaweed_s3, proxy, tmp_path, monkeypatch):
 FAULTS = [  # (kind, options, faults in a row per call)
     ("status", {"status": 503}, 2), ("status", {"status": 500}, 2), ("reset", {}, 2),
     ("delay", {"delay_s": READ_TIMEOUT_S + 0.5}, 1),  # longer than the read timeout: the client gives up, retries
-    ("delay", {"delay_s": 0.5}, 1),  # slow but within the timeout: one slow request
+    ("delay", {"delay_s": 0.3}, 1),  # slow but within the timeout: one slow request
 ]
 
 
