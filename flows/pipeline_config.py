@@ -132,7 +132,11 @@ PRESETS: dict[str, list[str]] = {
         "promotion.demo_thresholds=true",
     ],
     "toy": [
-        "teacher.bootstrap_preset=toy", "curate.scenes=4000",
+        # the demo's teacher: the `toy` bootstrap with a shorter budget so the whole pipeline fits ~15 min on
+        # 2 cores (TOY_CALIBRATION.md: a CPU teacher is step-starved either way; quality needs toy-gpu)
+        "teacher.bootstrap_preset=toy",
+        "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
+        "curate.scenes=4000",
         "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]", "promotion.demo_thresholds=true",
     ],
     "toy-gpu": [
