@@ -129,3 +129,33 @@ def test_failed_stage_is_resumed_there(first_run, pipeline_env, tmp_path):
     assert status["evaluate"] == "completed" and status["export"] == "cached"
     assert status["register"] == "completed" and status["promote"] == "completed"
     assert resumed["results"]["register"]["version"] != first_run["results"]["register"]["version"]
+
+
+def test_pipeline_report_renders_in_chromium(first_run):
+    """The real run report (not synthetic data): loads in headless Chromium with no console error,
+    every image decoded, every chart drawn."""
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("/usr/bin/chromium is absent (make test installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"]
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"requestfailed: {r.url}"))
+        page.goto(Path(first_run["report"]["html"]).as_uri())
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+        charts = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().width * "
+                                                  "e.querySelectorAll('polyline,path,rect,circle').length)")
+        summary = page.inner_text("#summary")
+        browser.close()
+    assert not problems, problems
+    assert len(images) >= 4 and all(done and width > 0 for done, width in images), images
+    assert len(charts) >= 4 and all(c > 0 for c in charts), charts
+    assert "student, few-step" in summary and "ref: prompt-blind floor" in summary
