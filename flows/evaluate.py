@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.progress import progress
 from snapgen_model.evaluation.runner import GenerationConfig
-from snapgen_model.evaluation.suite import BENCHMARKS, results_markdown
+from snapgen_model.evaluation.suite import BENCHMARKS, check_benchmarks, results_markdown
 from snapgen_model.evaluation.toy_reference import ToyReferenceConfig
 from tasks.evaluate import (
     EVAL_LIMIT,
@@ -76,10 +76,7 @@ class EvaluateParams(BaseModel):
     @field_validator("benchmarks")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        bad = [b for b in value if b not in BENCHMARKS]
-        if bad or not value:
-            raise ValueError(f"unknown benchmarks {bad}; choose from {list(BENCHMARKS)}")
-        return value
+        return check_benchmarks(value)
 
 
 def _scale(params: EvaluateParams, model: dict[str, Any]) -> str:

@@ -23,6 +23,14 @@ from snapgen_model.imaging import make_grid
 BENCHMARKS: tuple[str, ...] = ("geneval", "dpg", "fid", "clip")
 
 
+def check_benchmarks(names: list[str]) -> list[str]:
+    """`names` when every one is a known benchmark (and there is one), else a ValueError listing the choices."""
+    bad = [b for b in names if b not in BENCHMARKS]
+    if bad or not names:
+        raise ValueError(f"unknown benchmarks {bad}; choose from {list(BENCHMARKS)}")
+    return names
+
+
 def unavailable(reason: str, **extra: Any) -> dict[str, Any]:
     """The row of a benchmark that could not run."""
     return {"available": False, "reason": reason, **extra}

@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.fixtures.checkpoints import save_toy_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -50,18 +51,10 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 180) -> str:
 
 
 def _register_toy_checkpoint(tmp_path: Path, tracking_uri: str) -> str:
-    from snapgen_model.nn.decoder import TinyDecoder
-    from snapgen_model.nn.unet import SnapGenUNet
-    from snapgen_model.presets import get_preset
-    from snapgen_model.storage.checkpoint import save_model
     from tasks.settings import get_settings
     from tasks.tracking import CHECKPOINT_TAG, register_model_version, start_run
 
-    cfg = get_preset("toy")
-    folder = tmp_path / "ckpt"
-    torch.manual_seed(0)
-    save_model(SnapGenUNet(cfg.unet), folder / "unet.safetensors", preset=cfg)
-    save_model(TinyDecoder(cfg.decoder), folder / "decoder.safetensors")
+    folder = save_toy_checkpoint(tmp_path / "ckpt", "toy")
     settings = get_settings()
     with start_run(settings, "deployment-test-model") as run:
         run.log_dict({"checkpoint": str(folder)}, "model/checkpoint.json")

@@ -10,20 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.fixtures.checkpoints import save_toy_checkpoint
+
 pytestmark = pytest.mark.integration
 
 
 def _checkpoint(folder: Path) -> Path:
-    from snapgen_model.nn.decoder import TinyDecoder
-    from snapgen_model.nn.unet import SnapGenUNet
-    from snapgen_model.presets import get_preset
-    from snapgen_model.storage.checkpoint import save_model
-
-    cfg = get_preset("toy")
-    torch.manual_seed(0)
-    save_model(SnapGenUNet(cfg.unet), folder / "unet.safetensors", preset=cfg)
-    save_model(TinyDecoder(cfg.decoder), folder / "decoder.safetensors")
-    return folder
+    return save_toy_checkpoint(folder, "toy")
 
 
 OPTIONS = {"steps": 2, "images_per_prompt": 2, "max_prompts_per_task": 1, "chunk_size": 2, "fid_reference_images": 8}

@@ -24,12 +24,7 @@ def pipeline_env(tmp_path_factory, mlflow_server, prefect_harness):
     mp.setenv("SNAPGEN_STORAGE_ROOT", f"file://{home}/storage")
     mp.setenv("SNAPGEN_MLFLOW_TRACKING_URI", mlflow_server.uri)
     mp.setattr("tasks.tracking.SYSTEM_METRICS_INTERVAL_S", 1.0)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield {"home": home, "mlflow": mlflow_server}
-    torch.set_num_threads(threads)
     mp.undo()
 
 

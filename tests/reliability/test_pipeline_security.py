@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.fixtures.checkpoints import save_toy_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,16 +37,8 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_no_credential_reaches_any_output(tmp_path, monkeypatch, capfd, seaweed_s3, mlflow_server, prefect_harness,
-                                          one_thread, record):
+                                          record):
     from prefect.settings import get_current_settings
 
     from flows.pipeline import snapgen_pipeline
@@ -90,25 +83,12 @@ def test_no_credential_reaches_any_output(tmp_path, monkeypatch, capfd, seaweed_
     assert not leaks, leaks
 
 
-def _toy_checkpoint(folder: Path) -> Path:
-    from snapgen_model.nn.decoder import TinyDecoder
-    from snapgen_model.nn.unet import SnapGenUNet
-    from snapgen_model.presets import get_preset
-    from snapgen_model.storage.checkpoint import save_model
-
-    cfg = get_preset("toy-smoke")
-    torch.manual_seed(0)
-    save_model(SnapGenUNet(cfg.unet), folder / "unet.safetensors", preset=cfg)
-    save_model(TinyDecoder(cfg.decoder), folder / "decoder.safetensors")
-    return folder
-
-
 def _register(tmp_path: Path, name: str) -> tuple[str, Path]:
     from tasks import registry
     from tasks.settings import get_settings
     from tasks.tracking import start_run
 
-    folder = _toy_checkpoint(tmp_path / f"ckpt-{name}")
+    folder = save_toy_checkpoint(tmp_path / f"ckpt-{name}", "toy-smoke")
     with start_run(get_settings(), f"{name}-source") as run:
         run.log_dict({"folder": str(folder)}, "model/source.json")
     files = {p.name: f"file://{p}" for p in folder.iterdir()}
@@ -130,7 +110,7 @@ open(out, "w").write(json.dumps({k: r[k] for k in keep}, default=str))
 
 
 def test_eight_concurrent_reevaluations_queue_and_agree(tmp_path, monkeypatch, mlflow_server, prefect_harness,
-                                                        one_thread, record):
+                                                        record):
     """Eight processes (as eight workers would) re-evaluate one model version at once against one
     Prefect API: they queue on the `snapgen-evaluate` global concurrency limit (2 slots)."""
     import os
@@ -175,7 +155,7 @@ def test_eight_concurrent_reevaluations_queue_and_agree(tmp_path, monkeypatch, m
 
 
 def test_tampered_artifact_blocks_promotion_and_export(tmp_path, monkeypatch, mlflow_server, prefect_harness,
-                                                       one_thread, record):
+                                                       record):
     from flows.export import ExportParams, export_flow
     from tasks import registry
     from tasks.export import TamperedArtifactError
