@@ -7,7 +7,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.pretrain import fetch_cache, train_student
+from tasks.pretrain import data_mode, fetch_cache, train_student
 
 
 class PretrainParams(BaseModel):
@@ -22,7 +22,8 @@ class PretrainParams(BaseModel):
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(params: PretrainParams) -> dict[str, Any]:
-    cache_dir, manifest = fetch_cache(params.cache_uri)
+    # the in-memory data path needs a local copy; the streaming one reads the shards where they are
+    cache_dir, manifest = fetch_cache(params.cache_uri, download=data_mode(params.pretrain) == "memory")
     result = train_student(cache_dir, manifest, params.preset, params.overrides, params.pretrain, params.resume)
     create_markdown_artifact(f"### Pretraining `{result['key']}`\n\nstep {result['step']}, checkpoints at "
                              f"{result['checkpoints']}, MLflow run {result['mlflow_run_id']}",

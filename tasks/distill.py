@@ -12,7 +12,6 @@ from typing import Any
 from prefect import task
 
 from snapgen_model.distill.cache import CacheConfig
-from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.distill_steps import (
     StepDistillConfig,
     fit_distill,
@@ -23,7 +22,7 @@ from snapgen_model.training.distill_steps import (
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
-from tasks.pretrain import _uploader, storage, upload_with_retry, write_student_card
+from tasks.pretrain import _uploader, storage, training_data, upload_with_retry, write_student_card
 from tasks.settings import get_settings
 
 STUDENT_FILES = ("unet_ema.safetensors", "conditioner.safetensors")
@@ -66,12 +65,11 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
     state_root = Path(settings.home) / "runs" / f"distill-{key}" / "state"
     preset, unet, conditioner = load_pretrained_student(student_dir)
     teacher = load_teacher(bundle_dir, cfg.discriminator)
-    data = load_cache_folder(cache_dir, [e["name"] for e in cache_manifest["encoders"]])
+    data = training_data(cache_dir, [e["name"] for e in cache_manifest["encoders"]], cfg.data)
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "distill_steps", "snapgen.checkpoints": base}
     with start_run(settings, f"distill-{key[:8]}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset.name, "distill": cfg.to_dict(), "sampler": cfg.sampler().to_dict()})
-        run.log_metrics({f"data/{k}": v for k, v in data.skipped.items()}, step=0)
         preview = preview_callback(cache_manifest, preset, run, cfg.sample_every)
         result = fit_distill(preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]), state_root,
                              teacher=teacher, student=unet, conditioner=conditioner,
@@ -79,13 +77,15 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
                              upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
                              callbacks=[preview] if preview else [])
         module = result.pop("module")
+        skipped = result.get("data_skipped", data.skipped)
+        run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
         with tempfile.TemporaryDirectory() as tmp:
             paths = save_distilled(module, tmp)
             for p in paths.values():
                 upload_with_retry(store, Path(p), store.join(base, "student", Path(p).name))
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id,
                "checkpoints": store.join(base, "checkpoints"), "nonfinite_total": result.get("nonfinite_total"),
-               "data_skipped": data.skipped,
+               "data_skipped": skipped,
                "sampler": module.preset.sampler.to_dict(),
                "student": {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}}
         out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "distill_steps",

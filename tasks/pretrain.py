@@ -17,6 +17,7 @@ from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
+from snapgen_model.training.stream import ShardSource, StreamData
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
@@ -29,11 +30,58 @@ def storage() -> Storage:
 
 
 @task(name="fetch-cache", **io_task_options())
-def fetch_cache(cache_uri: str) -> tuple[str, dict[str, Any]]:
-    """(local cache folder, cache manifest): s3 caches are downloaded once under <home>/cache."""
+def fetch_cache(cache_uri: str, download: bool = True) -> tuple[str, dict[str, Any]]:
+    """(cache location, cache manifest). `download`: a local folder (s3 caches are downloaded once
+    under <home>/cache), for the in-memory data path; otherwise the URI as given (the streaming data
+    path reads the shards where they are, see `stream_source`)."""
+    if not download and "://" in cache_uri and not cache_uri.startswith("file://"):
+        return cache_uri, storage().read_json(cache_uri.rstrip("/") + "/manifest.json")
     folder = local_folder(cache_uri)
     manifest = json.loads((folder / "manifest.json").read_text())
     return str(folder), manifest
+
+
+def data_mode(cfg_overrides: list[str], stage: str = "pretrain") -> str:
+    """"memory" or "stream": the training data path the stage's config overrides select."""
+    if stage == "distill":
+        from snapgen_model.training.distill_steps import StepDistillConfig
+
+        return StepDistillConfig().with_overrides(cfg_overrides).data
+    return PretrainConfig().with_overrides(cfg_overrides).data
+
+
+class StoreOpener:
+    """open_fn of a cache in storage: shard names relative to the cache URI, opened with
+    `Storage.open_read` (one persistent client; s3:// bodies resume on broken connections)."""
+
+    def __init__(self, store: Storage, base_uri: str) -> None:
+        self.store, self.base = store, base_uri.rstrip("/")
+
+    def __call__(self, name: str):
+        return self.store.open_read(self.store.join(self.base, name))
+
+
+def stream_source(location: str, store: Storage | None = None) -> ShardSource:
+    """The cached shards to stream: a local folder read with plain files, or a URI (file:// or
+    s3://) listed and read through the storage layer (the injected opener)."""
+    if "://" not in location:
+        return ShardSource.from_folder(location)
+    from snapgen_model.training.data import manifest_counts
+
+    store = store or storage()
+    base = location.rstrip("/")
+    prefix = store.join(base, "shards") + "/"
+    names = [uri[len(base) + 1:] for uri in store.list(prefix) if uri.endswith(".tar")]
+    manifest_uri = store.join(base, "manifest.json")
+    manifest = store.read_json(manifest_uri) if store.exists(manifest_uri) else None
+    return ShardSource(names, StoreOpener(store, base), manifest_counts(manifest), location)
+
+
+def training_data(location: str, encoders: list[str], mode: str):
+    """CachedData (memory: a local folder, loaded whole) or StreamData (stream: any location)."""
+    if mode == "memory":
+        return load_cache_folder(location, encoders)
+    return StreamData(stream_source(location), encoders)
 
 
 def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: PretrainConfig) -> str:
@@ -101,8 +149,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
             result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders)
             module, skipped = None, result.get("data_skipped", {})
         else:
-            data = load_cache_folder(cache_dir, encoders)
-            skipped = data.skipped
+            data = training_data(cache_dir, encoders, cfg.data)
             student_preset = get_preset(preset, overrides)
             preview = preview_callback(cache_manifest, student_preset, run, cfg.sample_every)
             result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
@@ -110,6 +157,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                          upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
                          callbacks=[preview] if preview else [])
             module = result.pop("module", None)
+            skipped = result.get("data_skipped", data.skipped)
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
                "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
@@ -147,6 +195,8 @@ def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders) -
         spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
                 "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
                 "result_path": os.path.join(tmp, "result.json")}
+        if cfg.data == "stream" and "://" in cache_dir:  # each rank streams through the storage layer
+            spec |= {"cache_uri": cache_dir, "stream_source": "tasks.pretrain:stream_source"}
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
                               capture_output=True, text=True)

@@ -3,8 +3,10 @@
 The data position is the optimiser step: batch s is a pure function of (seed, s), drawn from
 seeded epoch permutations, and rank r of a world of W takes rows r::W of the global batch. So a
 run resumed at step s reads exactly the batches an uninterrupted run reads, on any world size.
-(At full scale the same contract holds over the streaming ShardStream with epoch + offset; this
-module covers cache sizes that fit in memory, as the toy world does.)
+This module covers cache sizes that fit in memory (`PretrainConfig.data = "memory"`, the toy
+world's default); `snapgen_model.training.stream` streams the same shards with a shuffle buffer
+and a saved data position (`data = "stream"`). Both read samples through `decode_members` and
+skip and count corrupt data by the same rules.
 """
 from __future__ import annotations
 
@@ -16,6 +18,52 @@ import torch
 from torch.utils.data import IterableDataset
 
 from snapgen_model.distill.cache import load_npy
+
+# errors of a damaged tar (garbled header, truncated stream): the shard's remaining samples are lost
+TAR_ERRORS: tuple[type[BaseException], ...]
+
+
+def _tar_errors() -> tuple[type[BaseException], ...]:
+    import tarfile
+    import zlib
+
+    return (tarfile.TarError, EOFError, zlib.error)
+
+
+TAR_ERRORS = _tar_errors()
+
+
+def decode_members(members: dict[str, bytes]) -> tuple[tuple, dict[str, np.ndarray]] | None:
+    """(signature, arrays) of a cached sample: every `.npy` member decoded, the signature being the
+    (name, shape, dtype) of each; None when a member is undecodable or non-finite (a corrupt sample)."""
+    sig, arrays = [], {}
+    for name in sorted(members):
+        if not name.endswith(".npy"):
+            continue
+        try:
+            arr = load_npy(members[name])
+        except Exception:  # noqa: BLE001 - any decoding failure means a corrupt member
+            return None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return None
+        sig.append((name, arr.shape, arr.dtype.str))
+        arrays[name] = arr
+    return tuple(sig), arrays
+
+
+def _signature(members: dict[str, bytes]) -> tuple | None:
+    """(name, shape, dtype) of every .npy member, or None when one is undecodable or non-finite."""
+    decoded = decode_members(members)
+    return None if decoded is None else decoded[0]
+
+
+def manifest_counts(manifest: dict[str, Any] | None) -> dict[str, int]:
+    """Samples per shard (by tar file name) promised by a cache manifest: detects lost tails."""
+    import posixpath
+
+    if not manifest:
+        return {}
+    return {posixpath.basename(s["name"]): int(s["samples"]) for s in manifest.get("shards", []) if "samples" in s}
 
 
 @dataclasses.dataclass
@@ -42,7 +90,15 @@ class CachedData:
         """Build from (key, members) of cached shards (tasks read them from storage)."""
         if not samples:
             raise ValueError("CachedData: no cached samples")
-        arr = lambda name: torch.from_numpy(np.stack([load_npy(m[name]).astype(np.float32) for _, m in samples]))  # noqa: E731
+        return cls.from_arrays([(key, {n: load_npy(b) for n, b in m.items() if n.endswith(".npy")})
+                                for key, m in samples], encoders)
+
+    @classmethod
+    def from_arrays(cls, samples: list[tuple[str, dict[str, np.ndarray]]], encoders: list[str]) -> "CachedData":
+        """Build from (key, {member name: array}) of decoded cached samples (all of one layout)."""
+        if not samples:
+            raise ValueError("CachedData: no cached samples")
+        arr = lambda name: torch.from_numpy(np.stack([m[name] for _, m in samples]).astype(np.float32))  # noqa: E731
         first = samples[0][1]
         k = sum(1 for n in first if n.startswith("v") and n[1:].split(".")[0].isdigit())
         feats = sorted({n.split(".", 1)[1][:-4] for n in first if n.startswith("f0.")})
@@ -56,6 +112,16 @@ class CachedData:
             features={f: torch.stack([arr(f"f{i}.{f}.npy") for i in range(k)], 1) for f in feats} if k else {},
         )
 
+    def select(self, idx: torch.Tensor) -> "CachedData":
+        """The rows `idx` (a batch), as a CachedData of their own."""
+        ix = idx.tolist()
+        return CachedData(keys=[self.keys[i] for i in ix], latent=self.latent[idx],
+                          tokens={e: x[idx] for e, x in self.tokens.items()},
+                          pooled={e: x[idx] for e, x in self.pooled.items()},
+                          mask={e: x[idx] for e, x in self.mask.items()},
+                          t=None if self.t is None else self.t[idx], v=None if self.v is None else self.v[idx],
+                          features={f: x[idx] for f, x in self.features.items()})
+
 
 def load_cache_folder(folder, encoders: list[str]) -> CachedData:
     """CachedData from a local cache folder (`shards/*.tar` as written by the caching stage).
@@ -67,18 +133,14 @@ def load_cache_folder(folder, encoders: list[str]) -> CachedData:
     import collections
     import json
     import logging
-    import tarfile
-    import zlib
     from pathlib import Path
 
     from snapgen_model.data.sources import iter_tar_groups
 
     folder = Path(folder)
-    expected: dict[str, int] = {}
-    if (folder / "manifest.json").is_file():
-        manifest = json.loads((folder / "manifest.json").read_text())
-        expected = {Path(s["name"]).name: int(s["samples"]) for s in manifest.get("shards", []) if "samples" in s}
-    good: list[tuple[str, dict[str, bytes], tuple]] = []
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else None
+    expected = manifest_counts(manifest)
+    good: list[tuple[str, dict[str, np.ndarray], tuple]] = []
     skipped = {"bad_samples": 0, "bad_shards": 0}
     for shard in sorted(folder.joinpath("shards").glob("*.tar")):
         seen = 0
@@ -86,12 +148,12 @@ def load_cache_folder(folder, encoders: list[str]) -> CachedData:
             with open(shard, "rb") as f:
                 for key, members in iter_tar_groups(f):
                     seen += 1
-                    signature = _signature(members)
-                    if signature is None:
+                    decoded = decode_members(members)
+                    if decoded is None:
                         skipped["bad_samples"] += 1
                     else:
-                        good.append((key, members, signature))
-        except (tarfile.TarError, EOFError, zlib.error):
+                        good.append((key, decoded[1], decoded[0]))
+        except TAR_ERRORS:
             skipped["bad_shards"] += 1
         skipped["bad_samples"] += max(0, expected.get(shard.name, seen) - seen)
     if good:  # the layout most samples share is the cache's; a sample that differs is corrupt
@@ -101,25 +163,9 @@ def load_cache_folder(folder, encoders: list[str]) -> CachedData:
     if skipped["bad_samples"] or skipped["bad_shards"]:
         logging.getLogger(__name__).warning("%s: skipped %d corrupt samples (%d damaged shards)", folder,
                                             skipped["bad_samples"], skipped["bad_shards"])
-    data = CachedData.from_members([(key, members) for key, members, _ in good], encoders)
+    data = CachedData.from_arrays([(key, arrays) for key, arrays, _ in good], encoders)
     data.skipped = skipped
     return data
-
-
-def _signature(members: dict[str, bytes]) -> tuple | None:
-    """(name, shape, dtype) of every .npy member, or None when one is undecodable or non-finite."""
-    out = []
-    for name in sorted(members):
-        if not name.endswith(".npy"):
-            continue
-        try:
-            arr = load_npy(members[name])
-        except Exception:  # noqa: BLE001 - any decoding failure means a corrupt member
-            return None
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            return None
-        out.append((name, arr.shape, arr.dtype.str))
-    return tuple(out)
 
 
 def global_batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:

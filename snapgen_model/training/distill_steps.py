@@ -50,8 +50,10 @@ from snapgen_model.distill.cache import CacheConfig, draw_pair
 from snapgen_model.distill.losses import DistillationObjective, KDConfig, OutputKDLoss, TaskLoss
 from snapgen_model.distill.text import Encoded, TextConditioner, sd3_teacher_condition
 from snapgen_model.training.data import CachedData, StepBatches
+from snapgen_model.training.feed import DataFeed, summed_stats
 from snapgen_model.training.pretrain import NonFiniteLossError, save_student
 from snapgen_model.training.state import load_state, save_state
+from snapgen_model.training.stream import StreamData
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,9 +84,17 @@ class StepDistillConfig(ConfigBase):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     log_every: int = 10  # metric logging interval
     sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
+    # training data: the whole cache in memory, or its shards streamed (as PretrainConfig.data)
+    data: Literal["memory", "stream"] = "memory"
+    shuffle_buffer: int = 256  # stream: samples in the shuffle buffer
+    data_workers: int = 0  # stream: 0 = read in the training process, 1 = a background reader process
 
     def __post_init__(self) -> None:
         check(self.sample_every >= 0, "distill.sample_every", "must be >= 0 (0 = only at the end)")
+        check_choice(self.data, "distill.data", ("memory", "stream"))
+        check(self.shuffle_buffer >= 1, "distill.shuffle_buffer", "must be >= 1 (1 = no shuffling)")
+        check(self.data_workers in (0, 1), "distill.data_workers",
+              "must be 0 or 1 (more reader processes would split the stream and change its order)")
         check(self.steps >= 1, "distill.steps", "must be >= 1")
         check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
         check(self.lr_g > 0, "distill.lr_g", "must be > 0")
@@ -135,20 +145,26 @@ class OptimizerPair:
                                      "param_groups": [dict(g, params=[p - n for p in g["params"]]) for g in groups[k:]]})
 
 
-class StepDistillModule(pl.LightningModule):
-    def __init__(self, preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData, cache_cfg: CacheConfig, *,
-                 teacher, student: torch.nn.Module, conditioner: TextConditioner, start_step: int = 0) -> None:
+class StepDistillModule(DataFeed, pl.LightningModule):
+    def __init__(self, preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData | StreamData,
+                 cache_cfg: CacheConfig, *, teacher, student: torch.nn.Module, conditioner: TextConditioner,
+                 start_step: int = 0, resume_position: dict | None = None) -> None:
         """`teacher`: a frozen SD3Teacher capturing `cfg.discriminator.feature_layers`; `student` and
-        `conditioner`: the pretrained (EMA) student and its text conditioner (copied, not mutated)."""
+        `conditioner`: the pretrained (EMA) student and its text conditioner (copied, not mutated);
+        `data`: CachedData (`cfg.data="memory"`) or StreamData (`cfg.data="stream"`)."""
         super().__init__()
+        if (cfg.data == "stream") != isinstance(data, StreamData):
+            raise ValueError(f"distill.data={cfg.data} needs {'a StreamData' if cfg.data == 'stream' else 'a CachedData'}"
+                             f" (got {type(data).__name__})")
         self.automatic_optimization = False
         self.preset = dataclasses.replace(preset, sampler=cfg.sampler())
         self.cfg, self.data, self.cache_cfg, self.start_step = cfg, data, cache_cfg, start_step
+        self.resume_position = resume_position
         self.student = copy.deepcopy(student).train()
         self.conditioner = copy.deepcopy(conditioner).train()
         self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
         torch.manual_seed(cfg.seed)
-        pooled_dim = sum(data.pooled[e].shape[-1] for e in cache_cfg.teacher_clip_encoders)
+        pooled_dim = sum(self.reference_data().pooled[e].shape[-1] for e in cache_cfg.teacher_clip_encoders)
         self.discriminator = TeacherFeatureDiscriminator(teacher, cfg.discriminator, pooled_dim)
         self.d_loss, self.g_loss = adversarial_losses(cfg.discriminator.loss)
         self.objective, self.task_loss, self.out_loss = DistillationObjective(cfg.kd), TaskLoss(), OutputKDLoss()
@@ -174,10 +190,10 @@ class StepDistillModule(pl.LightningModule):
     def _randn(self, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return torch.randn(like.shape, generator=g).to(like.device, like.dtype)  # drawn on CPU: device-independent
 
-    def _encoded(self, idx: torch.Tensor) -> dict[str, Encoded]:
-        d, dev = self.data, self.device
-        return {e: Encoded(d.tokens[e][idx].to(dev), d.pooled[e][idx].to(dev) if e in d.pooled else None,
-                           d.mask[e][idx].to(dev)) for e in d.tokens}
+    def _encoded(self, b: CachedData) -> dict[str, Encoded]:
+        dev = self.device
+        return {e: Encoded(b.tokens[e].to(dev), b.pooled[e].to(dev) if e in b.pooled else None,
+                           b.mask[e].to(dev)) for e in b.tokens}
 
     def generate(self, noise: torch.Tensor, cond: dict[str, torch.Tensor], j: int, g: torch.Generator) -> torch.Tensor:
         """x0 of the few-step sampler (samplers.sample_few_step) after steps 0..j; only step j has gradients."""
@@ -215,26 +231,26 @@ class StepDistillModule(pl.LightningModule):
         acc_real, acc_fake = discriminator_accuracy(real_logits.detach(), fake_logits.detach())
         return loss, logs | {"loss/d": loss.detach(), "d/acc_real": acc_real, "d/acc_fake": acc_fake}
 
-    def _kd_targets(self, idx, latent, g, tcond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _kd_targets(self, b: CachedData, latent, g, tcond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, noise, v_teacher): a cached pair when the cache has targets, else the teacher online."""
-        d = self.data
-        if d.targets:
-            k = torch.randint(d.targets, (len(idx),), generator=g)
-            noise = torch.stack([draw_pair(d.keys[i], int(kk), latent.shape[1:], self.cache_cfg)[1]
-                                 for i, kk in zip(idx.tolist(), k)])
-            return d.t[idx, k].to(self.device), noise.to(self.device), d.v[idx, k].to(self.device)
-        t = torch.rand(len(idx), generator=g).to(self.device)
+        if b.targets:
+            k = torch.randint(b.targets, (len(b),), generator=g)
+            rows = torch.arange(len(b))
+            noise = torch.stack([draw_pair(key, int(kk), latent.shape[1:], self.cache_cfg)[1]
+                                 for key, kk in zip(b.keys, k)])
+            return b.t[rows, k].to(self.device), noise.to(self.device), b.v[rows, k].to(self.device)
+        t = torch.rand(len(b), generator=g).to(self.device)
         noise = self._randn(latent, g)
         with torch.no_grad():
             v = self.discriminator.teacher(interpolate(latent, noise, t), t, tcond["context"], tcond["pooled"]).velocity
         return t, noise, v
 
-    def generator_loss(self, idx, latent, encoded, tcond, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def generator_loss(self, b, latent, encoded, tcond, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cond = self.conditioner(encoded)
         fake = self.generate(self._randn(latent, g), cond, self._draw_step(g), g)
         t = sample_renoise_t(len(latent), self.cfg.discriminator, g).to(self.device)
         adv = self.g_loss(self._disc(fake, tcond, t, g))
-        t_kd, noise, v_teacher = self._kd_targets(idx, latent, g, tcond)
+        t_kd, noise, v_teacher = self._kd_targets(b, latent, g, tcond)
         v = self.student(interpolate(latent, noise, t_kd), t_kd, **cond)
         kd, logs = self.objective({"task": self.task_loss(v, noise - latent), "out": self.out_loss(v, v_teacher)}, t_kd)
         loss = self.cfg.adv_weight * adv + self.cfg.kd_weight * kd
@@ -248,10 +264,10 @@ class StepDistillModule(pl.LightningModule):
         opt.step()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
-        step, idx = int(batch["step"]), batch["idx"].cpu()
+        step, b = int(batch["step"]), self.batch_data(batch)
         self.steps_done = step + 1 - self.start_step
         g, (opt_g, opt_d) = self._generator(step), self.optimizers()
-        latent, encoded = self.data.latent[idx].to(self.device), self._encoded(idx)
+        latent, encoded = b.latent.to(self.device), self._encoded(b)
         tcond = sd3_teacher_condition(encoded, self.cache_cfg.teacher_clip_encoders,
                                       self.discriminator.teacher.transformer.config.joint_attention_dim,
                                       self.cache_cfg.teacher_t5_encoder or None)
@@ -261,7 +277,7 @@ class StepDistillModule(pl.LightningModule):
             if not torch.isfinite(d_loss):
                 return self._skip_nonfinite(step)
             self._update(opt_d, d_loss)
-        g_loss, g_logs = self.generator_loss(idx, latent, encoded, tcond, g)
+        g_loss, g_logs = self.generator_loss(b, latent, encoded, tcond, g)
         if not torch.isfinite(g_loss):
             return self._skip_nonfinite(step)
         self._update(opt_g, g_loss)
@@ -269,7 +285,7 @@ class StepDistillModule(pl.LightningModule):
         self.nonfinite_run = 0
         if step % self.cfg.log_every == 0:
             metrics = logs | g_logs | {"nonfinite/total": float(self.nonfinite_total)}
-            self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(idx))
+            self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(b))
         return {"loss_g": g_loss.detach(), "loss_d": logs["loss/d"], "acc_real": logs["d/acc_real"],
                 "acc_fake": logs["d/acc_fake"]}
 
@@ -295,7 +311,7 @@ class StepDistillModule(pl.LightningModule):
         return save_state(folder, modules=self.trainable_modules(), optimizer=OptimizerPair(*trainer.optimizers),
                           scheduler=None, step=self.current_step(),
                           extra={"nonfinite_total": self.nonfinite_total, "preset": self.preset.to_dict(),
-                                 "distill": self.cfg.to_dict()})
+                                 "distill": self.cfg.to_dict(), "data_position": self.data_position()})
 
     def on_train_start(self) -> None:
         if self.resume_from is not None:
@@ -303,7 +319,14 @@ class StepDistillModule(pl.LightningModule):
                               optimizer=OptimizerPair(*self.trainer.optimizers))
             self.nonfinite_total = meta.get("nonfinite_total", 0)
 
+    def on_train_end(self) -> None:
+        self.finish_data(self.trainer)
+
     def train_dataloader(self):
+        if self.streaming:
+            return self.stream_loader(batch=self.cfg.batch_size, seed=self.cfg.seed, start=self.start_step,
+                                      steps=self.cfg.steps - self.start_step, buffer=self.cfg.shuffle_buffer,
+                                      workers=self.cfg.data_workers)
         batches = StepBatches(len(self.data), self.cfg.batch_size, self.cfg.seed, self.start_step,
                               self.cfg.steps - self.start_step)
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
@@ -318,14 +341,17 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData,
 
     root = Path(state_root)
     start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
-    start = int(read_state_meta(start_path)["step"]) if start_path else 0
+    meta = read_state_meta(start_path) if start_path else {}
+    start = int(meta.get("step", 0))
     module = StepDistillModule(preset, cfg, data, cache_cfg, teacher=teacher, student=student,
-                               conditioner=conditioner, start_step=start)
+                               conditioner=conditioner, start_step=start, resume_position=meta.get("data_position"))
     module.resume_from = start_path
     if start >= cfg.steps:
         load_state(start_path, modules=module.trainable_modules())
+        if module.streaming and module.resume_position:
+            data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
-                "module": module}
+                "module": module, "data_skipped": module.data_skipped()}
     trainer = pl.Trainer(
         max_epochs=1, max_steps=-1, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
         logger=loggers or False, enable_checkpointing=False, enable_progress_bar=progress_bar,
@@ -336,7 +362,7 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData,
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
-            "module": module}
+            "module": module, "data_skipped": module.data_skipped()}
 
 
 def save_distilled(module: StepDistillModule, folder) -> dict[str, str]:

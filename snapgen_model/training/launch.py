@@ -4,6 +4,11 @@ Lightning's DDP launcher re-executes this command once per local rank, and torch
 Kubernetes Job runs it once per node (see docs/training.md), so multi-process and multi-node runs
 go through the same code as the in-process call. The spec is plain JSON (no pickles):
 {preset, overrides, pretrain, cache, cache_dir, encoders, state_root, result_path}.
+
+With `pretrain.data = "stream"` the shards are streamed from `cache_dir` (a local folder), or, when
+the spec names `stream_source` ("module:function", called with `cache_uri`, returning a
+`ShardSource`), through the opener that factory builds: the task layer names its own, which reads
+s3:// through the storage client this package does not import.
 """
 from __future__ import annotations
 
@@ -15,16 +20,33 @@ from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit
+from snapgen_model.training.stream import ShardSource, StreamData
+
+
+def training_data(spec: dict, cfg: PretrainConfig):
+    """CachedData (memory) or StreamData (stream) as the spec says."""
+    if cfg.data == "memory":
+        return load_cache_folder(spec["cache_dir"], spec["encoders"])
+    factory = spec.get("stream_source")
+    if factory:
+        import importlib
+
+        module, _, name = factory.partition(":")
+        source = getattr(importlib.import_module(module), name)(spec["cache_uri"])
+    else:
+        source = ShardSource.from_folder(spec["cache_dir"])
+    return StreamData(source, spec["encoders"])
 
 
 def run(spec: dict) -> dict:
     preset = get_preset(spec["preset"], spec.get("overrides", []))
     cfg = PretrainConfig.from_dict(spec["pretrain"])
-    data = load_cache_folder(spec["cache_dir"], spec["encoders"])
+    data = training_data(spec, cfg)
     result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], resume=spec.get("resume", "latest"))
     module = result.pop("module", None)
     if module is not None and module.global_rank == 0 and spec.get("result_path"):
-        out = result | {"world_size": module.trainer.world_size, "samples": len(data), "data_skipped": data.skipped}
+        samples = len(data) if cfg.data == "memory" else None  # a stream does not know its length up front
+        out = result | {"world_size": module.trainer.world_size, "samples": samples, "data_skipped": data.skipped}
         Path(spec["result_path"]).write_text(json.dumps(out, default=str))
     return result
 

@@ -33,7 +33,9 @@ from snapgen_model.distill.losses import (
 from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.training.data import CachedData, StepBatches
+from snapgen_model.training.feed import DataFeed, summed_stats
 from snapgen_model.training.state import load_state, save_state
+from snapgen_model.training.stream import StreamData
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,9 +69,17 @@ class PretrainConfig(ConfigBase):
     compile: bool = False  # torch.compile the student
     log_every: int = 10  # metric logging interval
     sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
+    # training data: the whole cache in memory (toy scale), or its shards streamed (training/stream.py)
+    data: Literal["memory", "stream"] = "memory"
+    shuffle_buffer: int = 256  # stream: samples in the shuffle buffer (per rank)
+    data_workers: int = 0  # stream: 0 = read in the training process, 1 = a background reader process
 
     def __post_init__(self) -> None:
         check(self.sample_every >= 0, "pretrain.sample_every", "must be >= 0 (0 = only at the end)")
+        check_choice(self.data, "pretrain.data", ("memory", "stream"))
+        check(self.shuffle_buffer >= 1, "pretrain.shuffle_buffer", "must be >= 1 (1 = no shuffling)")
+        check(self.data_workers in (0, 1), "pretrain.data_workers",
+              "must be 0 or 1 (more reader processes would split the stream and change its order)")
         check(self.steps >= 1, "pretrain.steps", "must be >= 1")
         check(self.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
         check(self.lr > 0, "pretrain.lr", "must be > 0")
@@ -97,21 +107,28 @@ def lr_lambda(cfg: PretrainConfig):
     return factor
 
 
-class PretrainModule(pl.LightningModule):
-    def __init__(self, preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg: CacheConfig, *,
-                 teacher=None, teacher_dim: int | None = None, start_step: int = 0) -> None:
+class PretrainModule(DataFeed, pl.LightningModule):
+    def __init__(self, preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData | StreamData,
+                 cache_cfg: CacheConfig, *, teacher=None, teacher_dim: int | None = None, start_step: int = 0,
+                 resume_position: dict | None = None) -> None:
+        """`data`: the whole cache in memory (CachedData, `cfg.data="memory"`) or a streamed one
+        (StreamData, `cfg.data="stream"`); `resume_position`: the stream position of the checkpoint."""
         super().__init__()
         if cfg.mode == "online" and teacher is None:
             raise ValueError("pretrain.mode=online needs a teacher")
+        if (cfg.data == "stream") != isinstance(data, StreamData):
+            raise ValueError(f"pretrain.data={cfg.data} needs {'a StreamData' if cfg.data == 'stream' else 'a CachedData'}"
+                             f" (got {type(data).__name__})")
         self.preset, self.cfg, self.data, self.cache_cfg = preset, cfg, data, cache_cfg
-        self.teacher, self.start_step = teacher, start_step
+        self.teacher, self.start_step, self.resume_position = teacher, start_step, resume_position
         torch.manual_seed(cfg.seed)
         self.student = SnapGenUNet(preset.unet)
-        dims = {e: (data.tokens[e].shape[-1], data.pooled[e].shape[-1] if e in data.pooled else 0) for e in data.tokens}
+        ref = self.reference_data()
+        dims = {e: (ref.tokens[e].shape[-1], ref.pooled[e].shape[-1] if e in ref.pooled else 0) for e in ref.tokens}
         self.conditioner = TextConditioner(TextConditionerConfig(width=preset.unet.context_dim,
                                                                  pooled_dim=preset.unet.pooled_dim), dims)
-        self.feature_name = cfg.kd.teacher_feature or (sorted(data.features)[-1] if data.features else "")
-        tdim = teacher_dim or (data.features[self.feature_name].shape[-1] if self.feature_name else 0)
+        self.feature_name = cfg.kd.teacher_feature or (sorted(ref.features)[-1] if ref.features else "")
+        tdim = teacher_dim or (ref.features[self.feature_name].shape[-1] if self.feature_name else 0)
         self.use_feat = cfg.kd.feature_kd and cfg.kd.combine != "task_only" and bool(tdim)
         ch = self.student.feature_channels()[cfg.kd.student_feature]
         self.projector = FeatureProjector(ch, tdim) if self.use_feat else torch.nn.Identity()
@@ -132,17 +149,18 @@ class PretrainModule(pl.LightningModule):
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.global_rank)
 
-    def _targets(self, idx: torch.Tensor, latent: torch.Tensor, g: torch.Generator, cond_teacher: dict | None):
-        """(t, noise, v_teacher | None, teacher tokens | None) for this batch."""
-        d = self.data
-        if self.cfg.mode == "cached" and d.targets:
-            k = torch.randint(d.targets, (len(idx),), generator=g)
-            pairs = [draw_pair(d.keys[i], int(kk), latent.shape[1:], self.cache_cfg) for i, kk in zip(idx.tolist(), k)]
-            t = d.t[idx, k]
+    def _targets(self, b: CachedData, latent: torch.Tensor, g: torch.Generator, cond_teacher: dict | None):
+        """(t, noise, v_teacher | None, teacher tokens | None) for the batch `b`."""
+        n = len(b)
+        if self.cfg.mode == "cached" and b.targets:
+            k = torch.randint(b.targets, (n,), generator=g)
+            rows = torch.arange(n)
+            pairs = [draw_pair(key, int(kk), latent.shape[1:], self.cache_cfg) for key, kk in zip(b.keys, k)]
+            t = b.t[rows, k]
             noise = torch.stack([p[1] for p in pairs])
-            feats = d.features[self.feature_name][idx, k] if self.use_feat else None
-            return t, noise, d.v[idx, k], feats
-        t = sample_timesteps(len(idx), self.preset.flow, g)
+            feats = b.features[self.feature_name][rows, k] if self.use_feat else None
+            return t, noise, b.v[rows, k], feats
+        t = sample_timesteps(n, self.preset.flow, g)
         noise = torch.randn(latent.shape, generator=g)
         if self.teacher is None:
             return t, noise, None, None
@@ -150,23 +168,22 @@ class PretrainModule(pl.LightningModule):
             out = self.teacher(interpolate(latent, noise, t), t, cond_teacher["context"], cond_teacher["pooled"])
         return t, noise, out.velocity, out.features.get(self.feature_name or next(iter(out.features)))
 
-    def _encoded(self, idx: torch.Tensor) -> dict[str, Encoded]:
-        d = self.data
-        return {e: Encoded(d.tokens[e][idx], d.pooled[e][idx] if e in d.pooled else None, d.mask[e][idx])
-                for e in d.tokens}
+    @staticmethod
+    def _encoded(b: CachedData) -> dict[str, Encoded]:
+        return {e: Encoded(b.tokens[e], b.pooled.get(e), b.mask[e]) for e in b.tokens}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
-        step, idx = int(batch["step"]), batch["idx"].cpu()
+        step, b = int(batch["step"]), self.batch_data(batch)
         g = self._generator(step)
-        latent = self.data.latent[idx].to(self.device)
-        encoded = self._encoded(idx)
+        latent = b.latent.to(self.device)
+        encoded = self._encoded(b)
         teacher_cond = None
         if self.cfg.mode == "online":
             from snapgen_model.distill.text import sd3_teacher_condition
             teacher_cond = sd3_teacher_condition(encoded, self.cache_cfg.teacher_clip_encoders,
                                                  self.teacher.transformer.config.joint_attention_dim)
-        t, noise, v_teacher, t_feats = self._targets(idx, latent, g, teacher_cond)
-        drop = self.conditioner.sample_drop(len(idx), {e: self.cfg.encoder_dropout for e in encoded}, g)
+        t, noise, v_teacher, t_feats = self._targets(b, latent, g, teacher_cond)
+        drop = self.conditioner.sample_drop(len(b), {e: self.cfg.encoder_dropout for e in encoded}, g)
         cond = self.conditioner({e: Encoded(x.tokens.to(self.device), None if x.pooled is None else x.pooled.to(self.device),
                                             x.mask) for e, x in encoded.items()}, drop)
         t, noise = t.to(self.device), noise.to(self.device)
@@ -183,7 +200,7 @@ class PretrainModule(pl.LightningModule):
             return self._skip_nonfinite(step)
         self.nonfinite_run = 0
         if step % self.cfg.log_every == 0:
-            self._log(step, loss, logs, len(idx))
+            self._log(step, loss, logs, len(b))
         return loss
 
     def _skip_nonfinite(self, step: int):
@@ -224,7 +241,8 @@ class PretrainModule(pl.LightningModule):
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
         return save_state(folder, modules=self.trainable_modules(), optimizer=trainer.optimizers[0], scheduler=sched,
                           step=self.current_step(), extra={"nonfinite_total": self.nonfinite_total,
-                                                           "preset": self.preset.to_dict(), "pretrain": self.cfg.to_dict()})
+                                                           "preset": self.preset.to_dict(), "pretrain": self.cfg.to_dict(),
+                                                           "data_position": self.data_position()})
 
     def restore(self, folder) -> None:
         """Called from on_train_start when resuming: modules, optimiser, scheduler, RNG, counters."""
@@ -239,7 +257,14 @@ class PretrainModule(pl.LightningModule):
         if self.resume_from is not None:
             self.restore(self.resume_from)
 
+    def on_train_end(self) -> None:
+        self.finish_data(self.trainer)
+
     def train_dataloader(self):
+        if self.streaming:
+            return self.stream_loader(batch=self.cfg.batch_size, seed=self.cfg.seed, start=self.start_step,
+                                      steps=self.cfg.steps - self.start_step, buffer=self.cfg.shuffle_buffer,
+                                      workers=self.cfg.data_workers)
         world = self.trainer.world_size
         batches = StepBatches(len(self.data), self.cfg.batch_size, self.cfg.seed, self.start_step,
                               self.cfg.steps - self.start_step, rank=self.global_rank, world=world)
@@ -256,12 +281,16 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg:
 
     root = Path(state_root)
     start_path = latest_state(root) if resume == "latest" else (Path(resume) if resume not in ("none", "") else None)
-    start = int(read_state_meta(start_path)["step"]) if start_path else 0
-    module = PretrainModule(preset, cfg, data, cache_cfg, teacher=teacher, start_step=start)
+    meta = read_state_meta(start_path) if start_path else {}
+    start = int(meta.get("step", 0))
+    module = PretrainModule(preset, cfg, data, cache_cfg, teacher=teacher, start_step=start,
+                            resume_position=meta.get("data_position"))
     if start >= cfg.steps:  # finished before: the trained weights, nothing to train
         load_state(start_path, modules=module.trainable_modules())
+        if module.streaming and module.resume_position:
+            data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
-                "module": module}
+                "module": module, "data_skipped": module.data_skipped()}
     module.resume_from = start_path
     ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
     trainer = pl.Trainer(
@@ -276,7 +305,7 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg:
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
-            "module": module}
+            "module": module, "data_skipped": module.data_skipped()}
 
 
 def save_student(module: PretrainModule, folder) -> dict[str, str]:

@@ -154,6 +154,9 @@ class StateCheckpoint(pl.Callback):
         """Collective: every rank calls it (the barrier); global rank 0 writes."""
         step = pl_module.current_step()
         path = None
+        gather = getattr(pl_module, "before_state_save", None)
+        if gather is not None:  # collective: e.g. every rank's stream data position
+            gather(trainer)
         if trainer.is_global_zero:
             path = pl_module.save_training_state(self.root / f"step-{step:08d}", trainer)
             self.saved.append(path)
