@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from prefect import task
 from prefect.context import TaskRunContext
 
@@ -216,11 +217,12 @@ def build_prompt_sets(scale: str, model: dict[str, Any], world: dict[str, Any], 
 @functools.lru_cache(maxsize=4)
 def _generator(kind: str, unet: str | None, decoder: str | None, folder: str | None, bundle: str | None,
                steps: int | None, guidance: float | None) -> Any:
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # images do not depend on it beyond float noise
     if kind == "student":
-        return BundleStudentGenerator(folder, bundle, steps=steps, guidance=guidance)
+        return BundleStudentGenerator(folder, bundle, steps=steps, guidance=guidance, device=device)
     if kind == "teacher":
-        return BundleTeacherGenerator(bundle, steps=steps, guidance=guidance)
-    return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance)
+        return BundleTeacherGenerator(bundle, steps=steps, guidance=guidance, device=device)
+    return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance, device=device)
 
 
 _GENERATOR_LOCK = threading.Lock()  # generation tasks run in threads; loading is not thread-safe
