@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import task
 
-from snapgen_model.distill.cache import CacheConfig, cache_batch, storage_report
+from snapgen_model.distill.cache import CacheConfig, cache_batch, cache_samples, storage_report
 from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
 from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
 from snapgen_model.distill.vae import VAEAdapter, VAEConfig
@@ -104,11 +104,10 @@ def cache_shard(dataset_uri: str, shard: dict[str, Any], out_uri: str, bundle: s
     vae, encs, teacher = load_models(bundle, json.dumps(encoders, sort_keys=True), tuple(feature_layers),
                                      cfg.targets_per_sample > 0)
     samples, skipped = read_curated_shard(store, store.join(dataset_uri, shard["name"]), shard.get("samples"))
-    members: list[dict[str, bytes]] = []
-    for i in range(0, len(samples), cfg.batch_size):
-        batch = samples[i:i + cfg.batch_size]
-        members += cache_batch([s["__key__"] for s in batch], [s["image"] for s in batch],
-                               [s.get("caption", "") for s in batch], vae=vae, encoders=encs, teacher=teacher, cfg=cfg)
+    # images of several sizes (aspect buckets) are encoded size by size; members keep the shard's order
+    members = cache_samples([s["__key__"] for s in samples], [s["image"] for s in samples],
+                            [s.get("caption", "") for s in samples], vae=vae, encoders=encs, teacher=teacher, cfg=cfg,
+                            encode=lambda *a, **k: cache_batch(*a, **k))  # (looked up per call: tests patch it)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, f"{name}.tar")
         info = write_shard(iter(members), local)

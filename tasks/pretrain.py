@@ -77,15 +77,33 @@ def stream_source(location: str, store: Storage | None = None) -> ShardSource:
     return ShardSource(names, StoreOpener(store, base), manifest_counts(manifest), location)
 
 
-def training_data(location: str, encoders: list[str], mode: str):
-    """CachedData (memory: a local folder, loaded whole) or StreamData (stream: any location)."""
-    if mode == "memory":
-        return load_cache_folder(location, encoders)
-    return StreamData(stream_source(location), encoders)
+def training_data(location: str, encoders: list[str], mode: str, stage_caches: dict[str, str] | None = None):
+    """CachedData (memory: a local folder, loaded whole) or StreamData (stream: any location); with
+    `stage_caches` ({cache URI a stage names: its location}), {"": run cache, uri: data, ...}."""
+    def load(where: str):
+        return load_cache_folder(where, encoders) if mode == "memory" else StreamData(stream_source(where), encoders)
+
+    main = load(location)
+    if not stage_caches:
+        return main
+    return {"": main} | {name: load(where) for name, where in stage_caches.items()}
 
 
-def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: PretrainConfig) -> str:
-    return hashlib.sha256(json.dumps([cache_manifest["key"], preset, overrides, cfg.to_dict()]).encode()).hexdigest()[:16]
+def fetch_stage_caches(cfg: PretrainConfig) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """({cache URI a stage names: its location}, {uri: its manifest}): fetched as the run cache is
+    (a local copy for the in-memory path, in place for the stream)."""
+    locations, manifests = {}, {}
+    for uri in sorted({s.cache for s in cfg.stages if s.cache}):
+        locations[uri], manifests[uri] = fetch_cache.fn(uri, download=cfg.data == "memory")
+    return locations, manifests
+
+
+def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: PretrainConfig,
+            stage_manifests: dict[str, dict] | None = None) -> str:
+    parts = [cache_manifest["key"], preset, overrides, cfg.to_dict()]
+    if stage_manifests:  # the caches stages name are inputs too
+        parts.append({name: m.get("key") for name, m in sorted(stage_manifests.items())})
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 # Backoff of checkpoint/student uploads on top of botocore's own retries: about two minutes of
@@ -136,7 +154,8 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
 
     settings = get_settings()
     cfg = PretrainConfig().with_overrides(cfg_overrides)
-    key = run_key(cache_manifest, preset, overrides, cfg)
+    stage_caches, stage_manifests = fetch_stage_caches(cfg)
+    key = run_key(cache_manifest, preset, overrides, cfg, stage_manifests)
     store = storage()
     base = store.join(settings.storage_root, "runs", f"pretrain-{key}")
     state_root = Path(settings.home) / "runs" / f"pretrain-{key}" / "state"
@@ -146,10 +165,10 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
     with start_run(settings, f"pretrain-{key[:8]}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
         if cfg.devices * cfg.num_nodes > 1:
-            result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders)
+            result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders, stage_caches)
             module, skipped = None, result.get("data_skipped", {})
         else:
-            data = training_data(cache_dir, encoders, cfg.data)
+            data = training_data(cache_dir, encoders, cfg.data, stage_caches)
             student_preset = get_preset(preset, overrides)
             preview = preview_callback(cache_manifest, student_preset, run, cfg.sample_every)
             result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
@@ -157,7 +176,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                          upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
                          callbacks=[preview] if preview else [])
             module = result.pop("module", None)
-            skipped = result.get("data_skipped", data.skipped)
+            skipped = result.get("data_skipped", {})
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
                "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
@@ -189,13 +208,15 @@ def write_student_card(store: Storage, folder_uri: str, cache_manifest: dict[str
     return folder_uri
 
 
-def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders) -> dict[str, Any]:
+def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None) -> dict[str, Any]:
     """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
                 "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
                 "result_path": os.path.join(tmp, "result.json")}
-        if cfg.data == "stream" and "://" in cache_dir:  # each rank streams through the storage layer
+        if stage_caches:
+            spec["stage_caches"] = stage_caches
+        if cfg.data == "stream":  # each rank streams through the storage layer
             spec |= {"cache_uri": cache_dir, "stream_source": "tasks.pretrain:stream_source"}
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],

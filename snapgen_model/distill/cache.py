@@ -5,12 +5,17 @@ optionally teacher velocity targets (and, at toy scale, teacher features) for K 
 (t, noise-seed) pairs. The noise of pair k of a sample is drawn from a seed derived from
 (sample key, k, base seed), so any cached target can be recomputed exactly, and a student trained
 on cached targets sees the same (x_t, t) the teacher saw.
+
+Images are encoded at their own size, or, with `resolution` > 0, resized (cover + centre crop)
+to their aspect-ratio bucket at that resolution first; `cache_samples` groups a shard's samples
+by size, so a cache holds one latent shape per bucket (training batches one bucket at a time).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import io
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,8 +37,17 @@ class CacheConfig(ConfigBase):
     teacher_clip_encoders: tuple[str, ...] = ("clip",)  # encoders whose states form the teacher's condition
     teacher_t5_encoder: str = ""  # optional T5-style encoder appended on the sequence (SD3)
     flow: FlowMatchingConfig = dataclasses.field(default_factory=FlowMatchingConfig)  # t distribution of the pairs
+    # > 0: resize each image to its aspect bucket at this resolution (pixels, area ~ resolution^2) before
+    # encoding; 0: encode images at their own size (each distinct size is then a bucket of its own)
+    resolution: int = 0
+    bucket_aspects: tuple[float, ...] = (0.5, 0.75, 1.0, 1.333, 2.0)  # bucket centres (w/h), as curation's
+    size_multiple: int = 32  # bucket sides are multiples of this (VAE factor x UNet down-sampling)
 
     def __post_init__(self) -> None:
+        check(self.resolution >= 0, "cache.resolution", "must be >= 0 (0 = keep each image's size)")
+        check(len(self.bucket_aspects) >= 1 and all(a > 0 for a in self.bucket_aspects), "cache.bucket_aspects",
+              "needs at least one aspect ratio > 0")
+        check(self.size_multiple >= 1, "cache.size_multiple", "must be >= 1")
         check(self.targets_per_sample >= 0, "cache.targets_per_sample", "must be >= 0")
         check(self.feature_dtype in ("float16", "float32"), "cache.feature_dtype", "choose float16 or float32")
         check(self.batch_size >= 1, "cache.batch_size", "must be >= 1")
@@ -51,6 +65,54 @@ def draw_pair(key: str, k: int, latent_shape: Sequence[int], cfg: CacheConfig) -
     t = sample_timesteps(1, cfg.flow, g)[0]
     noise = torch.randn(tuple(latent_shape), generator=g)
     return t, noise
+
+
+def bucket_size(width: int, height: int, cfg: CacheConfig) -> tuple[int, int]:
+    """(w, h) of the aspect bucket nearest to width / height (in log space) at `cfg.resolution`:
+    area about resolution^2, sides multiples of `cfg.size_multiple`."""
+    ratio = width / height
+    aspect = min(cfg.bucket_aspects, key=lambda a: (abs(math.log(a / ratio)), a))
+    m = cfg.size_multiple
+    side = lambda x: max(m, int(round(x / m)) * m)  # noqa: E731
+    return side(cfg.resolution * math.sqrt(aspect)), side(cfg.resolution / math.sqrt(aspect))
+
+
+def fit_to_bucket(image: np.ndarray, cfg: CacheConfig) -> np.ndarray:
+    """The uint8 (H, W, 3) image resized to cover its bucket and centre-cropped to it (as is when
+    `cfg.resolution` is 0)."""
+    if not cfg.resolution:
+        return image
+    from PIL import Image
+
+    h0, w0 = image.shape[:2]
+    w, h = bucket_size(w0, h0, cfg)
+    if (w, h) == (w0, h0):
+        return image
+    scale = max(w / w0, h / h0)
+    size = (max(w, int(round(w0 * scale))), max(h, int(round(h0 * scale))))
+    im = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h)))
+
+
+def cache_samples(keys: Sequence[str], images: Sequence[np.ndarray], captions: Sequence[str], *, vae, encoders: dict,
+                  teacher=None, cfg: CacheConfig, encode=None) -> list[dict[str, bytes]]:
+    """`cache_batch` (or `encode`, same signature) over samples of any sizes: images fitted to their
+    buckets, grouped by size, encoded `cfg.batch_size` at a time; members in the samples' order."""
+    encode = encode or cache_batch
+    fitted = [fit_to_bucket(im, cfg) for im in images]
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(fitted):
+        groups.setdefault(im.shape, []).append(i)
+    out: list[dict[str, bytes] | None] = [None] * len(fitted)
+    for rows in groups.values():
+        for j in range(0, len(rows), cfg.batch_size):
+            part = rows[j:j + cfg.batch_size]
+            members = encode([keys[i] for i in part], [fitted[i] for i in part], [captions[i] for i in part],
+                             vae=vae, encoders=encoders, teacher=teacher, cfg=cfg)
+            for i, m in zip(part, members):
+                out[i] = m
+    return out  # type: ignore[return-value]
 
 
 def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:

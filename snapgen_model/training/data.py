@@ -11,6 +11,7 @@ skip and count corrupt data by the same rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator
 
 import numpy as np
@@ -49,6 +50,41 @@ def decode_members(members: dict[str, bytes]) -> tuple[tuple, dict[str, np.ndarr
         sig.append((name, arr.shape, arr.dtype.str))
         arrays[name] = arr
     return tuple(sig), arrays
+
+
+def _is_target(name: str) -> bool:
+    return name[:1] in ("v", "f") and name[1:].split(".", 1)[0].isdigit()
+
+
+def layout_and_bucket(signature: tuple) -> tuple[tuple, tuple] | None:
+    """Split a sample's signature into its layout (member names, dtypes, and the shapes that do not
+    depend on the image size) and its bucket (latent h, w, then the token count of each teacher
+    feature): samples of one cache share the layout; each aspect ratio / resolution is a bucket.
+    None when the spatial members disagree (a velocity target not shaped like the latent, or one
+    feature with different token counts across pairs): a corrupt sample."""
+    shapes = {name: shape for name, shape, _ in signature}
+    latent = shapes.get("latent.npy")
+    if latent is None or len(latent) != 3:
+        return signature, ()
+    layout, tokens = [], {}
+    for name, shape, dtype in signature:
+        if name == "latent.npy" or (name[:1] == "v" and _is_target(name)):
+            if shape != latent:
+                return None
+            layout.append((name, shape[:1], dtype))
+        elif name[:1] == "f" and _is_target(name) and len(shape) == 2:
+            feature = name.split(".", 1)[1]
+            if tokens.setdefault(feature, shape[0]) != shape[0]:
+                return None
+            layout.append((name, shape[1:], dtype))
+        else:
+            layout.append((name, shape, dtype))
+    return tuple(layout), tuple(latent[1:]) + tuple(tokens[f] for f in sorted(tokens))
+
+
+def bucket_name(bucket: tuple) -> str:
+    """'16x8' (latent h x w), with '/t64' per teacher feature token count."""
+    return "x".join(map(str, bucket[:2])) + "".join(f"/t{t}" for t in bucket[2:])
 
 
 def _signature(members: dict[str, bytes]) -> tuple | None:
@@ -123,13 +159,45 @@ class CachedData:
                           features={f: x[idx] for f, x in self.features.items()})
 
 
-def load_cache_folder(folder, encoders: list[str]) -> CachedData:
-    """CachedData from a local cache folder (`shards/*.tar` as written by the caching stage).
+@dataclasses.dataclass
+class BucketedData:
+    """A cache holding several latent shapes (aspect-ratio / resolution buckets): one CachedData per
+    bucket, in sorted bucket order. Batches are drawn from one bucket at a time."""
+
+    buckets: dict[tuple, CachedData]
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.buckets = dict(sorted(self.buckets.items()))
+
+    @property
+    def bucket_keys(self) -> list[tuple]:
+        return list(self.buckets)
+
+    @property
+    def reference(self) -> CachedData:
+        return next(iter(self.buckets.values()))
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.buckets.values())
+
+
+def as_buckets(data: "CachedData | BucketedData") -> dict[tuple, CachedData]:
+    """{bucket: CachedData} of either form (a plain CachedData is one bucket)."""
+    if isinstance(data, BucketedData):
+        return data.buckets
+    return {tuple(data.latent.shape[2:]) + tuple(f.shape[2] for _, f in sorted(data.features.items())): data}
+
+
+def load_cache_folder(folder, encoders: list[str]) -> "CachedData | BucketedData":
+    """CachedData from a local cache folder (`shards/*.tar` as written by the caching stage), or a
+    BucketedData when the cache holds several latent shapes (aspect-ratio or resolution buckets).
 
     Corrupt data is skipped and counted, never fatal: a truncated or garbled tar keeps the samples
     before the damage (`skipped["bad_shards"]`; the samples the manifest promised but that could not
     be read count in `skipped["bad_samples"]`), and a sample with an undecodable or non-finite array,
-    or arrays whose names or shapes differ from the other samples', is left out (`bad_samples`)."""
+    arrays whose names, dtypes or size-independent shapes differ from the other samples' (the
+    layout), or spatial members that disagree with its latent, is left out (`bad_samples`)."""
     import collections
     import json
     import logging
@@ -140,7 +208,7 @@ def load_cache_folder(folder, encoders: list[str]) -> CachedData:
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else None
     expected = manifest_counts(manifest)
-    good: list[tuple[str, dict[str, np.ndarray], tuple]] = []
+    good: list[tuple[str, dict[str, np.ndarray], tuple, tuple]] = []
     skipped = {"bad_samples": 0, "bad_shards": 0}
     for shard in sorted(folder.joinpath("shards").glob("*.tar")):
         seen = 0
@@ -149,21 +217,27 @@ def load_cache_folder(folder, encoders: list[str]) -> CachedData:
                 for key, members in iter_tar_groups(f):
                     seen += 1
                     decoded = decode_members(members)
-                    if decoded is None:
+                    split = None if decoded is None else layout_and_bucket(decoded[0])
+                    if split is None:
                         skipped["bad_samples"] += 1
                     else:
-                        good.append((key, decoded[1], decoded[0]))
+                        good.append((key, decoded[1], *split))
         except TAR_ERRORS:
             skipped["bad_shards"] += 1
         skipped["bad_samples"] += max(0, expected.get(shard.name, seen) - seen)
     if good:  # the layout most samples share is the cache's; a sample that differs is corrupt
-        common = collections.Counter(sig for _, _, sig in good).most_common(1)[0][0]
-        skipped["bad_samples"] += sum(sig != common for _, _, sig in good)
+        common = collections.Counter(layout for _, _, layout, _ in good).most_common(1)[0][0]
+        skipped["bad_samples"] += sum(layout != common for _, _, layout, _ in good)
         good = [g for g in good if g[2] == common]
     if skipped["bad_samples"] or skipped["bad_shards"]:
         logging.getLogger(__name__).warning("%s: skipped %d corrupt samples (%d damaged shards)", folder,
                                             skipped["bad_samples"], skipped["bad_shards"])
-    data = CachedData.from_arrays([(key, arrays) for key, arrays, _ in good], encoders)
+    groups: dict[tuple, list[tuple[str, dict[str, np.ndarray]]]] = {}
+    for key, arrays, _, bucket in good:
+        groups.setdefault(bucket, []).append((key, arrays))
+    if len(groups) > 1:
+        return BucketedData({b: CachedData.from_arrays(rows, encoders) for b, rows in groups.items()}, skipped)
+    data = CachedData.from_arrays([(key, arrays) for key, arrays, _, _ in good], encoders)
     data.skipped = skipped
     return data
 
@@ -195,3 +269,79 @@ class StepBatches(IterableDataset):
 
     def __len__(self) -> int:
         return self.steps
+
+
+@functools.lru_cache(maxsize=8)
+def _bucket_epoch(sizes: tuple[int, ...], batch: int, epoch: int, seed: int) -> list[tuple[int, list[int]]]:
+    """One epoch of bucketed batches: each bucket's seeded permutation cut into batches (the last
+    one wrapping around to the bucket's start), all batches in seeded order."""
+    chunks = []
+    for b, n in enumerate(sizes):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 8191 + b))
+        count = -(-n // batch)
+        ext = perm.repeat(-(-count * batch // n))[:count * batch].tolist()
+        chunks += [(b, ext[c * batch:(c + 1) * batch]) for c in range(count)]
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_000_003))
+    return [chunks[i] for i in order.tolist()]
+
+
+def bucketed_batch_indices(sizes: list[int], batch: int, step: int, seed: int) -> tuple[int, torch.Tensor]:
+    """(bucket, indices in that bucket) of the global batch at `step`: every batch from one bucket,
+    each bucket's samples once per epoch (a pure function of (sizes, batch, step, seed))."""
+    per_epoch = sum(-(-n // batch) for n in sizes)
+    epoch, j = divmod(step, per_epoch)
+    bucket, idx = _bucket_epoch(tuple(sizes), batch, epoch, seed)[j]
+    return bucket, torch.tensor(idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """Steps [start, end) of one training stage: global batch size, the data source key (a cache
+    name, "" = the run's cache) and the buckets of that source it draws from (with their sizes,
+    for the in-memory path; `accept` decides for the stream)."""
+
+    index: int
+    start: int
+    end: int
+    batch: int
+    resolution: int = 0
+    cache: str = ""
+    buckets: tuple[int, ...] = ()  # in-memory path: indices into the source's sorted bucket list
+    sizes: tuple[int, ...] = ()  # ... and their sample counts
+
+    @property
+    def seed_offset(self) -> int:
+        return 0 if self.index == 0 else 7919 * self.index
+
+
+def stage_at(plan: list[StagePlan], step: int) -> StagePlan:
+    for stage in plan:
+        if stage.start <= step < stage.end:
+            return stage
+    return plan[-1]
+
+
+class StagedBatches(IterableDataset):
+    """In-memory path: yields this rank's {"step", "stage", "bucket", "idx"} for steps
+    start .. end-1, each stage's batches from its buckets (one bucket per batch). A single stage of
+    a single bucket draws exactly `global_batch_indices` (the batches of earlier versions)."""
+
+    def __init__(self, plan: list[StagePlan], seed: int, start: int, end: int, rank: int = 0, world: int = 1) -> None:
+        for stage in plan:
+            if stage.batch % world:
+                raise ValueError(f"stage {stage.index}: batch_size {stage.batch} is not divisible by the world size {world}")
+        self.plan, self.seed, self.start, self.end, self.rank, self.world = plan, seed, start, end, rank, world
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step in range(self.start, self.end):
+            stage = stage_at(self.plan, step)
+            seed, local = self.seed + stage.seed_offset, step - stage.start
+            if len(stage.buckets) == 1:
+                bucket, idx = stage.buckets[0], global_batch_indices(stage.sizes[0], stage.batch, local, seed)
+            else:
+                j, idx = bucketed_batch_indices(list(stage.sizes), stage.batch, local, seed)
+                bucket = stage.buckets[j]
+            yield {"step": step, "stage": stage.index, "bucket": bucket, "idx": idx[self.rank::self.world]}
+
+    def __len__(self) -> int:
+        return self.end - self.start

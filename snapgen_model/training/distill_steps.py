@@ -49,8 +49,9 @@ from snapgen_model.distill.adversarial import (
 from snapgen_model.distill.cache import CacheConfig, draw_pair
 from snapgen_model.distill.losses import DistillationObjective, KDConfig, OutputKDLoss, TaskLoss
 from snapgen_model.distill.text import Encoded, TextConditioner, sd3_teacher_condition
-from snapgen_model.training.data import CachedData, StepBatches
-from snapgen_model.training.feed import DataFeed, summed_stats
+from snapgen_model.training.data import CachedData
+from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
+from snapgen_model.training.stages import stage_configs
 from snapgen_model.training.pretrain import NonFiniteLossError, save_student
 from snapgen_model.training.state import load_state, save_state
 from snapgen_model.training.stream import StreamData
@@ -153,6 +154,8 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         `conditioner`: the pretrained (EMA) student and its text conditioner (copied, not mutated);
         `data`: CachedData (`cfg.data="memory"`) or StreamData (`cfg.data="stream"`)."""
         super().__init__()
+        self.sources = as_sources(data)
+        data = self.sources[""]
         if (cfg.data == "stream") != isinstance(data, StreamData):
             raise ValueError(f"distill.data={cfg.data} needs {'a StreamData' if cfg.data == 'stream' else 'a CachedData'}"
                              f" (got {type(data).__name__})")
@@ -170,6 +173,7 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         self.objective, self.task_loss, self.out_loss = DistillationObjective(cfg.kd), TaskLoss(), OutputKDLoss()
         self.timesteps = make_timesteps(cfg.sampler_steps, cfg.shift)  # (N + 1,) from 1 to 0
         self.steps_done, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.setup_plan(stage_configs((), cfg.steps, cfg.batch_size), preset.latent.downsample)
 
     resume_from: Any = None
 
@@ -324,15 +328,12 @@ class StepDistillModule(DataFeed, pl.LightningModule):
 
     def train_dataloader(self):
         if self.streaming:
-            return self.stream_loader(batch=self.cfg.batch_size, seed=self.cfg.seed, start=self.start_step,
-                                      steps=self.cfg.steps - self.start_step, buffer=self.cfg.shuffle_buffer,
-                                      workers=self.cfg.data_workers)
-        batches = StepBatches(len(self.data), self.cfg.batch_size, self.cfg.seed, self.start_step,
-                              self.cfg.steps - self.start_step)
-        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
+            return self.stream_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps,
+                                      buffer=self.cfg.shuffle_buffer, workers=self.cfg.data_workers)
+        return self.memory_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps)
 
 
-def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData, cache_cfg: CacheConfig, state_root,
+def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: CacheConfig, state_root,
                 *, teacher, student: torch.nn.Module, conditioner: TextConditioner, loggers=None, upload=None,
                 resume: str = "latest", callbacks=(), progress_bar: bool = False) -> dict[str, Any]:
     """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total", "module"}
@@ -349,7 +350,7 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData,
     if start >= cfg.steps:
         load_state(start_path, modules=module.trainable_modules())
         if module.streaming and module.resume_position:
-            data.skipped = summed_stats(module.resume_position["ranks"])
+            module.data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
                 "module": module, "data_skipped": module.data_skipped()}
     trainer = pl.Trainer(

@@ -24,18 +24,22 @@ from snapgen_model.training.stream import ShardSource, StreamData
 
 
 def training_data(spec: dict, cfg: PretrainConfig):
-    """CachedData (memory) or StreamData (stream) as the spec says."""
-    if cfg.data == "memory":
-        return load_cache_folder(spec["cache_dir"], spec["encoders"])
-    factory = spec.get("stream_source")
-    if factory:
-        import importlib
+    """CachedData (memory) or StreamData (stream) as the spec says; with `stage_caches` ({cache URI
+    a stage names: its location}), {"": run cache, uri: data, ...}."""
+    def load(where: str):
+        if cfg.data == "memory":
+            return load_cache_folder(where, spec["encoders"])
+        factory = spec.get("stream_source")
+        if factory:
+            import importlib
 
-        module, _, name = factory.partition(":")
-        source = getattr(importlib.import_module(module), name)(spec["cache_uri"])
-    else:
-        source = ShardSource.from_folder(spec["cache_dir"])
-    return StreamData(source, spec["encoders"])
+            module, _, name = factory.partition(":")
+            return StreamData(getattr(importlib.import_module(module), name)(where), spec["encoders"])
+        return StreamData(ShardSource.from_folder(where), spec["encoders"])
+
+    main = load(spec.get("cache_uri") or spec["cache_dir"] if cfg.data == "stream" else spec["cache_dir"])
+    stages = spec.get("stage_caches") or {}
+    return {"": main} | {name: load(where) for name, where in stages.items()} if stages else main
 
 
 def run(spec: dict) -> dict:
@@ -45,8 +49,9 @@ def run(spec: dict) -> dict:
     result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], resume=spec.get("resume", "latest"))
     module = result.pop("module", None)
     if module is not None and module.global_rank == 0 and spec.get("result_path"):
-        samples = len(data) if cfg.data == "memory" else None  # a stream does not know its length up front
-        out = result | {"world_size": module.trainer.world_size, "samples": samples, "data_skipped": data.skipped}
+        run_cache = data[""] if isinstance(data, dict) else data
+        samples = len(run_cache) if cfg.data == "memory" else None  # a stream does not know its length up front
+        out = result | {"world_size": module.trainer.world_size, "samples": samples}
         Path(spec["result_path"]).write_text(json.dumps(out, default=str))
     return result
 

@@ -32,8 +32,9 @@ from snapgen_model.distill.losses import (
 )
 from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
 from snapgen_model.nn.unet import SnapGenUNet
-from snapgen_model.training.data import CachedData, StepBatches
-from snapgen_model.training.feed import DataFeed, summed_stats
+from snapgen_model.training.data import CachedData
+from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
+from snapgen_model.training.stages import StageConfig, stage_configs
 from snapgen_model.training.state import load_state, save_state
 from snapgen_model.training.stream import StreamData
 
@@ -46,8 +47,8 @@ class NonFiniteLossError(RuntimeError):
 class PretrainConfig(ConfigBase):
     """Optimisation, distillation and runtime settings of the pretraining stage."""
 
-    steps: int = 1000  # total optimiser steps
-    batch_size: int = 32  # global batch (split over ranks)
+    steps: int = 1000  # total optimiser steps (with `stages`: their sum)
+    batch_size: int = 32  # global batch (split over ranks); with `stages`, each stage has its own
     lr: float = 1e-3  # peak AdamW learning rate (SnapGen++: Adam 1e-4 at scale)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 50  # linear LR warm-up
@@ -73,6 +74,9 @@ class PretrainConfig(ConfigBase):
     data: Literal["memory", "stream"] = "memory"
     shuffle_buffer: int = 256  # stream: samples in the shuffle buffer (per rank)
     data_workers: int = 0  # stream: 0 = read in the training process, 1 = a background reader process
+    # progressive resolution schedule (training/stages.py): [{steps, batch_size, resolution, cache}, ...];
+    # empty = one stage of `steps` x `batch_size` over every bucket of the run cache
+    stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.sample_every >= 0, "pretrain.sample_every", "must be >= 0 (0 = only at the end)")
@@ -80,6 +84,9 @@ class PretrainConfig(ConfigBase):
         check(self.shuffle_buffer >= 1, "pretrain.shuffle_buffer", "must be >= 1 (1 = no shuffling)")
         check(self.data_workers in (0, 1), "pretrain.data_workers",
               "must be 0 or 1 (more reader processes would split the stream and change its order)")
+        total = sum(s.steps for s in self.stages)
+        check(not self.stages or self.steps == total, "pretrain.steps",
+              f"must equal the sum of the stage steps ({total}) when pretrain.stages is set")
         check(self.steps >= 1, "pretrain.steps", "must be >= 1")
         check(self.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
         check(self.lr > 0, "pretrain.lr", "must be > 0")
@@ -108,14 +115,16 @@ def lr_lambda(cfg: PretrainConfig):
 
 
 class PretrainModule(DataFeed, pl.LightningModule):
-    def __init__(self, preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData | StreamData,
-                 cache_cfg: CacheConfig, *, teacher=None, teacher_dim: int | None = None, start_step: int = 0,
-                 resume_position: dict | None = None) -> None:
-        """`data`: the whole cache in memory (CachedData, `cfg.data="memory"`) or a streamed one
-        (StreamData, `cfg.data="stream"`); `resume_position`: the stream position of the checkpoint."""
+    def __init__(self, preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig, *, teacher=None,
+                 teacher_dim: int | None = None, start_step: int = 0, resume_position: dict | None = None) -> None:
+        """`data`: the whole cache in memory (CachedData or BucketedData, `cfg.data="memory"`) or a
+        streamed one (StreamData, `cfg.data="stream"`), or {cache name: data} when stages name other
+        caches ("" = the run's cache); `resume_position`: the stream position of the checkpoint."""
         super().__init__()
         if cfg.mode == "online" and teacher is None:
             raise ValueError("pretrain.mode=online needs a teacher")
+        self.sources = as_sources(data)
+        data = self.sources[""]
         if (cfg.data == "stream") != isinstance(data, StreamData):
             raise ValueError(f"pretrain.data={cfg.data} needs {'a StreamData' if cfg.data == 'stream' else 'a CachedData'}"
                              f" (got {type(data).__name__})")
@@ -136,6 +145,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
         self.objective = DistillationObjective(cfg.kd)
         self.task_loss, self.out_loss, self.feat_loss = TaskLoss(), OutputKDLoss(), FeatureKDLoss()
         self.nonfinite_total, self.nonfinite_run, self._t0 = 0, 0, None
+        self.setup_plan(stage_configs(cfg.stages, cfg.steps, cfg.batch_size), preset.latent.downsample)
 
     def current_step(self) -> int:
         return self.start_step + self.global_step
@@ -172,8 +182,23 @@ class PretrainModule(DataFeed, pl.LightningModule):
     def _encoded(b: CachedData) -> dict[str, Encoded]:
         return {e: Encoded(b.tokens[e], b.pooled.get(e), b.mask[e]) for e in b.tokens}
 
+    def project(self, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Student feature map (B, C, h, w) onto the teacher's token grid (B, T, D). A non-square
+        bucket's grid keeps the feature map's aspect (FeatureProjector handles square grids)."""
+        n = tokens.shape[1]
+        if math.isqrt(n) ** 2 == n and feat.shape[-1] == feat.shape[-2]:
+            return self.projector(feat, n)
+        gh = max(1, round(math.sqrt(n * feat.shape[-2] / feat.shape[-1])))
+        if n % gh:
+            raise ValueError(f"feature KD: {n} teacher tokens do not form a grid of the student map's aspect "
+                             f"{tuple(feat.shape[-2:])}")
+        h = torch.nn.functional.adaptive_avg_pool2d(self.projector.proj(feat), (gh, n // gh))
+        return h.flatten(2).transpose(1, 2)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         step, b = int(batch["step"]), self.batch_data(batch)
+        if self.stage_changed(batch):
+            self._t0 = None  # step time across a stage switch compares different batch sizes
         g = self._generator(step)
         latent = b.latent.to(self.device)
         encoded = self._encoded(b)
@@ -193,7 +218,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
         if kd and self.cfg.kd.output_kd and v_teacher is not None:
             terms["out"] = self.out_loss(v, v_teacher.to(self.device))
         if kd and self.use_feat and t_feats is not None:
-            proj = self.projector(feats[self.cfg.kd.student_feature], t_feats.shape[1])
+            proj = self.project(feats[self.cfg.kd.student_feature], t_feats)
             terms["feat"] = self.feat_loss(proj, t_feats.to(self.device))
         loss, logs = self.objective(terms, t, mask=~drop.any(1).to(self.device))
         if not torch.isfinite(loss):
@@ -214,7 +239,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
     def _log(self, step: int, loss: torch.Tensor, logs: dict, batch: int) -> None:
         now = time.perf_counter()
         metrics = {"loss/total": loss.detach(), **logs, "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-                   "nonfinite/total": float(self.nonfinite_total)}
+                   "nonfinite/total": float(self.nonfinite_total), "data/stage": float(self._stage or 0)}
         if self._t0 is not None:
             dt = (now - self._t0[0]) / max(1, step - self._t0[1])
             metrics |= {"perf/step_time_s": dt, "perf/images_per_s": batch * self.trainer.world_size / dt}
@@ -262,16 +287,12 @@ class PretrainModule(DataFeed, pl.LightningModule):
 
     def train_dataloader(self):
         if self.streaming:
-            return self.stream_loader(batch=self.cfg.batch_size, seed=self.cfg.seed, start=self.start_step,
-                                      steps=self.cfg.steps - self.start_step, buffer=self.cfg.shuffle_buffer,
-                                      workers=self.cfg.data_workers)
-        world = self.trainer.world_size
-        batches = StepBatches(len(self.data), self.cfg.batch_size, self.cfg.seed, self.start_step,
-                              self.cfg.steps - self.start_step, rank=self.global_rank, world=world)
-        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
+            return self.stream_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps,
+                                      buffer=self.cfg.shuffle_buffer, workers=self.cfg.data_workers)
+        return self.memory_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps)
 
 
-def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg: CacheConfig, state_root, *,
+def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig, state_root, *,
         teacher=None, loggers=None, upload=None, resume: str = "latest", callbacks=(),
         progress_bar: bool = False) -> dict[str, Any]:
     """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total"}."""
@@ -288,7 +309,7 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data: CachedData, cache_cfg:
     if start >= cfg.steps:  # finished before: the trained weights, nothing to train
         load_state(start_path, modules=module.trainable_modules())
         if module.streaming and module.resume_position:
-            data.skipped = summed_stats(module.resume_position["ranks"])
+            module.data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
                 "module": module, "data_skipped": module.data_skipped()}
     module.resume_from = start_path

@@ -13,6 +13,10 @@ Per rank, the stream is an endless sequence of epochs:
   of batches (one per step), so DDP never waits on a rank that ran out of data;
 - samples pass a shuffle buffer of `shuffle_buffer` samples: sample n out of the buffer is slot
   hash(seed, rank, n) mod size, refilled from the reader at once;
+- batches come from one bucket (latent shape: aspect ratio / resolution) at a time: samples out of
+  the buffer collect per bucket, and a bucket that has a batch's worth is yielded. A stage of the
+  progressive schedule (`training/stages.py`) streams its own cache from its start, keeping the
+  buckets its resolution selects;
 - corrupt data is skipped and counted by the in-memory loader's rules (`data.decode_members`): an
   undecodable or non-finite member, a layout (member names, shapes, dtypes) other than the cache's
   (the majority of a probe of the first samples in sorted shard order, the same on every rank), a
@@ -21,9 +25,9 @@ Per rank, the stream is an endless sequence of epochs:
   read by exactly one rank), so the totals summed over ranks equal `load_cache_folder`'s once the
   first epoch has been read.
 
-The data position is exact and small: (epoch, shard position, samples read in that shard, epoch
-sample counter, samples emitted, counters) plus the buffer as references (shard index, sample index
-in the shard), never the tensors. A batch carries the position after it was drawn; the training
+The data position is exact and small: the stage, (epoch, shard position, samples read in that
+shard, epoch sample counter, samples emitted, counters) plus the buffer and the per-bucket partial
+batches as references (shard index, sample index in the shard), never the tensors. A batch carries the position after it was drawn; the training
 module checkpoints the position of the last batch it consumed (prefetched batches do not count), and
 a resumed stream re-reads the referenced samples and continues exactly where the run stopped: an
 interrupted run reaches bitwise the weights of an uninterrupted one on CPU, as the in-memory path.
@@ -38,17 +42,32 @@ import json
 import logging
 import posixpath
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
 from torch.utils.data import IterableDataset
 
 from snapgen_model.data.sources import iter_tar_groups
-from snapgen_model.training.data import TAR_ERRORS, CachedData, decode_members, manifest_counts
+from snapgen_model.training.data import (
+    TAR_ERRORS,
+    CachedData,
+    StagePlan,
+    decode_members,
+    layout_and_bucket,
+    manifest_counts,
+    stage_at,
+)
 
 log = logging.getLogger(__name__)
 
 Ref = tuple[int, int]  # (shard index in ShardSource.names, sample index in that shard's tar)
+
+
+class Item(NamedTuple):
+    ref: Ref
+    key: str
+    bucket: tuple
+    arrays: dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -97,7 +116,7 @@ def _read_groups(source: ShardSource, index: int) -> Iterator[tuple[str, dict[st
 
 
 def probe_layout(source: ShardSource, encoders: list[str], limit: int = 32) -> tuple[tuple, CachedData]:
-    """(the cache's layout, a one-sample CachedData of it): the majority signature of the first
+    """(the cache's layout, a one-sample CachedData of it): the majority layout of the first
     `limit` decodable samples in sorted shard order (deterministic, the same on every rank)."""
     counts: collections.Counter = collections.Counter()
     first: dict[tuple, tuple[str, dict[str, np.ndarray]]] = {}
@@ -105,9 +124,10 @@ def probe_layout(source: ShardSource, encoders: list[str], limit: int = 32) -> t
         try:
             for key, members in _read_groups(source, index):
                 decoded = decode_members(members)
-                if decoded is not None:
-                    counts[decoded[0]] += 1
-                    first.setdefault(decoded[0], (key, decoded[1]))
+                split = None if decoded is None else layout_and_bucket(decoded[0])
+                if split is not None:
+                    counts[split[0]] += 1
+                    first.setdefault(split[0], (key, decoded[1]))
                 if sum(counts.values()) >= limit:
                     break
         except TAR_ERRORS:
@@ -134,10 +154,13 @@ class StreamData:
     def from_folder(cls, folder: str | Path, encoders: list[str]) -> "StreamData":
         return cls(ShardSource.from_folder(folder), encoders)
 
-    def decode(self, members: dict[str, bytes]) -> dict[str, np.ndarray] | None:
-        """The arrays of a sample of the cache's layout; None when it is corrupt."""
+    def decode(self, members: dict[str, bytes]) -> tuple[tuple, dict[str, np.ndarray]] | None:
+        """(bucket, arrays) of a sample of the cache's layout; None when it is corrupt."""
         decoded = decode_members(members)
-        return decoded[1] if decoded is not None and decoded[0] == self.layout else None
+        split = None if decoded is None else layout_and_bucket(decoded[0])
+        if split is None or split[0] != self.layout:
+            return None
+        return split[1], decoded[1]
 
 
 def _slot(seed: int, rank: int, n: int, size: int) -> int:
@@ -151,14 +174,18 @@ class SampleStream:
 
     MAX_EMPTY_EPOCHS = 2
 
-    def __init__(self, data: StreamData, *, seed: int, rank: int, world: int, buffer_size: int) -> None:
+    def __init__(self, data: StreamData, *, seed: int, rank: int, world: int, buffer_size: int,
+                 accept: Callable[[tuple], bool] | None = None, count: bool = True) -> None:
+        """`accept(bucket)`: the buckets to keep (the others are passed over, not counted as bad);
+        `count`: count corrupt data (off when an earlier stage streamed the same cache)."""
         self.data, self.seed, self.rank, self.world = data, seed, rank, world
+        self.accept, self.count = accept, count
         self.size = max(1, buffer_size)
         self.split = "shards" if len(data.source.names) >= world else "samples"
         self.epoch = self.pos = self.group = self.counter = self.emitted = 0
         self.epoch_good, self.empty_epochs = False, 0
         self.stats = {"bad_samples": 0, "bad_shards": 0}
-        self.buffer: list[tuple[Ref, str, dict[str, np.ndarray]]] = []
+        self.buffer: list[Item] = []
         self._it: Iterator | None = None
         self._orders: dict[int, list[int]] = {}
 
@@ -171,7 +198,7 @@ class SampleStream:
         return self._orders[epoch]
 
     def _count(self, field: str, n: int = 1) -> None:
-        if self.epoch == 0 and n > 0:
+        if self.count and self.epoch == 0 and n > 0:
             self.stats[field] += n
 
     def _open(self) -> None:
@@ -198,13 +225,14 @@ class SampleStream:
     def _end_epoch(self) -> None:
         self.empty_epochs = 0 if self.epoch_good else self.empty_epochs + 1
         if self.empty_epochs > self.MAX_EMPTY_EPOCHS:
-            raise RuntimeError(f"{self.data.source.where or 'cache'}: rank {self.rank} read no valid sample in "
-                               f"{self.empty_epochs} epochs over its shards (bad shards {self.stats['bad_shards']}, "
-                               f"bad samples {self.stats['bad_samples']})")
+            raise RuntimeError(f"{self.data.source.where or 'cache'}: rank {self.rank} read no valid sample "
+                               f"{'of the stage' + chr(39) + 's buckets ' if self.accept else ''}in {self.empty_epochs} "
+                               f"epochs over its shards (bad shards {self.stats['bad_shards']}, bad samples "
+                               f"{self.stats['bad_samples']})")
         self.epoch, self.pos, self.group, self.counter, self.epoch_good = self.epoch + 1, 0, 0, 0, False
 
-    def next_input(self) -> tuple[Ref, str, dict[str, np.ndarray]]:
-        """The next valid sample this rank owns, in reading order."""
+    def next_input(self) -> Item:
+        """The next valid (and accepted) sample this rank owns, in reading order."""
         while True:
             if self._it is None:
                 if self.pos >= len(self.order(self.epoch)):
@@ -224,14 +252,16 @@ class SampleStream:
                 counter, self.counter = self.counter, self.counter + 1
                 if counter % self.world != self.rank:
                     continue
-            arrays = self.data.decode(members)
-            if arrays is None:
+            decoded = self.data.decode(members)
+            if decoded is None:
                 self._count("bad_samples")
                 continue
+            if self.accept is not None and not self.accept(decoded[0]):
+                continue
             self.epoch_good = True
-            return (self.order(self.epoch)[self.pos], group), key, arrays
+            return Item((self.order(self.epoch)[self.pos], group), key, *decoded)
 
-    def next_sample(self) -> tuple[Ref, str, dict[str, np.ndarray]]:
+    def next_sample(self) -> Item:
         """The next sample out of the shuffle buffer."""
         while len(self.buffer) < self.size:
             self.buffer.append(self.next_input())
@@ -245,11 +275,11 @@ class SampleStream:
         """The exact position (JSON-able; the buffer by reference)."""
         return {"epoch": self.epoch, "pos": self.pos, "group": self.group, "counter": self.counter,
                 "emitted": self.emitted, "epoch_good": self.epoch_good, "empty_epochs": self.empty_epochs,
-                "split": self.split, "stats": dict(self.stats), "buffer": [list(ref) for ref, _, _ in self.buffer]}
+                "split": self.split, "stats": dict(self.stats), "buffer": [list(item.ref) for item in self.buffer]}
 
     def restore(self, pos: dict[str, Any]) -> None:
         """Continue from `snapshot()`'s position: the buffered samples are re-read from their shards."""
-        if pos.get("split", self.split) != self.split:
+        if pos.get("split", self.split) != self.split:  # (a position rebuilt for a new world size has none)
             raise ValueError("stream position: saved with another shard split (world size changed)")
         for name in ("epoch", "pos", "group", "counter", "emitted", "epoch_good", "empty_epochs"):
             setattr(self, name, type(getattr(self, name))(pos[name]))
@@ -257,28 +287,28 @@ class SampleStream:
         self.buffer = self.read_refs([tuple(r) for r in pos["buffer"]])
         self._it = None
 
-    def read_refs(self, refs: list[Ref]) -> list[tuple[Ref, str, dict[str, np.ndarray]]]:
+    def read_refs(self, refs: list[Ref]) -> list[Item]:
         """The samples at `refs` (in that order), read again from their shards."""
         wanted: dict[int, set[int]] = collections.defaultdict(set)
         for shard, group in refs:
             wanted[shard].add(group)
-        found: dict[Ref, tuple[str, dict[str, np.ndarray]]] = {}
+        found: dict[Ref, Item] = {}
         for shard, groups in wanted.items():
             last = max(groups)
             for group, (key, members) in enumerate(_read_groups(self.data.source, shard)):
                 if group in groups:
-                    arrays = self.data.decode(members)
-                    if arrays is None:
+                    decoded = self.data.decode(members)
+                    if decoded is None:
                         raise ValueError(f"stream position: sample {group} of {self.data.source.names[shard]} "
                                          "no longer reads as it did (the cache changed since the checkpoint)")
-                    found[(shard, group)] = (key, arrays)
+                    found[(shard, group)] = Item((shard, group), key, *decoded)
                 if group >= last:
                     break
         missing = [r for r in refs if r not in found]
         if missing:
             raise ValueError(f"stream position: samples {missing[:3]} are gone from the cache (it changed since "
                              "the checkpoint)")
-        return [(r, *found[r]) for r in refs]
+        return [found[r] for r in refs]
 
 
 def _identity(x: Any) -> Any:
@@ -287,28 +317,66 @@ def _identity(x: Any) -> Any:
 
 class StreamBatches(IterableDataset):
     """Yields this rank's batch for steps start, start+1, ... (exactly `steps` of them) as
-    {"step", "data": CachedData of batch // world samples, "position": the stream position after it}."""
+    {"step", "stage", "data": CachedData of batch // world samples of one bucket, "position": the
+    stream position after it}. `plan`/`sources`/`filters`: the stages (default: one stage of `batch`
+    over `data`); each stage streams its source from its start with seed (seed, stage)."""
 
     def __init__(self, data: StreamData, *, batch: int, seed: int, start: int, steps: int, rank: int = 0,
-                 world: int = 1, buffer_size: int = 256, position: dict[str, Any] | None = None) -> None:
-        if batch % world:
-            raise ValueError(f"batch_size {batch} is not divisible by the world size {world}")
-        self.data, self.batch, self.seed, self.start, self.steps = data, batch, seed, start, steps
+                 world: int = 1, buffer_size: int = 256, position: dict[str, Any] | None = None,
+                 plan: list[StagePlan] | None = None, sources: dict[str, StreamData] | None = None,
+                 filters: list[Callable[[tuple], bool] | None] | None = None) -> None:
+        self.plan = plan or [StagePlan(index=0, start=0, end=start + steps, batch=batch)]
+        for stage in self.plan:
+            if stage.batch % world:
+                raise ValueError(f"stage {stage.index}: batch_size {stage.batch} is not divisible by the world size {world}")
+        self.sources = sources or {"": data}
+        self.filters = filters or [None] * len(self.plan)
+        self.data, self.seed, self.start, self.steps = data, seed, start, steps
         self.rank, self.world, self.buffer_size, self.position = rank, world, buffer_size, position
 
+    def _stream(self, stage: StagePlan) -> SampleStream:
+        first = min(s.index for s in self.plan if s.cache == stage.cache)
+        return SampleStream(self.sources[stage.cache], seed=self.seed + stage.seed_offset, rank=self.rank,
+                            world=self.world, buffer_size=self.buffer_size, accept=self.filters[stage.index],
+                            count=stage.index == first)
+
     def stream(self) -> SampleStream:
-        s = SampleStream(self.data, seed=self.seed, rank=self.rank, world=self.world, buffer_size=self.buffer_size)
+        """The stream of the first stage, at the saved position (tests and benchmarks)."""
+        s = self._stream(stage_at(self.plan, self.start))
         if self.position:
-            s.restore(self.position)
+            s.restore(self.position["stream"])
         return s
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream = self.stream()
-        local = self.batch // self.world
+        pos = self.position
+        current, stream, partial = None, None, {}
+        done = dict(pos["done"]) if pos else {"bad_samples": 0, "bad_shards": 0}
         for step in range(self.start, self.start + self.steps):
-            rows = [stream.next_sample() for _ in range(local)]
-            data = CachedData.from_arrays([(key, arrays) for _, key, arrays in rows], self.data.encoders)
-            yield {"step": step, "data": data, "position": stream.snapshot()}
+            stage = stage_at(self.plan, step)
+            if stage is not current:
+                if stream is not None:
+                    done = {k: done[k] + stream.stats[k] for k in done}
+                stream, partial = self._stream(stage), {}
+                if pos and current is None and pos["stage"] == stage.index:  # resuming inside this stage
+                    stream.restore(pos["stream"])
+                    partial = {tuple(b): stream.read_refs([tuple(r) for r in refs]) for b, refs in pos["partial"]}
+                elif pos and current is None:  # resuming at a stage boundary: the saved stage is complete
+                    done = {k: done[k] + int(pos["stream"]["stats"][k]) for k in done}
+                current = stage
+            local = stage.batch // self.world
+            while True:
+                item = stream.next_sample()
+                rows = partial.setdefault(item.bucket, [])
+                rows.append(item)
+                if len(rows) == local:
+                    del partial[item.bucket]
+                    break
+            data = CachedData.from_arrays([(r.key, r.arrays) for r in rows], self.sources[stage.cache].encoders)
+            snap = stream.snapshot()
+            position = {"stage": stage.index, "stream": snap, "done": done,
+                        "partial": [[list(b), [list(r.ref) for r in items]] for b, items in partial.items()],
+                        "stats": {k: done[k] + snap["stats"][k] for k in done}}
+            yield {"step": step, "stage": stage.index, "data": data, "position": position}
 
     def __len__(self) -> int:
         return self.steps

@@ -14,9 +14,13 @@ def run(spec: dict[str, Any], callbacks: tuple = ()) -> dict[str, Any]:
     from snapgen_model.training.stream import StreamData
     from tests.reliability import train_child
 
+    original = data_module.load_cache_folder  # train_child imports it at call time: swap it for this run only
     data_module.load_cache_folder = lambda folder, encoders: StreamData.from_folder(folder, encoders)
-    spec = spec | {"extra": {"data": "stream", "shuffle_buffer": 3} | spec.get("extra", {})}
-    return train_child.run(spec, callbacks)
+    try:
+        spec = spec | {"extra": {"data": "stream", "shuffle_buffer": 3} | spec.get("extra", {})}
+        return train_child.run(spec, callbacks)
+    finally:
+        data_module.load_cache_folder = original
 
 
 def main(argv: list[str]) -> None:

@@ -40,7 +40,7 @@ def test_two_process_stream_run_resumes_bitwise(tmp_path):
     assert full["data_skipped"] == {"bad_samples": 6, "bad_shards": 1}  # summed over ranks, as load_cache_folder
     meta = json.loads((tmp_path / "full" / "step-00000002" / "state.json").read_text())
     ranks = meta["data_position"]["ranks"]
-    assert meta["data_position"]["world"] == 2 and ranks[0] != ranks[1] and all(p["emitted"] == 4 for p in ranks)
+    assert meta["data_position"]["world"] == 2 and ranks[0] != ranks[1] and all(p["stream"]["emitted"] == 4 for p in ranks)
     shutil.copytree(tmp_path / "full" / "step-00000002", tmp_path / "part" / "step-00000002")
     resumed = launch(tmp_path, "resumed", cache, tmp_path / "part")
     assert resumed["resumed_from"].endswith("step-00000002") and resumed["step"] == 4

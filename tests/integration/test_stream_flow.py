@@ -44,7 +44,7 @@ def test_pretrain_and_distill_flows_stream_the_cache(tmp_path, monkeypatch, tiny
     assert pre["step"] == 3 and pre["data_skipped"] == {"bad_samples": 0, "bad_shards": 0}
     state = tmp_path / "home" / "runs" / f"pretrain-{pre['key']}" / "state"
     meta = json.loads((state / "step-00000002" / "state.json").read_text())
-    assert meta["pretrain"]["data"] == "stream" and meta["data_position"]["ranks"][0]["emitted"] == 4
+    assert meta["pretrain"]["data"] == "stream" and meta["data_position"]["ranks"][0]["stream"]["emitted"] == 4
     metrics = MlflowClient(mlflow_server.uri).get_run(pre["mlflow_run_id"]).data.metrics
     assert metrics["data/bad_samples"] == 0
     params = DistillParams(cache_uri=cache["uri"], student_uri=pre["student"]["unet"].rsplit("/", 1)[0],

@@ -62,4 +62,4 @@ def test_stream_sigkill_then_resume_matches_uninterrupted_run(stage, tmp_path):
     final_a, final_b = latest_state(tmp_path / "full" / "state"), latest_state(killed_root)
     for name in ("modules.safetensors", "optimizer.safetensors"):
         assert (final_a / name).read_bytes() == (final_b / name).read_bytes(), f"{name} (k={k}, resumed at {saved})"
-    assert json.loads((final_b / "state.json").read_text())["data_position"]["ranks"][0]["buffer"]
+    assert json.loads((final_b / "state.json").read_text())["data_position"]["ranks"][0]["stream"]["buffer"]

@@ -89,7 +89,7 @@ def epoch0_keys(data: StreamData, rank: int, world: int) -> tuple[list[str], dic
     s = SampleStream(data, seed=3, rank=rank, world=world, buffer_size=1)
     keys = []
     while True:
-        _, key, _ = s.next_input()
+        key = s.next_input().key
         if s.epoch > 0:
             return keys, s.stats
         keys.append(key)
@@ -151,7 +151,7 @@ def test_position_restores_exactly(tmp_path, cut):
     b.restore(position)
     again = [b.next_sample() for _ in range(20)]
     assert [r[:2] for r in rest] == [r[:2] for r in again]
-    assert all(np.array_equal(x[2][n], y[2][n]) for x, y in zip(rest, again) for n in x[2])
+    assert all(np.array_equal(x.arrays[n], y.arrays[n]) for x, y in zip(rest, again) for n in x.arrays)
     assert a.snapshot() == b.snapshot()
 
 
@@ -217,7 +217,8 @@ def test_pretrain_stream_resume_is_bitwise_identical(tmp_path):
     assert part["step"] == 3
     meta = json.loads((latest_state(tmp_path / "part") / "state.json").read_text())
     assert meta["step"] == 3 and meta["data_position"]["world"] == 1
-    assert len(meta["data_position"]["ranks"][0]["buffer"]) == 5 and meta["data_position"]["ranks"][0]["emitted"] == 12
+    position = meta["data_position"]["ranks"][0]["stream"]
+    assert len(position["buffer"]) == 5 and position["emitted"] == 12
     resumed = fit(PRESET, cfg(), stream(), CACHE, tmp_path / "part")
     assert resumed["resumed_from"].endswith("step-00000003") and resumed["step"] == 6
     assert resumed["data_skipped"] == full["data_skipped"]
