@@ -105,9 +105,11 @@ def cache_shard(dataset_uri: str, shard: dict[str, Any], out_uri: str, bundle: s
                                      cfg.targets_per_sample > 0)
     samples, skipped = read_curated_shard(store, store.join(dataset_uri, shard["name"]), shard.get("samples"))
     # images of several sizes (aspect buckets) are encoded size by size; members keep the shard's order
+    labelled = any("label" in s for s in samples)  # class labels (ImageNet-style `cls` members) are cached too
     members = cache_samples([s["__key__"] for s in samples], [s["image"] for s in samples],
                             [s.get("caption", "") for s in samples], vae=vae, encoders=encs, teacher=teacher, cfg=cfg,
-                            encode=lambda *a, **k: cache_batch(*a, **k))  # (looked up per call: tests patch it)
+                            encode=lambda *a, **k: cache_batch(*a, **k),  # (looked up per call: tests patch it)
+                            labels=[s.get("label") for s in samples] if labelled else None)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, f"{name}.tar")
         info = write_shard(iter(members), local)

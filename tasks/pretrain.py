@@ -170,15 +170,25 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
         else:
             data = training_data(cache_dir, encoders, cfg.data, stage_caches)
             student_preset = get_preset(preset, overrides)
-            preview = preview_callback(cache_manifest, student_preset, run, cfg.sample_every)
+            # previews render text prompts: none for a class-conditional student
+            preview = (preview_callback(cache_manifest, student_preset, run, cfg.sample_every)
+                       if student_preset.unet.conditioning == "text" else None)
             result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
                          state_root, loggers=[lightning_logger(settings, run.run_id)],
                          upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
                          callbacks=[preview] if preview else [])
             module = result.pop("module", None)
             skipped = result.get("data_skipped", {})
+            if result.get("kd_note"):  # how a class-conditional student was trained (KD or task only, and why)
+                from prefect import get_run_logger
+
+                logger = get_run_logger()
+                (logger.warning if "task loss only" in result["kd_note"] else logger.info)(result["kd_note"])
+                run.set_tags({"snapgen.kd": result["kd_note"]})
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
                "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}
+        if result.get("kd_note"):
+            out["kd_note"] = result["kd_note"]
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
         if module is not None:
             with tempfile.TemporaryDirectory() as tmp:

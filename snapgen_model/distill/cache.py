@@ -16,12 +16,12 @@ import dataclasses
 import hashlib
 import io
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-from snapgen_model.config_base import ConfigBase, check
+from snapgen_model.config_base import ConfigBase, check, check_choice
 from snapgen_model.diffusion.flow import FlowMatchingConfig, interpolate, sample_timesteps
 
 
@@ -42,8 +42,13 @@ class CacheConfig(ConfigBase):
     resolution: int = 0
     bucket_aspects: tuple[float, ...] = (0.5, 0.75, 1.0, 1.333, 2.0)  # bucket centres (w/h), as curation's
     size_multiple: int = 32  # bucket sides are multiples of this (VAE factor x UNet down-sampling)
+    # what the cached teacher targets are conditioned on: "text" (the SD3 teacher on the captions), or
+    # "class" (a class-conditional teacher called teacher(x_t, t, labels=...)); a class-conditional
+    # student distils only from "class" targets (with "text" ones it trains on the task loss alone)
+    target_condition: Literal["text", "class"] = "text"
 
     def __post_init__(self) -> None:
+        check_choice(self.target_condition, "cache.target_condition", ("text", "class"))
         check(self.resolution >= 0, "cache.resolution", "must be >= 0 (0 = keep each image's size)")
         check(len(self.bucket_aspects) >= 1 and all(a > 0 for a in self.bucket_aspects), "cache.bucket_aspects",
               "needs at least one aspect ratio > 0")
@@ -96,9 +101,11 @@ def fit_to_bucket(image: np.ndarray, cfg: CacheConfig) -> np.ndarray:
 
 
 def cache_samples(keys: Sequence[str], images: Sequence[np.ndarray], captions: Sequence[str], *, vae, encoders: dict,
-                  teacher=None, cfg: CacheConfig, encode=None) -> list[dict[str, bytes]]:
+                  teacher=None, cfg: CacheConfig, encode=None,
+                  labels: Sequence[int | None] | None = None) -> list[dict[str, bytes]]:
     """`cache_batch` (or `encode`, same signature) over samples of any sizes: images fitted to their
-    buckets, grouped by size, encoded `cfg.batch_size` at a time; members in the samples' order."""
+    buckets, grouped by size, encoded `cfg.batch_size` at a time; members in the samples' order.
+    `labels`: class labels (ImageNet-style datasets), stored per sample."""
     encode = encode or cache_batch
     fitted = [fit_to_bucket(im, cfg) for im in images]
     groups: dict[tuple, list[int]] = {}
@@ -108,8 +115,9 @@ def cache_samples(keys: Sequence[str], images: Sequence[np.ndarray], captions: S
     for rows in groups.values():
         for j in range(0, len(rows), cfg.batch_size):
             part = rows[j:j + cfg.batch_size]
+            kw = {"labels": [labels[i] for i in part]} if labels is not None else {}
             members = encode([keys[i] for i in part], [fitted[i] for i in part], [captions[i] for i in part],
-                             vae=vae, encoders=encoders, teacher=teacher, cfg=cfg)
+                             vae=vae, encoders=encoders, teacher=teacher, cfg=cfg, **kw)
             for i, m in zip(part, members):
                 out[i] = m
     return out  # type: ignore[return-value]
@@ -134,8 +142,9 @@ def load_npy(data: bytes) -> np.ndarray:
 
 @torch.no_grad()
 def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Sequence[str], *, vae, encoders: dict,
-                teacher=None, cfg: CacheConfig) -> list[dict[str, bytes]]:
-    """Cached WebDataset members for one batch of samples (see module docstring)."""
+                teacher=None, cfg: CacheConfig, labels: Sequence[int | None] | None = None) -> list[dict[str, bytes]]:
+    """Cached WebDataset members for one batch of samples (see module docstring); `labels`: class
+    labels stored as `label.npy` (int64), and the condition of "class" teacher targets."""
     from snapgen_model.distill.text import sd3_teacher_condition
 
     device = next(vae.parameters()).device
@@ -144,6 +153,8 @@ def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Seq
     out = []
     for i, key in enumerate(keys):
         members = {"__key__": key, "latent.npy": _npy(latents[i], cfg.feature_dtype)}
+        if labels is not None and labels[i] is not None:
+            members["label.npy"] = _npy(np.asarray(int(labels[i]), dtype=np.int64), "int64")
         for name, e in encoded.items():
             members[f"{name}.tokens.npy"] = _npy(e.tokens[i], cfg.feature_dtype)
             members[f"{name}.mask.npy"] = _npy(e.mask[i].to(torch.int8), "int8")
@@ -152,13 +163,20 @@ def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Seq
         out.append(members)
     if teacher is None or cfg.targets_per_sample == 0:
         return out
-    cond = sd3_teacher_condition(encoded, cfg.teacher_clip_encoders, teacher.transformer.config.joint_attention_dim,
-                                 cfg.teacher_t5_encoder or None)
+    if cfg.target_condition == "class":
+        if labels is None or any(label is None for label in labels):
+            raise ValueError("cache.target_condition=class: every sample needs a class label")
+        y = torch.tensor([int(label) for label in labels], device=device)
+        run = lambda x, t: teacher(x, t, labels=y)  # noqa: E731
+    else:
+        cond = sd3_teacher_condition(encoded, cfg.teacher_clip_encoders, teacher.transformer.config.joint_attention_dim,
+                                     cfg.teacher_t5_encoder or None)
+        run = lambda x, t: teacher(x, t, cond["context"], cond["pooled"])  # noqa: E731
     for k in range(cfg.targets_per_sample):
         pairs = [draw_pair(key, k, latents.shape[1:], cfg) for key in keys]
         t = torch.stack([p[0] for p in pairs])
         x_t = interpolate(latents, torch.stack([p[1] for p in pairs]), t)
-        res = teacher(x_t.to(device), t.to(device), cond["context"], cond["pooled"])
+        res = run(x_t.to(device), t.to(device))
         for i, members in enumerate(out):
             members[f"t{k}.npy"] = _npy(t[i:i + 1], "float32")
             members[f"v{k}.npy"] = _npy(res.velocity[i], cfg.feature_dtype)

@@ -112,6 +112,7 @@ class CachedData:
     t: torch.Tensor | None  # (N, K) pre-drawn timesteps of the cached targets
     v: torch.Tensor | None  # (N, K, C, h, w) teacher velocity targets
     features: dict[str, torch.Tensor]  # teacher feature name -> (N, K, T, D)
+    labels: torch.Tensor | None = None  # (N,) int64 class labels (class-conditional caches)
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # corrupt data left out (load_cache_folder)
 
     @property
@@ -146,6 +147,8 @@ class CachedData:
             t=torch.stack([arr(f"t{i}.npy")[:, 0] for i in range(k)], 1) if k else None,
             v=torch.stack([arr(f"v{i}.npy") for i in range(k)], 1) if k else None,
             features={f: torch.stack([arr(f"f{i}.{f}.npy") for i in range(k)], 1) for f in feats} if k else {},
+            labels=(torch.from_numpy(np.stack([m["label.npy"] for _, m in samples]).astype(np.int64)).reshape(-1)
+                    if "label.npy" in first else None),
         )
 
     def select(self, idx: torch.Tensor) -> "CachedData":
@@ -156,7 +159,8 @@ class CachedData:
                           pooled={e: x[idx] for e, x in self.pooled.items()},
                           mask={e: x[idx] for e, x in self.mask.items()},
                           t=None if self.t is None else self.t[idx], v=None if self.v is None else self.v[idx],
-                          features={f: x[idx] for f, x in self.features.items()})
+                          features={f: x[idx] for f, x in self.features.items()},
+                          labels=None if self.labels is None else self.labels[idx])
 
 
 @dataclasses.dataclass

@@ -154,6 +154,9 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         `conditioner`: the pretrained (EMA) student and its text conditioner (copied, not mutated);
         `data`: CachedData (`cfg.data="memory"`) or StreamData (`cfg.data="stream"`)."""
         super().__init__()
+        if preset.unet.conditioning != "text":
+            raise ValueError("step distillation: class-conditional students (unet.conditioning=class) are not supported "
+                             "(the discriminator's teacher and the KD targets are text-conditioned)")
         self.sources = as_sources(data)
         data = self.sources[""]
         if (cfg.data == "stream") != isinstance(data, StreamData):

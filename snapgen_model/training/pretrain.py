@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from typing import Any, Literal
@@ -39,6 +40,9 @@ from snapgen_model.training.state import load_state, save_state
 from snapgen_model.training.stream import StreamData
 
 
+log = logging.getLogger(__name__)
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
 
@@ -58,6 +62,7 @@ class PretrainConfig(ConfigBase):
     mode: Literal["cached", "online"] = "cached"  # cached teacher targets, or the teacher run online
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)  # distillation terms
     encoder_dropout: float = 0.1  # per-encoder condition dropout probability (SPEC 3)
+    label_dropout: float = 0.1  # class-conditional students: probability a label is replaced by the null label (CFG)
     seed: int = 0  # seeds init, batches and every per-step draw
     checkpoint_every: int = 100  # steps between full-state checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # retention
@@ -92,6 +97,7 @@ class PretrainConfig(ConfigBase):
         check(self.lr > 0, "pretrain.lr", "must be > 0")
         check(0 <= self.ema_decay < 1, "pretrain.ema_decay", "must be in [0, 1)")
         check(0 <= self.encoder_dropout <= 1, "pretrain.encoder_dropout", "must be in [0, 1]")
+        check(0 <= self.label_dropout <= 1, "pretrain.label_dropout", "must be in [0, 1]")
         check_choice(self.mode, "pretrain.mode", ("cached", "online"))
         check(self.max_nonfinite >= 0, "pretrain.max_nonfinite", "must be >= 0")
         check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
@@ -133,12 +139,18 @@ class PretrainModule(DataFeed, pl.LightningModule):
         torch.manual_seed(cfg.seed)
         self.student = SnapGenUNet(preset.unet)
         ref = self.reference_data()
-        dims = {e: (ref.tokens[e].shape[-1], ref.pooled[e].shape[-1] if e in ref.pooled else 0) for e in ref.tokens}
-        self.conditioner = TextConditioner(TextConditionerConfig(width=preset.unet.context_dim,
-                                                                 pooled_dim=preset.unet.pooled_dim), dims)
+        self.class_cond = preset.unet.conditioning == "class"
+        self.class_kd = self._check_class_mode(ref) if self.class_cond else False
+        if self.class_cond:  # labels condition the UNet directly (class embedding with a null label for CFG)
+            self.conditioner = None
+        else:
+            dims = {e: (ref.tokens[e].shape[-1], ref.pooled[e].shape[-1] if e in ref.pooled else 0) for e in ref.tokens}
+            self.conditioner = TextConditioner(TextConditionerConfig(width=preset.unet.context_dim,
+                                                                     pooled_dim=preset.unet.pooled_dim), dims)
         self.feature_name = cfg.kd.teacher_feature or (sorted(ref.features)[-1] if ref.features else "")
         tdim = teacher_dim or (ref.features[self.feature_name].shape[-1] if self.feature_name else 0)
-        self.use_feat = cfg.kd.feature_kd and cfg.kd.combine != "task_only" and bool(tdim)
+        self.use_feat = (cfg.kd.feature_kd and cfg.kd.combine != "task_only" and bool(tdim)
+                         and (self.class_kd or not self.class_cond))
         ch = self.student.feature_channels()[cfg.kd.student_feature]
         self.projector = FeatureProjector(ch, tdim) if self.use_feat else torch.nn.Identity()
         self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
@@ -146,6 +158,34 @@ class PretrainModule(DataFeed, pl.LightningModule):
         self.task_loss, self.out_loss, self.feat_loss = TaskLoss(), OutputKDLoss(), FeatureKDLoss()
         self.nonfinite_total, self.nonfinite_run, self._t0 = 0, 0, None
         self.setup_plan(stage_configs(cfg.stages, cfg.steps, cfg.batch_size), preset.latent.downsample)
+
+    def _check_class_mode(self, ref: CachedData) -> bool:
+        """Class-conditional student: labels must be cached; returns whether KD targets apply (the
+        cached targets are class-conditional), logging the choice."""
+        if self.cfg.mode == "online":
+            raise ValueError("pretrain.mode=online: the online teacher is text-conditioned; a class-conditional "
+                             "student (unet.conditioning=class) trains on cached latents (mode=cached)")
+        if ref.labels is None:
+            raise ValueError("class-conditional training (unet.conditioning=class) needs class labels in the cache "
+                             "(label.npy per sample, cached from the dataset's `cls` labels); this cache has none")
+        targets = ref.targets
+        kd = targets > 0 and self.cache_cfg.target_condition == "class" and self.cfg.kd.combine != "task_only"
+        if kd:
+            self.kd_note = (f"class-conditional training: KD from {targets} cached class-conditional teacher targets "
+                            f"per sample (kd.combine={self.cfg.kd.combine}) + the task loss, label dropout "
+                            f"{self.cfg.label_dropout:.2f}")
+            log.info(self.kd_note)
+        else:
+            why = ("the cache holds no teacher targets" if not targets else
+                   f"the cached teacher targets are {self.cache_cfg.target_condition}-conditioned "
+                   "(cache.target_condition), not class-conditional" if self.cache_cfg.target_condition != "class"
+                   else "kd.combine=task_only")
+            self.kd_note = (f"class-conditional training: task loss only, no KD terms ({why}); label dropout "
+                            f"{self.cfg.label_dropout:.2f}")
+            log.warning(self.kd_note)
+        return kd
+
+    kd_note: str = ""  # how a class-conditional student is trained (logged; in the fit result)
 
     def current_step(self) -> int:
         return self.start_step + self.global_step
@@ -162,7 +202,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
     def _targets(self, b: CachedData, latent: torch.Tensor, g: torch.Generator, cond_teacher: dict | None):
         """(t, noise, v_teacher | None, teacher tokens | None) for the batch `b`."""
         n = len(b)
-        if self.cfg.mode == "cached" and b.targets:
+        if self.cfg.mode == "cached" and b.targets and (self.class_kd or not self.class_cond):
             k = torch.randint(b.targets, (n,), generator=g)
             rows = torch.arange(n)
             pairs = [draw_pair(key, int(kk), latent.shape[1:], self.cache_cfg) for key, kk in zip(b.keys, k)]
@@ -181,6 +221,22 @@ class PretrainModule(DataFeed, pl.LightningModule):
     @staticmethod
     def _encoded(b: CachedData) -> dict[str, Encoded]:
         return {e: Encoded(b.tokens[e], b.pooled.get(e), b.mask[e]) for e in b.tokens}
+
+    def _condition(self, b: CachedData, encoded: dict[str, Encoded], g: torch.Generator):
+        """(UNet condition kwargs, (B,) bool: condition dropped). Text: per-encoder dropout (SPEC 3);
+        class: each label replaced by the null label (num_classes) with probability label_dropout."""
+        if self.class_cond:
+            num = self.preset.unet.num_classes
+            labels = b.labels
+            if labels.min() < 0 or labels.max() >= num:
+                raise ValueError(f"class labels out of range [0, {num}) in this batch (min {int(labels.min())}, "
+                                 f"max {int(labels.max())}): set unet.num_classes to the dataset's class count")
+            drop = torch.rand(len(b), generator=g) < self.cfg.label_dropout
+            return {"labels": torch.where(drop, num, labels).to(self.device)}, drop
+        drop = self.conditioner.sample_drop(len(b), {e: self.cfg.encoder_dropout for e in encoded}, g)
+        cond = self.conditioner({e: Encoded(x.tokens.to(self.device), None if x.pooled is None else x.pooled.to(self.device),
+                                            x.mask) for e, x in encoded.items()}, drop)
+        return cond, drop.any(1)
 
     def project(self, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Student feature map (B, C, h, w) onto the teacher's token grid (B, T, D). A non-square
@@ -208,19 +264,17 @@ class PretrainModule(DataFeed, pl.LightningModule):
             teacher_cond = sd3_teacher_condition(encoded, self.cache_cfg.teacher_clip_encoders,
                                                  self.teacher.transformer.config.joint_attention_dim)
         t, noise, v_teacher, t_feats = self._targets(b, latent, g, teacher_cond)
-        drop = self.conditioner.sample_drop(len(b), {e: self.cfg.encoder_dropout for e in encoded}, g)
-        cond = self.conditioner({e: Encoded(x.tokens.to(self.device), None if x.pooled is None else x.pooled.to(self.device),
-                                            x.mask) for e, x in encoded.items()}, drop)
+        cond, dropped = self._condition(b, encoded, g)
         t, noise = t.to(self.device), noise.to(self.device)
         v, feats = self.student(interpolate(latent, noise, t), t, **cond, return_features=True)
         terms = {"task": self.task_loss(v, noise - latent)}
-        kd = self.cfg.kd.combine != "task_only"
+        kd = self.cfg.kd.combine != "task_only" and (self.class_kd or not self.class_cond)
         if kd and self.cfg.kd.output_kd and v_teacher is not None:
             terms["out"] = self.out_loss(v, v_teacher.to(self.device))
         if kd and self.use_feat and t_feats is not None:
             proj = self.project(feats[self.cfg.kd.student_feature], t_feats)
             terms["feat"] = self.feat_loss(proj, t_feats.to(self.device))
-        loss, logs = self.objective(terms, t, mask=~drop.any(1).to(self.device))
+        loss, logs = self.objective(terms, t, mask=~dropped.to(self.device))
         if not torch.isfinite(loss):
             return self._skip_nonfinite(step)
         self.nonfinite_run = 0
@@ -260,7 +314,8 @@ class PretrainModule(DataFeed, pl.LightningModule):
                 e.lerp_(s, 1 - decay)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {"student": self.student, "ema": self.ema, "conditioner": self.conditioner, "projector": self.projector}
+        modules = {"student": self.student, "ema": self.ema, "conditioner": self.conditioner, "projector": self.projector}
+        return {k: m for k, m in modules.items() if m is not None}
 
     def save_training_state(self, folder, trainer) -> Any:
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
@@ -311,7 +366,7 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
         if module.streaming and module.resume_position:
             module.data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
-                "module": module, "data_skipped": module.data_skipped()}
+                "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note}
     module.resume_from = start_path
     ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
     trainer = pl.Trainer(
@@ -326,7 +381,7 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
-            "module": module, "data_skipped": module.data_skipped()}
+            "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note}
 
 
 def save_student(module: PretrainModule, folder) -> dict[str, str]:
@@ -342,6 +397,8 @@ def save_student(module: PretrainModule, folder) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     unet = copy.deepcopy(module.ema)
     unet_path = save_model(unet, folder / "unet_ema.safetensors", preset=module.preset)
+    if module.conditioner is None:  # class-conditional: the labels are the condition, no text conditioner
+        return {"unet": str(unet_path)}
     dims = {e: [int(l.in_features), int(p)] for e, l in module.conditioner.proj.items()
             for p in [module.conditioner.null_pooled[e].numel() if e in module.conditioner.null_pooled else 0]}
     meta = {"snapgen.kind": "TextConditioner", "snapgen.encoders": json.dumps(dims),
