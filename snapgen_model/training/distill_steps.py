@@ -10,6 +10,9 @@ teacher's features, `snapgen_model.distill.adversarial`). Per training step:
 2. One generator update: L_G = adv_weight * L_adv(D(fake)) + kd_weight * S(L_task, L_out), the
    timestep-aware scaled output KD of pretraining (SPEC 5) against cached (or online) teacher targets.
 3. The EMA update of the student.
+4. The learning rates of both optimisers follow `lr_lambda` (linear warm-up over `warmup_steps`,
+   then cosine decay to `min_lr_ratio` at `steps`, as pretraining); the defaults (no warm-up,
+   floor 1) keep them constant, as the toy calibration was made with constant rates.
 
 Generator forward [U]: the N-step few-step sampler (x0 prediction, re-noise with seeded noise) is
 run without gradients up to a step j, and step j is run with gradients; its x0 prediction is the
@@ -52,7 +55,7 @@ from snapgen_model.distill.text import Encoded, TextConditioner, sd3_teacher_con
 from snapgen_model.training.data import CachedData
 from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
 from snapgen_model.training.stages import stage_configs
-from snapgen_model.training.pretrain import NonFiniteLossError, save_student
+from snapgen_model.training.pretrain import NonFiniteLossError, lr_lambda, save_student
 from snapgen_model.training.state import load_state, save_state
 from snapgen_model.training.stream import StreamData
 
@@ -65,6 +68,8 @@ class StepDistillConfig(ConfigBase):
     batch_size: int = 16  # batch per step
     lr_g: float = 1e-5  # Adam learning rate of the generator (student + conditioner) [U]
     lr_d: float = 1e-4  # Adam learning rate of the discriminator heads [U]
+    warmup_steps: int = 0  # linear LR warm-up of both optimisers (0 = none) [U]
+    min_lr_ratio: float = 1.0  # cosine decay floor of both LRs, as a fraction of lr_g / lr_d (1 = constant) [U]
     adam_beta1: float = 0.5  # Adam beta1 of both optimisers (GAN practice) [U]
     d_updates: int = 1  # discriminator updates per generator update (the update ratio) [U]
     sampler_steps: int = 4  # N: student sampler steps (4 or 8 in the paper) [P]
@@ -100,6 +105,8 @@ class StepDistillConfig(ConfigBase):
         check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
         check(self.lr_g > 0, "distill.lr_g", "must be > 0")
         check(self.lr_d > 0, "distill.lr_d", "must be > 0")
+        check(self.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "distill.min_lr_ratio", "must be in [0, 1] (1 = constant rates)")
         check(0 <= self.adam_beta1 < 1, "distill.adam_beta1", "must be in [0, 1)")
         check(self.d_updates >= 1, "distill.d_updates", "must be >= 1")
         check(1 <= self.sampler_steps <= 64, "distill.sampler_steps", "must be in [1, 64]")
@@ -146,6 +153,20 @@ class OptimizerPair:
                                      "param_groups": [dict(g, params=[p - n for p in g["params"]]) for g in groups[k:]]})
 
 
+class SchedulerPair:
+    """The generator's and the discriminator's LR schedulers seen as one by `save_state`/`load_state`."""
+
+    def __init__(self, generator, discriminator) -> None:
+        self.generator, self.discriminator = generator, discriminator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.generator.load_state_dict(sd["generator"])
+        self.discriminator.load_state_dict(sd["discriminator"])
+
+
 class StepDistillModule(DataFeed, pl.LightningModule):
     def __init__(self, preset: SnapGenConfig, cfg: StepDistillConfig, data: CachedData | StreamData,
                  cache_cfg: CacheConfig, *, teacher, student: torch.nn.Module, conditioner: TextConditioner,
@@ -188,8 +209,13 @@ class StepDistillModule(DataFeed, pl.LightningModule):
 
     def configure_optimizers(self):
         betas = (self.cfg.adam_beta1, 0.999)
-        return [torch.optim.Adam(self.generator_parameters(), lr=self.cfg.lr_g, betas=betas),
+        opts = [torch.optim.Adam(self.generator_parameters(), lr=self.cfg.lr_g, betas=betas),
                 torch.optim.Adam(self.discriminator.heads.parameters(), lr=self.cfg.lr_d, betas=betas)]
+        return opts, [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.cfg)) for o in opts]
+
+    def schedulers(self) -> SchedulerPair:
+        generator, discriminator = (c.scheduler for c in self.trainer.lr_scheduler_configs)
+        return SchedulerPair(generator, discriminator)
 
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.global_rank + 17)
@@ -271,6 +297,14 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         opt.step()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
+        try:
+            return self._training_step(batch)
+        finally:  # every step, skipped ones too: the LRs of step s are lr_lambda(s) on any resume
+            sched = self.schedulers()
+            sched.generator.step()
+            sched.discriminator.step()
+
+    def _training_step(self, batch: dict[str, Any]):
         step, b = int(batch["step"]), self.batch_data(batch)
         self.steps_done = step + 1 - self.start_step
         g, (opt_g, opt_d) = self._generator(step), self.optimizers()
@@ -291,7 +325,8 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         self.update_ema(step)
         self.nonfinite_run = 0
         if step % self.cfg.log_every == 0:
-            metrics = logs | g_logs | {"nonfinite/total": float(self.nonfinite_total)}
+            metrics = logs | g_logs | {"nonfinite/total": float(self.nonfinite_total),
+                                       "lr/g": opt_g.param_groups[0]["lr"], "lr/d": opt_d.param_groups[0]["lr"]}
             self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(b))
         return {"loss_g": g_loss.detach(), "loss_d": logs["loss/d"], "acc_real": logs["d/acc_real"],
                 "acc_fake": logs["d/acc_fake"]}
@@ -316,14 +351,14 @@ class StepDistillModule(DataFeed, pl.LightningModule):
 
     def save_training_state(self, folder, trainer) -> Path:
         return save_state(folder, modules=self.trainable_modules(), optimizer=OptimizerPair(*trainer.optimizers),
-                          scheduler=None, step=self.current_step(),
+                          scheduler=self.schedulers(), step=self.current_step(),
                           extra={"nonfinite_total": self.nonfinite_total, "preset": self.preset.to_dict(),
                                  "distill": self.cfg.to_dict(), "data_position": self.data_position()})
 
     def on_train_start(self) -> None:
         if self.resume_from is not None:
             meta = load_state(self.resume_from, modules=self.trainable_modules(),
-                              optimizer=OptimizerPair(*self.trainer.optimizers))
+                              optimizer=OptimizerPair(*self.trainer.optimizers), scheduler=self.schedulers())
             self.nonfinite_total = meta.get("nonfinite_total", 0)
 
     def on_train_end(self) -> None:
