@@ -209,13 +209,23 @@ class StepDistillModule(DataFeed, pl.LightningModule):
 
     def configure_optimizers(self):
         betas = (self.cfg.adam_beta1, 0.999)
-        opts = [torch.optim.Adam(self.generator_parameters(), lr=self.cfg.lr_g, betas=betas),
+        return [torch.optim.Adam(self.generator_parameters(), lr=self.cfg.lr_g, betas=betas),
                 torch.optim.Adam(self.discriminator.heads.parameters(), lr=self.cfg.lr_d, betas=betas)]
-        return opts, [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.cfg)) for o in opts]
+
+    _schedulers: SchedulerPair | None = None
 
     def schedulers(self) -> SchedulerPair:
-        generator, discriminator = (c.scheduler for c in self.trainer.lr_scheduler_configs)
-        return SchedulerPair(generator, discriminator)
+        """The two LambdaLR schedulers (made on first use, at train start: manual optimisation steps
+        them itself, once per training step)."""
+        if self._schedulers is None:
+            generator, discriminator = (torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.cfg))
+                                        for o in self.trainer.optimizers)
+            self._schedulers = SchedulerPair(generator, discriminator)
+        return self._schedulers
+
+    def _rows(self, batch_or_idx) -> CachedData:
+        """A batch's CachedData (an index tensor selects rows of the in-memory data)."""
+        return self.data.select(batch_or_idx) if isinstance(batch_or_idx, torch.Tensor) else batch_or_idx
 
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.global_rank + 17)
@@ -224,7 +234,7 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         return torch.randn(like.shape, generator=g).to(like.device, like.dtype)  # drawn on CPU: device-independent
 
     def _encoded(self, b: CachedData) -> dict[str, Encoded]:
-        dev = self.device
+        b, dev = self._rows(b), self.device
         return {e: Encoded(b.tokens[e].to(dev), b.pooled[e].to(dev) if e in b.pooled else None,
                            b.mask[e].to(dev)) for e in b.tokens}
 
@@ -279,6 +289,7 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         return t, noise, v
 
     def generator_loss(self, b, latent, encoded, tcond, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        b = self._rows(b)
         cond = self.conditioner(encoded)
         fake = self.generate(self._randn(latent, g), cond, self._draw_step(g), g)
         t = sample_renoise_t(len(latent), self.cfg.discriminator, g).to(self.device)
@@ -356,6 +367,7 @@ class StepDistillModule(DataFeed, pl.LightningModule):
                                  "distill": self.cfg.to_dict(), "data_position": self.data_position()})
 
     def on_train_start(self) -> None:
+        self.schedulers()  # the rates of step 0 (then restored below when resuming)
         if self.resume_from is not None:
             meta = load_state(self.resume_from, modules=self.trainable_modules(),
                               optimizer=OptimizerPair(*self.trainer.optimizers), scheduler=self.schedulers())
