@@ -11,18 +11,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_pretrain_and_distill_flows_stream_the_cache(tmp_path, monkeypatch, tiny_bundle, prefect_harness,
-                                                     mlflow_server, one_thread):
+                                                     mlflow_server):
     from mlflow.tracking import MlflowClient
 
     from flows.cache import CacheParams, cache_teacher_flow

@@ -20,14 +20,6 @@ from snapgen_model.distill.adversarial import (
 from snapgen_model.config_base import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_teacher(layers=(0, -1)):
     """A random 2-block SD3 transformer (8x8x16 latents, patch 2: 16 tokens of width 32)."""

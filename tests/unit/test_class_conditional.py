@@ -25,13 +25,6 @@ TEXT_TARGETS, CLASS_TARGETS = CacheConfig(targets_per_sample=2), CacheConfig(tar
                                                                               target_condition="class")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def label(value: int) -> bytes:
     buf = io.BytesIO()

@@ -18,13 +18,6 @@ from tests.unit.test_distill_steps import StopAt, run, synthetic_data
 from tests.unit.test_stages import same, weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 class Rates(pl.Callback):
     """(lr_g, lr_d) in effect during each step."""

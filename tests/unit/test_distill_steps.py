@@ -24,14 +24,6 @@ PRESET = get_preset("toy-smoke")  # context_dim 32, pooled_dim 32, 8x8x16 latent
 CACHE = CacheConfig(targets_per_sample=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def synthetic_data(n: int = 8, k: int = 2) -> CachedData:
     g = torch.Generator().manual_seed(0)

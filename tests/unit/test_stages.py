@@ -34,13 +34,6 @@ PRESET = get_preset("toy-smoke")  # f=4: 8x8 latents at 32 px, 16x16 at 64 px
 CACHE = CacheConfig(targets_per_sample=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def with_features(s: dict, rng, tokens: int) -> dict:
     for k in range(2):

@@ -25,13 +25,6 @@ PRESET = get_preset("toy-smoke")
 CACHE = CacheConfig(targets_per_sample=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def npy(a) -> bytes:
     buf = io.BytesIO()
