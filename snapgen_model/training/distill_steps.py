@@ -373,14 +373,6 @@ class StepDistillModule(DataFeed, pl.LightningModule):
                               optimizer=OptimizerPair(*self.trainer.optimizers), scheduler=self.schedulers())
             self.nonfinite_total = meta.get("nonfinite_total", 0)
 
-    def on_train_end(self) -> None:
-        self.finish_data(self.trainer)
-
-    def train_dataloader(self):
-        if self.streaming:
-            return self.stream_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps,
-                                      buffer=self.cfg.shuffle_buffer, workers=self.cfg.data_workers)
-        return self.memory_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps)
 
 
 def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: CacheConfig, state_root,

@@ -148,6 +148,16 @@ class DataFeed:
             return None
         return {"world": len(self._positions), "ranks": self._positions}
 
+    def train_dataloader(self):
+        """The stream or the in-memory batches from the current step to `cfg.steps` (Lightning hook)."""
+        if self.streaming:
+            return self.stream_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps,
+                                      buffer=self.cfg.shuffle_buffer, workers=self.cfg.data_workers)
+        return self.memory_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps)
+
+    def on_train_end(self) -> None:
+        self.finish_data(self.trainer)
+
     def finish_data(self, trainer) -> None:
         """Collective, at train end: the stream's corrupt-data counters summed over ranks."""
         if self.streaming:

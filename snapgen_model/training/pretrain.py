@@ -337,14 +337,6 @@ class PretrainModule(DataFeed, pl.LightningModule):
         if self.resume_from is not None:
             self.restore(self.resume_from)
 
-    def on_train_end(self) -> None:
-        self.finish_data(self.trainer)
-
-    def train_dataloader(self):
-        if self.streaming:
-            return self.stream_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps,
-                                      buffer=self.cfg.shuffle_buffer, workers=self.cfg.data_workers)
-        return self.memory_loader(seed=self.cfg.seed, start=self.start_step, end=self.cfg.steps)
 
 
 def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig, state_root, *,
