@@ -1,37 +1,24 @@
 """kill -9 during training on the streaming data path, then resume in a new process: at most one
 checkpoint interval lost, and the final weights are bitwise those of an uninterrupted run (the
-stream position, buffer included, travels in the checkpoint). Same protocol as
-tests/reliability/test_kill_resume.py, with `tests.integration.stream_child` as the child."""
+stream position, buffer included, travels in the checkpoint). Same protocol and child as
+tests/reliability/test_kill_resume.py, with `data=stream` in the child's spec."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from snapgen_model.training.state import latest_state
-from tests.integration.stream_child import run as run_in_process
-from tests.reliability.test_kill_resume import checkpoint_step, kill_at_step, progress
+from tests.reliability.test_kill_resume import EVERY, STEPS, checkpoint_step, child, kill_at_step, progress
+from tests.reliability.train_child import run as run_in_process
 from tests.unit.test_stream_data import corrupt_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-STEPS, EVERY = {"pretrain": 14, "distill": 10}, {"pretrain": 3, "distill": 2}
-
-
-def child(spec: dict, folder: Path) -> subprocess.Popen:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spec.json").write_text(json.dumps(spec))
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tests.integration.stream_child", str(folder / "spec.json")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(folder / "stderr.log", "wb"))
+STREAM = {"data": "stream", "shuffle_buffer": 3}
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "distill"])
@@ -40,7 +27,8 @@ def test_stream_sigkill_then_resume_matches_uninterrupted_run(stage, tmp_path):
     cache = corrupt_cache(tmp_path / "cache")
     rng = random.SystemRandom()
     k, jitter = rng.randint(every + 1, steps - 2 * every), rng.uniform(0.0, 0.15)
-    base = {"stage": stage, "cache_dir": str(cache), "steps": steps, "checkpoint_every": every, "throttle_s": 0.15}
+    base = {"stage": stage, "cache_dir": str(cache), "steps": steps, "checkpoint_every": every, "throttle_s": 0.15,
+            "extra": STREAM}
     killed_root = tmp_path / "killed" / "state"
     proc = child(base | {"state_root": str(killed_root), "progress_path": str(tmp_path / "killed" / "progress")},
                  tmp_path / "killed")

@@ -97,7 +97,12 @@ def run(spec: dict[str, Any], callbacks: tuple = (), loggers: list | None = None
 
     preset = get_preset("toy-smoke")
     cache_cfg = CacheConfig(targets_per_sample=2)
-    data = load_cache_folder(spec["cache_dir"], ["clip"])
+    if (spec.get("extra") or {}).get("data") == "stream":  # the streaming data path: the folder is read, not loaded
+        from snapgen_model.training.stream import StreamData
+
+        data = StreamData.from_folder(spec["cache_dir"], ["clip"])
+    else:
+        data = load_cache_folder(spec["cache_dir"], ["clip"])
     callbacks = (*callbacks, progress_callback(spec.get("progress_path"), float(spec.get("throttle_s", 0.0))))
     if spec["stage"] == "pretrain":
         from snapgen_model.training.pretrain import PretrainConfig, fit
