@@ -43,6 +43,13 @@ def workdir(config_hash: str) -> Path:
     return Path(get_settings().home) / "bootstrap" / config_hash
 
 
+def state_dir(folder: str | Path) -> Path:
+    """Resumable training state of the bundle folder `folder`: its sibling `<folder>-state/` (kept out of
+    the bundle, which is published as it is)."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}-state")
+
+
 def bundle_uri(config_hash: str) -> str:
     """Storage URI of the bundle of a config: `<storage root>/teachers/<config hash>`."""
     return Storage.from_settings(get_settings()).uri("teachers", config_hash)
@@ -92,10 +99,21 @@ def find_registered(config_hash: str) -> dict[str, str] | None:
 
 @task(name="train-autoencoder", **compute_task_options(persist_result=False))
 def train_autoencoder_task(config: dict[str, Any], folder: str) -> dict[str, Any]:
-    """Train the toy AE; save it to `<folder>/vae`. Returns {"metrics", "curve"}."""
+    """Train the toy AE; save it to `<folder>/vae`. Returns {"metrics", "curve"}. A rerun after an
+    interruption reuses a finished AE of the same config (its result record is written last)."""
     cfg = bs.ToyBootstrapConfig.from_dict(config)
+    record = state_dir(folder) / "autoencoder.json"
+    if record.is_file() and (Path(folder) / "vae" / "config.json").is_file():
+        done = json.loads(record.read_text())
+        if done.get("config_hash") == cfg.content_hash():
+            get_run_logger().info("autoencoder of config %s already trained in %s: reused", cfg.content_hash(), folder)
+            return {"metrics": done["metrics"], "curve": done["curve"]}
     vae, result = bs.train_autoencoder(cfg, None, device(), _reporter("autoencoder"))
     vae.save_pretrained(Path(folder) / "vae")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(".autoencoder.json.tmp")
+    tmp.write_text(json.dumps({"config_hash": cfg.content_hash(), "metrics": result.metrics, "curve": result.curve}))
+    tmp.replace(record)
     return {"metrics": result.metrics, "curve": result.curve}
 
 
@@ -108,7 +126,7 @@ def train_teacher_task(config: dict[str, Any], folder: str, autoencoder: dict[st
 
     cfg = bs.ToyBootstrapConfig.from_dict(config)
     vae = load_pretrained(AutoencoderKL, str(Path(folder).resolve()), subfolder="vae").to(device())
-    models, result = bs.train_teacher(cfg, None, vae, device(), _reporter("teacher"))
+    models, result = bs.train_teacher(cfg, None, vae, device(), _reporter("teacher"), checkpoint_dir=state_dir(folder))
     metrics = autoencoder["metrics"] | result.metrics
     curves = {"autoencoder": autoencoder["curve"], "teacher": result.curve}
     bs.save_bundle(folder, cfg, vae, models.transformer, models.text_model, models.tokenizer, metrics, curves)

@@ -13,6 +13,16 @@ bundle is then loaded through the production adapters (`bootstrap_bundle.load_bu
   is the classifier-free-guidance null condition at sampling time. Latents of a fixed pool of
   train-split scenes are encoded once; batches are drawn from the pool.
 
+* adaLN-Zero (DiT; edm2 does the same for its outputs): every adaLN modulation, `norm_out` and
+  `proj_out` of the SD3 transformer start at zero, so each block starts as the identity and the
+  output as zero (diffusers' SD3 blocks are not zero-initialised).
+* One EMA (`snapgen_model.training.ema.ModuleEMA`) over the transformer *and* its text encoder, with a
+  window tied to the run length; the bundle ships the EMA pair, the checkpoint keeps both.
+* Resumable: with a checkpoint folder, the teacher loop writes its whole state (models, EMA,
+  optimiser, the batch/noise generator, step, elapsed seconds, loss curve) every `checkpoint_every`
+  steps and at the end; a rerun continues from it (bitwise, for a step-limited run), and a finished
+  run returns its models without training.
+
 Both loops stop at their step count or their wall-clock budget, whichever comes first, and report
 progress through `progress_cb(phase, step, total_steps, info)`.
 """
@@ -20,8 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,6 +52,9 @@ from snapgen_model.training.bootstrap_bundle import (  # noqa: F401  (the bundle
     update_bundle_record)
 from snapgen_model.training.bootstrap_config import (  # noqa: F401  (re-exported)
     BOOTSTRAP_PRESETS, ToyBootstrapConfig, get_bootstrap_config)
+from snapgen_model.training.ema import ModuleEMA, decay_for_run
+
+TEACHER_STATE = "teacher_state.pt"  # the teacher loop's checkpoint file inside its checkpoint folder
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 
@@ -83,10 +98,11 @@ def _to_unit(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 class _Budget:
-    """Stops a loop at `steps` or after `budget_s` seconds (0 = no limit); progress in [0, 1]."""
+    """Stops a loop at `steps` or after `budget_s` seconds (0 = no limit); progress in [0, 1].
+    `offset_s`: seconds already spent by an earlier, resumed part of the same run."""
 
-    def __init__(self, steps: int, budget_s: float) -> None:
-        self.steps, self.budget_s, self.start = steps, budget_s, time.monotonic()
+    def __init__(self, steps: int, budget_s: float, offset_s: float = 0.0) -> None:
+        self.steps, self.budget_s, self.start = steps, budget_s, time.monotonic() - offset_s
 
     @property
     def elapsed(self) -> float:
@@ -234,17 +250,39 @@ def build_text_encoder(cfg: ToyBootstrapConfig, vocabulary: list[str]) -> tuple[
     return tokenizer, model
 
 
+ADALN_ZERO_SUFFIXES = ("norm1.linear", "norm1_context.linear")  # adaLN modulation of every joint block
+
+
+@torch.no_grad()
+def adaln_zero_init(transformer: nn.Module) -> list[str]:
+    """DiT's adaLN-Zero on a diffusers SD3Transformer2DModel: zero every block's adaLN modulation (shift,
+    scale and gate of image and context streams), the final `norm_out` modulation and `proj_out`.
+    Each block then starts as the identity and the output velocity as zero. Returns the zeroed names."""
+    zeroed = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, nn.Linear) and (name.endswith(ADALN_ZERO_SUFFIXES) or name in ("norm_out.linear", "proj_out")):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+            zeroed.append(name)
+    return zeroed
+
+
 def build_teacher(cfg: ToyBootstrapConfig) -> nn.Module:
-    """A randomly initialised diffusers SD3Transformer2DModel over the AE's latents."""
+    """A randomly initialised diffusers SD3Transformer2DModel over the AE's latents (adaLN-Zero when
+    `teacher_zero_init`)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(cfg.seed)
-    return SD3Transformer2DModel(
+    model = SD3Transformer2DModel(
         sample_size=cfg.latent_size, patch_size=cfg.patch_size, in_channels=cfg.ae_latent_channels,
         out_channels=cfg.ae_latent_channels, num_layers=cfg.teacher_layers, attention_head_dim=cfg.teacher_head_dim,
         num_attention_heads=cfg.teacher_heads, joint_attention_dim=cfg.joint_dim, caption_projection_dim=cfg.inner_dim,
         pooled_projection_dim=cfg.pooled_dim, pos_embed_max_size=cfg.latent_size // cfg.patch_size,
         qk_norm=None if cfg.qk_norm == "none" else cfg.qk_norm)
+    if cfg.teacher_zero_init:
+        adaln_zero_init(model)
+    return model
 
 
 def tokenize(tokenizer: Any, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,9 +310,18 @@ def encode_pool(vae: nn.Module, pool: ScenePool, device: torch.device | str, bat
                       for i in range(0, len(pool.captions), batch)])
 
 
+def teacher_ema_decay(cfg: ToyBootstrapConfig) -> float:
+    """The teacher EMA's decay: `teacher_ema_decay` if set (> 0), else a window of 10% of the run."""
+    return cfg.teacher_ema_decay if cfg.teacher_ema_decay > 0 else decay_for_run(cfg.teacher_steps, 0.1)
+
+
 def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Module, device: str | torch.device = "cpu",
-                  progress_cb: ProgressFn | None = None, pool: ScenePool | None = None) -> tuple[TeacherModels, TrainResult]:
-    """Train the SD3 teacher and its text encoder jointly with flow matching on the pool's latents."""
+                  progress_cb: ProgressFn | None = None, pool: ScenePool | None = None,
+                  checkpoint_dir: str | Path | None = None) -> tuple[TeacherModels, TrainResult]:
+    """Train the SD3 teacher and its text encoder jointly with flow matching on the pool's latents.
+
+    Returns the EMA pair (transformer, text encoder) when `teacher_ema`, else the raw pair; the result's
+    metrics say which. With `checkpoint_dir`, the run resumes from (and keeps writing) its state there."""
     started = time.monotonic()
     pool = pool or render_pool(cfg, world)
     latents = encode_pool(vae, pool, device)  # (N, C, h, w)
@@ -284,10 +331,17 @@ def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Mo
     transformer, text_model = build_teacher(cfg).to(device).train(), text_model.to(device).train()
     params = list(transformer.parameters()) + list(text_model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=cfg.teacher_weight_decay)
+    ema = ModuleEMA({"transformer": transformer, "text_model": text_model}, teacher_ema_decay(cfg)) if cfg.teacher_ema else None
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    state_path = Path(checkpoint_dir) / TEACHER_STATE if checkpoint_dir else None
+    step, offset_s, points = 0, 0.0, []
+    if state_path is not None and state_path.is_file():
+        step, offset_s, points = _load_teacher_state(state_path, cfg, transformer, text_model, ema, opt, gen)
     prep_s = time.monotonic() - started
     step_fn = _TeacherStep(cfg, transformer, text_model, device)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    budget, curve, step = _Budget(cfg.teacher_steps, cfg.teacher_time_budget_s), _Curve("teacher", cfg.log_every), 0
+    budget, curve = _Budget(cfg.teacher_steps, cfg.teacher_time_budget_s, offset_s), _Curve("teacher", cfg.log_every)
+    curve.points = list(points)
+    resumed_at = step
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = cfg.teacher_lr * lr_factor(step, budget.progress(step), cfg.teacher_warmup_steps)
@@ -300,16 +354,64 @@ def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Mo
         if cfg.teacher_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.teacher_grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update(step)
         step += 1
-        point = curve.add(step, budget.elapsed, {"loss": loss}, force=budget.done(step))
+        finished = budget.done(step)
+        point = curve.add(step, budget.elapsed, {"loss": loss}, force=finished)
         if point and progress_cb:
             progress_cb("teacher", step, cfg.teacher_steps, point | {"budget_s": cfg.teacher_time_budget_s})
+        if state_path is not None and (finished or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            _save_teacher_state(state_path, cfg, step, budget.elapsed, curve.points, transformer, text_model, ema, opt, gen)
     seconds = budget.elapsed
+    trained = max(step - resumed_at, 0)
+    run_s = max(seconds - offset_s, 1e-9)
     metrics = {"teacher_steps": step, "teacher_seconds": round(seconds, 2), "teacher_prep_seconds": round(prep_s, 2),
-               "teacher_loss": curve.points[-1]["loss"], "teacher_images_per_s": round(step * cfg.teacher_batch / seconds, 1),
+               "teacher_loss": curve.points[-1]["loss"] if curve.points else float("nan"),
+               "teacher_images_per_s": round(trained * cfg.teacher_batch / run_s, 1) if trained else float("nan"),
+               "teacher_resumed_at_step": resumed_at, "teacher_weights": "ema" if ema is not None else "raw",
+               "teacher_ema_decay": ema.decay if ema is not None else 0.0,
                "teacher_params": _params(transformer), "text_encoder_params": _params(text_model),
                "vocabulary": len(tokenizer)}
+    if ema is not None:
+        return TeacherModels(ema["transformer"].eval(), ema["text_model"].eval(), tokenizer), TrainResult(metrics, curve.points)
     return TeacherModels(transformer.eval(), text_model.eval(), tokenizer), TrainResult(metrics, curve.points)
+
+
+def _save_teacher_state(path: Path, cfg: ToyBootstrapConfig, step: int, elapsed: float, points: list[dict[str, float]],
+                        transformer: nn.Module, text_model: nn.Module, ema: ModuleEMA | None,
+                        opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    """The teacher loop's whole state, written atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"config_hash": cfg.content_hash(), "step": step, "elapsed_s": float(elapsed), "curve": list(points),
+             "transformer": transformer.state_dict(), "text_model": text_model.state_dict(),
+             "ema": ema.state_dict() if ema is not None else {}, "optimizer": opt.state_dict(),
+             "generator": gen.get_state()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_teacher_state(path: Path, cfg: ToyBootstrapConfig, transformer: nn.Module, text_model: nn.Module,
+                        ema: ModuleEMA | None, opt: torch.optim.Optimizer,
+                        gen: torch.Generator) -> tuple[int, float, list[dict[str, float]]]:
+    """Restore a checkpoint written by `_save_teacher_state`; (step, elapsed seconds, curve points).
+    A checkpoint of another config is refused with an error naming both hashes."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise ValueError(f"{path}: not a readable teacher checkpoint ({type(exc).__name__}: {exc}); "
+                         "delete it to train from scratch") from None
+    if state.get("config_hash") != cfg.content_hash():
+        raise ValueError(f"{path}: checkpoint of config {state.get('config_hash')}, not of this config "
+                         f"{cfg.content_hash()}; delete it or use another folder")
+    transformer.load_state_dict(state["transformer"])
+    text_model.load_state_dict(state["text_model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return int(state["step"]), float(state["elapsed_s"]), list(state["curve"])
 
 
 class _TeacherStep:

@@ -71,7 +71,8 @@ def test_teacher_loss_falls(trained):
     cfg, _, _, _, models, teacher = trained
     losses = [p["loss"] for p in teacher.curve]
     assert teacher.metrics["teacher_steps"] == cfg.teacher_steps
-    assert losses[-1] < 0.85 * losses[0]
+    # adaLN-Zero starts at the zero velocity (loss ~2, the trivial predictor), so 40 steps gain less than from a random init
+    assert losses[-1] < 0.9 * losses[0]
     assert teacher.metrics["teacher_params"] == sum(p.numel() for p in models.transformer.parameters())
 
 
