@@ -1,0 +1,143 @@
+"""Shipped toy teachers: versioned release artifacts under `releases/` (plain PyTorch, no services).
+
+A release is a toy teacher bundle (`bootstrap_bundle` layout: vae/, transformer/, text_encoder/ with its
+tokenizer, bundle.json) saved in fp16 safetensors, plus `MODEL_CARD.md` (recipe hash, the command that
+rebuilds it, training curves, score tables) and pictures under `card/`. The teacher is trained once by
+`snapgen bootstrap-teacher --preset toy-release` and committed, as real pipelines ship SD3.5; the demo
+loads it from its local folder through the production `from_pretrained` path (fp16 files are upcast to
+float32 on CPU by the adapters).
+
+Integrity: `releases/index.json` names every release with the sha256 of its bundle.json, and
+bundle.json holds the sha256 of every other file. `verify_release` checks both and raises `LoadError`
+naming the first file that does not match (a tampered or truncated release is never loaded).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from snapgen_model.distill.teacher import LoadError
+from snapgen_model.training.bootstrap_bundle import BUNDLE_FILE, load_bundle, read_bundle_record
+
+RELEASES_DIR = Path(__file__).resolve().parents[2] / "releases"
+INDEX_FILE = "index.json"
+CARD_FILE = "MODEL_CARD.md"
+DEFAULT_RELEASE = "toy-teacher/v1"
+MAX_RELEASE_BYTES = 25 * 1024 * 1024  # issue 14: a shipped toy teacher is at most 25 MB
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a bundle folder except bundle.json (relative POSIX paths, sorted)."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith(".")}
+
+
+def read_index(releases_dir: Path | None = None) -> dict[str, Any]:
+    """`releases/index.json`: {"releases": {name: {"bundle_sha256", "config_hash", "bytes", ...}}}."""
+    path = Path(releases_dir or RELEASES_DIR) / INDEX_FILE
+    if not path.is_file():
+        return {"releases": {}}
+    return json.loads(path.read_text())
+
+
+def release_path(name: str = DEFAULT_RELEASE, releases_dir: Path | None = None) -> Path:
+    """Folder of release `name` ("toy-teacher/v1"); `LoadError` listing the known releases if absent."""
+    releases_dir = Path(releases_dir or RELEASES_DIR)
+    known = read_index(releases_dir)["releases"]
+    if name not in known:
+        raise LoadError(f"release {name!r} is not in {releases_dir / INDEX_FILE}; known releases: {sorted(known) or 'none'}")
+    return releases_dir / name
+
+
+def verify_release(name: str = DEFAULT_RELEASE, releases_dir: Path | None = None) -> Path:
+    """Check the release's bundle.json against the index and every file against bundle.json; returns the
+    folder. `LoadError` names the file whose checksum differs, or that is missing or unlisted."""
+    releases_dir = Path(releases_dir or RELEASES_DIR)
+    folder = release_path(name, releases_dir)
+    entry = read_index(releases_dir)["releases"][name]
+    record_path = folder / BUNDLE_FILE
+    if not record_path.is_file():
+        raise LoadError(f"release {name}: {record_path} is missing")
+    if sha256_file(record_path) != entry["bundle_sha256"]:
+        raise LoadError(f"release {name}: {record_path} does not match the sha256 in {releases_dir / INDEX_FILE}")
+    expected = read_bundle_record(folder)["files"]
+    actual = _files(folder)
+    for rel, digest in expected.items():
+        if rel not in actual:
+            raise LoadError(f"release {name}: {folder / rel} is missing")
+        if actual[rel] != digest:
+            raise LoadError(f"release {name}: {folder / rel} does not match its sha256 in {BUNDLE_FILE}")
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise LoadError(f"release {name}: {folder / extra[0]} is not listed in {BUNDLE_FILE}")
+    return folder
+
+
+def load_release(name: str = DEFAULT_RELEASE, device: str | torch.device = "cpu", releases_dir: Path | None = None):
+    """Verify, then load the release through the production adapters (`bootstrap_bundle.load_bundle`)."""
+    return load_bundle(verify_release(name, releases_dir), device)
+
+
+def package_release(bundle_folder: str | Path, name: str, *, card: str, card_files: Mapping[str, Path] | None = None,
+                    extra_record: Mapping[str, Any] | None = None, releases_dir: Path | None = None,
+                    dtype: torch.dtype = torch.float16) -> Path:
+    """Write release `name` from a finished bundle folder: models re-saved in `dtype` safetensors,
+    tokenizer, `MODEL_CARD.md` (`card`), pictures (`card_files`: relative name -> source file) under
+    card/, bundle.json (with the files' sha256 and `extra_record` fields) last, then the index entry.
+    Refuses to overwrite an existing release and a result over MAX_RELEASE_BYTES."""
+    from snapgen_model.distill.toy_text import save_text_encoder
+
+    releases_dir = Path(releases_dir or RELEASES_DIR)
+    out = releases_dir / name
+    if out.exists():
+        raise FileExistsError(f"release {name} already exists at {out}; releases are immutable, pick a new version")
+    bundle = load_bundle(bundle_folder)
+    tmp = releases_dir / f".{name.replace('/', '-')}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    bundle.vae.vae.to(dtype).save_pretrained(tmp / "vae", safe_serialization=True)
+    bundle.teacher.transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
+    save_text_encoder(bundle.text.model.to(dtype), bundle.text.tokenizer, tmp / "text_encoder")
+    for rel, src in (card_files or {}).items():
+        dst = tmp / "card" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    (tmp / CARD_FILE).write_text(card)
+    record = dict(bundle.record) | dict(extra_record or {}) | {"release": name, "weights_dtype": str(dtype).removeprefix("torch.")}
+    record["files"] = _files(tmp)
+    (tmp / BUNDLE_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    if size > MAX_RELEASE_BYTES:
+        shutil.rmtree(tmp)
+        raise ValueError(f"release {name}: {size / 2**20:.1f} MB is over the {MAX_RELEASE_BYTES / 2**20:.0f} MB limit")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    index = read_index(releases_dir)
+    index["releases"][name] = {"bundle_sha256": sha256_file(out / BUNDLE_FILE), "config_hash": record["config_hash"],
+                               "preset": record.get("preset"), "bytes": size, "weights_dtype": record["weights_dtype"]}
+    index_tmp = releases_dir / f".{INDEX_FILE}.tmp"
+    index_tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(index_tmp, releases_dir / INDEX_FILE)
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,91 @@
+"""Shipped toy teacher releases: packaging in fp16, checksum verification (index -> bundle.json -> files),
+loading through the production from_pretrained path, immutability and the size limit."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from snapgen_model.distill.teacher import LoadError
+from snapgen_model.training import bootstrap as bs
+from snapgen_model.training import release as rel
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(tmp_path_factory):
+    cfg = bs.get_bootstrap_config("toy-smoke")
+    vae, ae = bs.train_autoencoder(cfg)
+    models, teacher = bs.train_teacher(cfg, None, vae)
+    folder = tmp_path_factory.mktemp("bundle")
+    bs.save_bundle(folder, cfg, vae, models.transformer, models.text_model, models.tokenizer,
+                   ae.metrics | teacher.metrics, {"autoencoder": ae.curve, "teacher": teacher.curve})
+    return folder
+
+
+@pytest.fixture
+def released(smoke_bundle, tmp_path):
+    picture = tmp_path / "grid.png"
+    picture.write_bytes(b"\x89PNG fake picture bytes")
+    folder = rel.package_release(smoke_bundle, "toy-teacher/v9", card="# card\n", card_files={"grid.png": picture},
+                                 extra_record={"release_note": "test"}, releases_dir=tmp_path / "releases")
+    return tmp_path / "releases", folder
+
+
+def test_release_is_fp16_verified_and_loads_through_from_pretrained(smoke_bundle, released):
+    releases_dir, folder = released
+    assert rel.verify_release("toy-teacher/v9", releases_dir) == folder
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
+    record = json.loads((folder / "bundle.json").read_text())
+    assert record["release"] == "toy-teacher/v9" and record["release_note"] == "test"
+    assert "card/grid.png" in record["files"] and "MODEL_CARD.md" in record["files"]
+    shipped, original = rel.load_release("toy-teacher/v9", releases_dir=releases_dir), bs.load_bundle(smoke_bundle)
+    assert next(shipped.teacher.transformer.parameters()).dtype == torch.float32  # upcast on CPU
+    cond = original.condition(["a photo of a red circle", ""])
+    x = torch.randn(2, 16, original.config.latent_size, original.config.latent_size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.9])
+    v0 = original.teacher(x, t, cond["context"], cond["pooled"]).velocity
+    v1 = shipped.teacher(x, t, cond["context"], cond["pooled"]).velocity
+    torch.testing.assert_close(v1, v0, atol=2e-3, rtol=2e-2)  # fp16 rounding only
+    entry = rel.read_index(releases_dir)["releases"]["toy-teacher/v9"]
+    assert entry["config_hash"] == original.config.content_hash() and entry["bytes"] < rel.MAX_RELEASE_BYTES
+
+
+def test_tampered_missing_or_extra_files_are_refused(released):
+    releases_dir, folder = released
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match="vae/diffusion_pytorch_model.safetensors does not match"):
+        rel.load_release("toy-teacher/v9", releases_dir=releases_dir)
+    weights.unlink()
+    with pytest.raises(LoadError, match="is missing"):
+        rel.verify_release("toy-teacher/v9", releases_dir)
+
+
+def test_extra_file_and_edited_record_are_refused(released):
+    releases_dir, folder = released
+    (folder / "transformer" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(LoadError, match="extra.bin is not listed"):
+        rel.verify_release("toy-teacher/v9", releases_dir)
+    (folder / "transformer" / "extra.bin").unlink()
+    record = json.loads((folder / "bundle.json").read_text())
+    record["metrics"]["teacher_loss"] = 0.0
+    (folder / "bundle.json").write_text(json.dumps(record))
+    with pytest.raises(LoadError, match="does not match the sha256 in"):
+        rel.verify_release("toy-teacher/v9", releases_dir)
+
+
+def test_unknown_release_existing_release_and_size_limit(smoke_bundle, released, monkeypatch):
+    releases_dir, _ = released
+    with pytest.raises(LoadError, match="known releases: \\['toy-teacher/v9'\\]"):
+        rel.verify_release("toy-teacher/v1", releases_dir)
+    with pytest.raises(FileExistsError, match="immutable"):
+        rel.package_release(smoke_bundle, "toy-teacher/v9", card="", releases_dir=releases_dir)
+    monkeypatch.setattr(rel, "MAX_RELEASE_BYTES", 1000)  # the smoke bundle is ~0.4 MB
+    with pytest.raises(ValueError, match="over the"):
+        rel.package_release(smoke_bundle, "toy-teacher/v10", card="", releases_dir=releases_dir)
+    assert not (releases_dir / "toy-teacher" / "v10").exists()
