@@ -21,11 +21,13 @@ from tasks.bootstrap import (
     find_cached_bundle,
     find_registered,
     log_bootstrap_run,
+    log_release_run,
     publish_bundle,
     resolve_config,
     result_summary,
     train_autoencoder_task,
     train_teacher_task,
+    verify_release_task,
     workdir,
 )
 
@@ -79,3 +81,25 @@ def bootstrap_teacher_flow(preset: str = "toy", overrides: list[str] | None = No
                              description=f"toy teacher bundle {config_hash}")
     logger.info("teacher bundle %s published to %s (%s v%s)", config_hash, uri, MODEL_NAME, result["model_version"])
     return result
+
+
+@flow(name="register-teacher-release", log_prints=True)
+def register_teacher_release_flow(name: str = "toy-teacher/v1") -> dict[str, Any]:
+    """Use a shipped teacher release instead of training one: verify its checksums, publish it to
+    `<storage root>/teachers/<config hash>/` unless storage already holds that exact bundle, and register
+    it as a version of `snapgen-toy-teacher` unless one of that config exists. Returns the same fields
+    as `bootstrap_teacher_flow` (cache_hit: True when nothing had to be published or registered)."""
+    logger = get_run_logger()
+    shipped = verify_release_task(name)
+    config_hash, folder = shipped["config_hash"], shipped["folder"]
+    cached = find_cached_bundle(config_hash)
+    same = cached is not None and cached["record"].get("files") == shipped["record"].get("files")
+    uri = cached["bundle_uri"] if same else publish_bundle(folder, config_hash)
+    registered = find_registered(config_hash) if same else None
+    tracking = ({"mlflow_run_id": registered["run_id"], "model_version": registered["version"]} if registered
+                else log_release_run(folder, uri, name))
+    logger.info("teacher: shipped release %s (config %s, checksums verified) at %s, %s v%s", name, config_hash,
+                uri, MODEL_NAME, tracking["model_version"])
+    return {"bundle_uri": uri, "config_hash": config_hash, "preset": shipped["record"].get("preset"),
+            "metrics": result_summary(shipped["record"]), **tracking, "cache_hit": bool(same and registered),
+            "phase_seconds": {}, "release": name}

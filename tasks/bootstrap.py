@@ -224,3 +224,37 @@ def result_summary(record: dict[str, Any]) -> dict[str, Any]:
 def bundle_summary(folder: str) -> dict[str, Any]:
     """`result_summary` of the bundle record in a local bundle folder."""
     return result_summary(bs.read_bundle_record(folder))
+
+
+# ----------------------------------------------------------------------------- shipped releases
+
+@task(name="verify-teacher-release", **io_task_options(persist_result=False, retries=0))
+def verify_release_task(name: str) -> dict[str, Any]:
+    """Check a shipped release's checksums (releases/index.json -> bundle.json -> every file).
+    Returns {"folder", "config_hash", "record"}; LoadError naming the bad file otherwise."""
+    from snapgen_model.training import release
+
+    folder = release.verify_release(name)
+    record = bs.read_bundle_record(folder)
+    return {"folder": str(folder), "config_hash": record["config_hash"], "record": record}
+
+
+@task(name="log-teacher-release", **io_task_options(persist_result=False))
+def log_release_run(folder: str, uri: str, name: str) -> dict[str, str]:
+    """One MLflow run for a shipped release (params, curves, metrics, card, pictures) and a version of
+    `snapgen-toy-teacher` whose source is that run's copy of the release."""
+    settings = get_settings()
+    record = bs.read_bundle_record(folder)
+    config_hash = record["config_hash"]
+    tags = lineage_tags(config_hash=config_hash) | {"snapgen.stage": STAGE_TAG, "snapgen.preset": record.get("preset", ""),
+                                                    "snapgen.bundle_uri": uri, "snapgen.release": name}
+    with start_run(settings, f"teacher-release-{name.replace('/', '-')}", tags=tags) as run:
+        run.log_params(record["config"] | {"release": name, "config_hash": config_hash, "bundle_uri": uri})
+        _log_curves(run, record.get("curves", {}))
+        run.log_metrics(flat_numbers(record.get("metrics", {})) | flat_numbers(record.get("evaluation", {}), "eval"))
+        run.log_dict(record, "bundle.json")
+        run.log_artifact(folder, "bundle")
+        run_id = run.run_id
+    version = register_model_version(settings, MODEL_NAME, f"runs:/{run_id}/bundle", run_id=run_id, tags=tags,
+                                     description=f"shipped toy teacher release {name}, stored at {uri}")
+    return {"mlflow_run_id": run_id, "model_version": version}

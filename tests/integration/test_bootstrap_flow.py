@@ -58,3 +58,45 @@ def test_bootstrap_flow_publishes_logs_registers_and_caches(tmp_path, monkeypatc
     assert again["bundle_uri"] == result["bundle_uri"] and again["model_version"] == result["model_version"]
     assert again["mlflow_run_id"] == result["mlflow_run_id"]
     assert again["metrics"]["teacher_loss"] == pytest.approx(result["metrics"]["teacher_loss"])
+
+
+def test_shipped_release_is_verified_published_registered_once_and_tamper_refused(tmp_path, monkeypatch, mlflow_server,
+                                                                                   prefect_harness):
+    """register_teacher_release_flow: a release (a toy-smoke bundle packaged like releases/toy-teacher/v1)
+    is verified, published and registered; a second call publishes and registers nothing; a tampered
+    file stops the flow with an error naming it."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.bootstrap import register_teacher_release_flow
+    from snapgen_model.distill.teacher import LoadError
+    from snapgen_model.training import bootstrap as bs
+    from snapgen_model.training import release as rel
+
+    cfg = bs.get_bootstrap_config("toy-smoke")
+    vae, ae = bs.train_autoencoder(cfg)
+    models, teacher = bs.train_teacher(cfg, None, vae)
+    bs.save_bundle(tmp_path / "bundle", cfg, vae, models.transformer, models.text_model, models.tokenizer,
+                   ae.metrics | teacher.metrics, {"autoencoder": ae.curve, "teacher": teacher.curve})
+    releases = tmp_path / "releases"
+    rel.package_release(tmp_path / "bundle", "toy-teacher/v1", card="# test card\n", releases_dir=releases)
+    monkeypatch.setattr(rel, "RELEASES_DIR", releases)
+    storage = tmp_path / "storage"
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SNAPGEN_STORAGE_ROOT", f"file://{storage}")
+    monkeypatch.setenv("SNAPGEN_MLFLOW_TRACKING_URI", mlflow_server.uri)
+
+    first = register_teacher_release_flow("toy-teacher/v1")
+    assert first["cache_hit"] is False and first["release"] == "toy-teacher/v1"
+    published = storage / "teachers" / cfg.content_hash()
+    assert (published / "MODEL_CARD.md").read_text() == "# test card\n"
+    assert bs.load_bundle(published).config == cfg
+    version = MlflowClient(mlflow_server.uri).get_model_version("snapgen-toy-teacher", first["model_version"])
+    assert version.tags["snapgen.release"] == "toy-teacher/v1"
+
+    again = register_teacher_release_flow("toy-teacher/v1")
+    assert again["cache_hit"] is True and again["model_version"] == first["model_version"]
+
+    weights = releases / "toy-teacher" / "v1" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(LoadError, match="transformer/diffusion_pytorch_model.safetensors does not match"):
+        register_teacher_release_flow("toy-teacher/v1")
