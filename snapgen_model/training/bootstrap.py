@@ -57,6 +57,7 @@ from snapgen_model.training.ema import ModuleEMA, decay_for_run
 TEACHER_STATE = "teacher_state.pt"  # the teacher loop's checkpoint file inside its checkpoint folder
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
+ProbeFn = Callable[[int, dict[str, "TeacherModels"]], None]  # (step, {"raw"|"ema": TeacherModels})
 
 
 @dataclasses.dataclass
@@ -317,11 +318,15 @@ def teacher_ema_decay(cfg: ToyBootstrapConfig) -> float:
 
 def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Module, device: str | torch.device = "cpu",
                   progress_cb: ProgressFn | None = None, pool: ScenePool | None = None,
-                  checkpoint_dir: str | Path | None = None) -> tuple[TeacherModels, TrainResult]:
+                  checkpoint_dir: str | Path | None = None, probe: ProbeFn | None = None,
+                  probe_every: int = 0) -> tuple[TeacherModels, TrainResult]:
     """Train the SD3 teacher and its text encoder jointly with flow matching on the pool's latents.
 
     Returns the EMA pair (transformer, text encoder) when `teacher_ema`, else the raw pair; the result's
-    metrics say which. With `checkpoint_dir`, the run resumes from (and keeps writing) its state there."""
+    metrics say which. With `checkpoint_dir`, the run resumes from (and keeps writing) its state there.
+    `probe(step, models)` is called every `probe_every` steps (and never changes training: it sees the
+    models in eval mode under no_grad, and training mode is restored) with {"raw": TeacherModels,
+    "ema": TeacherModels (when kept)}, to judge quality while the run goes on."""
     started = time.monotonic()
     pool = pool or render_pool(cfg, world)
     latents = encode_pool(vae, pool, device)  # (N, C, h, w)
@@ -363,6 +368,8 @@ def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Mo
             progress_cb("teacher", step, cfg.teacher_steps, point | {"budget_s": cfg.teacher_time_budget_s})
         if state_path is not None and (finished or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             _save_teacher_state(state_path, cfg, step, budget.elapsed, curve.points, transformer, text_model, ema, opt, gen)
+        if probe is not None and probe_every and step % probe_every == 0:
+            _run_probe(probe, step, transformer, text_model, ema, tokenizer)
     seconds = budget.elapsed
     trained = max(step - resumed_at, 0)
     run_s = max(seconds - offset_s, 1e-9)
@@ -376,6 +383,20 @@ def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Mo
     if ema is not None:
         return TeacherModels(ema["transformer"].eval(), ema["text_model"].eval(), tokenizer), TrainResult(metrics, curve.points)
     return TeacherModels(transformer.eval(), text_model.eval(), tokenizer), TrainResult(metrics, curve.points)
+
+
+def _run_probe(probe: ProbeFn, step: int, transformer: nn.Module, text_model: nn.Module, ema: ModuleEMA | None,
+               tokenizer: Any) -> None:
+    """Call `probe` with the raw (and EMA) models in eval mode, without gradients; restore training mode."""
+    models = {"raw": TeacherModels(transformer.eval(), text_model.eval(), tokenizer)}
+    if ema is not None:
+        models["ema"] = TeacherModels(ema["transformer"].eval(), ema["text_model"].eval(), tokenizer)
+    try:
+        with torch.no_grad():
+            probe(step, models)
+    finally:
+        transformer.train()
+        text_model.train()
 
 
 def _save_teacher_state(path: Path, cfg: ToyBootstrapConfig, step: int, elapsed: float, points: list[dict[str, float]],
