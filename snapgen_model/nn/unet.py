@@ -7,6 +7,12 @@ attention; QK RMSNorm and 2-D RoPE. Each choice is a `UNetConfig` switch so the 
 chain can be rebuilt. Parameter counts for every preset are printed by `snapgen inspect`; the
 `snapgen-1024` / `snapgen-in1k-256` figures against the paper's 379M / 372M are explained in
 docs/architecture.md.
+
+Initialisation (edm2 / DiT style): the output conv and the last layer of every residual branch (the
+second conv of each residual block, the out-projections of attention and FFN, and each spatial
+transformer's output projection) start at zero, so every residual branch starts as the identity and
+the fresh UNet predicts v = 0; the first optimiser step makes them non-zero and gradients reach
+every layer from then on.
 """
 from __future__ import annotations
 
@@ -41,6 +47,25 @@ def make_transformer(dim: int, depth: int, self_attn: bool, cfg: UNetConfig) -> 
     )
 
 
+def zero_init_modules(model: nn.Module) -> list[nn.Module]:
+    """The layers `SnapGenUNet` zero-initialises: each residual branch's last layer, and `conv_out`."""
+    from snapgen_model.nn.attention import Attention, FeedForward
+    from snapgen_model.nn.blocks import ResBlock
+
+    out: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, ResBlock):
+            out.append(m.conv2[-1] if isinstance(m.conv2, nn.Sequential) else m.conv2)  # separable: the pointwise conv
+        elif isinstance(m, Attention):
+            out.append(m.to_out)
+        elif isinstance(m, FeedForward):
+            out.append(m.proj_out)
+        elif isinstance(m, SpatialTransformer):
+            out.append(m.proj_out)
+    conv_out = getattr(model, "conv_out", None)
+    return out + ([conv_out] if conv_out is not None else [])
+
+
 class SnapGenUNet(nn.Module):
     """Velocity-predicting UNet v(x_t, t, condition) for flow matching."""
 
@@ -67,6 +92,14 @@ class SnapGenUNet(nn.Module):
         self.up, self.upsample = self._build_up(cfg, skip_ch)
         self.norm_out = group_norm(ch[0], cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.zero_init()
+
+    @torch.no_grad()
+    def zero_init(self) -> None:
+        """Zero the output conv and every residual branch's last layer (module docstring)."""
+        for m in zero_init_modules(self):
+            for p in m.parameters(recurse=False):
+                p.zero_()
 
     def _res_kwargs(self) -> dict:
         c = self.config

@@ -32,12 +32,13 @@ def checkpoint(env) -> Path:
     from snapgen_model.nn.unet import SnapGenUNet
     from snapgen_model.presets import get_preset
     from snapgen_model.storage.checkpoint import save_model
+    from tests.fixtures.checkpoints import randomize_zero_init
 
     cfg = get_preset("toy-smoke", SMALL_UNET)
     torch.manual_seed(0)
     folder = env / "storage" / "models" / "m1"
     save_model(TinyDecoder(cfg.decoder), folder / "decoder.safetensors", preset=cfg)
-    return save_model(SnapGenUNet(cfg.unet), folder / "unet.safetensors", preset=cfg)
+    return save_model(randomize_zero_init(SnapGenUNet(cfg.unet)), folder / "unet.safetensors", preset=cfg)
 
 
 def _runs(client, experiment="snapgen"):

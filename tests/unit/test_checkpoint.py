@@ -11,12 +11,13 @@ from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
 from snapgen_model.storage.checkpoint import CheckpointError, load_model, read_preset, save_model
+from tests.fixtures.checkpoints import randomize_zero_init
 
 
 @pytest.fixture
 def toy_unet():
     torch.manual_seed(0)
-    return SnapGenUNet(get_preset("toy-smoke").unet)
+    return randomize_zero_init(SnapGenUNet(get_preset("toy-smoke").unet))
 
 
 def test_round_trip_rebuilds_model_and_reproduces_outputs(tmp_path, toy_unet):

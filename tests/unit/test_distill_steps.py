@@ -36,8 +36,13 @@ def synthetic_data(n: int = 8, k: int = 2) -> CachedData:
 
 
 def student_and_conditioner():
+    """A stand-in for the pretrained student: its zero-initialised layers filled (as training leaves them),
+    so every layer, the conditioner included, gets gradients from the first step."""
+    from tests.fixtures.checkpoints import randomize_zero_init
+
     torch.manual_seed(0)
-    return SnapGenUNet(PRESET.unet), TextConditioner(TextConditionerConfig(width=32, pooled_dim=32), {"clip": (24, 32)})
+    return (randomize_zero_init(SnapGenUNet(PRESET.unet)),
+            TextConditioner(TextConditionerConfig(width=32, pooled_dim=32), {"clip": (24, 32)}))
 
 
 def cfg(**kw) -> StepDistillConfig:

@@ -35,6 +35,7 @@ from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
 from snapgen_model.storage.checkpoint import save_model
+from tests.fixtures.checkpoints import randomize_zero_init
 
 WORLD = ShapesWorldConfig()
 PROMPTS = toy_prompts(WORLD, max_per_task=2)  # 12 prompts, every task
@@ -121,7 +122,7 @@ def test_other_seeds_regenerate_and_never_mix_in_one_folder(tmp_path) -> None:
 def _toy_checkpoint(folder: Path) -> Path:
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    save_model(SnapGenUNet(cfg.unet), folder / "unet.safetensors", preset=cfg)
+    save_model(randomize_zero_init(SnapGenUNet(cfg.unet)), folder / "unet.safetensors", preset=cfg)
     save_model(TinyDecoder(cfg.decoder), folder / "decoder.safetensors")
     return folder
 

@@ -18,6 +18,7 @@ from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
 from snapgen_model.storage.checkpoint import save_model
+from tests.fixtures.checkpoints import randomize_zero_init
 
 # toy-smoke with one attention stage: every SnapGen attention feature (MQA, QK RMSNorm, RoPE, self +
 # cross attention) at a depth Core ML converts in seconds
@@ -44,7 +45,7 @@ def one_thread():
 def test_attention_swaps_keep_the_unets_numerics(overrides):
     cfg = get_preset("toy-smoke", ["unet.head_dim=8", *overrides])
     torch.manual_seed(0)
-    part = unet_part(SnapGenUNet(cfg.unet), cfg, 8)
+    part = unet_part(randomize_zero_init(SnapGenUNet(cfg.unet)), cfg, 8)
     x = part.inputs(2, 0)
     ref = part.reference(x)
     for mode in ("original", "matmul", "split_einsum"):
@@ -96,7 +97,7 @@ def test_decoder_package_spec_and_palettization_shrinks_it(tmp_path):
 def test_unet_package_uses_split_einsum_attention(tmp_path):
     cfg = get_preset("toy-smoke", SMALL_UNET)
     torch.manual_seed(0)
-    part = unet_part(SnapGenUNet(cfg.unet), cfg, 8)
+    part = unet_part(randomize_zero_init(SnapGenUNet(cfg.unet)), cfg, 8)
     artifact, failures = convert(part, tmp_path, ExportConfig(**FAST))
     assert failures == [] and artifact.swap_parity["passed"] and artifact.swap_parity["max_abs"] < 1e-5
     spec = artifact.spec
@@ -135,7 +136,7 @@ def test_spec_check_names_every_mismatch():
 def test_export_model_with_coreml_writes_packages_and_notes_macos(tmp_path):
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    ckpt = save_model(SnapGenUNet(cfg.unet), tmp_path / "unet.safetensors", preset=cfg)
+    ckpt = save_model(randomize_zero_init(SnapGenUNet(cfg.unet)), tmp_path / "unet.safetensors", preset=cfg)
     report = export_model(load_inputs(ckpt), tmp_path / "export", ExportConfig(**FAST), formats=("coreml",),
                           parts=("decoder",))
     assert report["passed"] and "onnx" not in report["parts"]["decoder"]
@@ -157,7 +158,7 @@ def test_a_failing_torch_swap_blocks_the_coreml_export(tmp_path, monkeypatch):
     monkeypatch.setattr(coreml_export, "_convert", lambda *a, **k: pytest.fail("a failed swap must not be converted"))
     cfg = get_preset("toy-smoke", SMALL_UNET)
     torch.manual_seed(0)
-    ckpt = save_model(SnapGenUNet(cfg.unet), tmp_path / "unet.safetensors", preset=cfg)
+    ckpt = save_model(randomize_zero_init(SnapGenUNet(cfg.unet)), tmp_path / "unet.safetensors", preset=cfg)
     with pytest.raises(ParityError, match=r"unet \(coreml torch-swap \(split_einsum\)\): max_abs"):
         export_model(load_inputs(ckpt), tmp_path / "export", ExportConfig(**FAST), formats=("coreml",),
                      parts=("unet",))
@@ -168,7 +169,7 @@ def test_a_failing_torch_swap_blocks_the_coreml_export(tmp_path, monkeypatch):
 def test_toy_unet_package_palettized_to_4_bits(tmp_path):
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    part = unet_part(SnapGenUNet(cfg.unet), cfg, 8)
+    part = unet_part(randomize_zero_init(SnapGenUNet(cfg.unet)), cfg, 8)
     artifact, failures = convert(part, tmp_path, ExportConfig(**FAST, palettize_bits=4, palettize_min_elements=512))
     assert failures == []
     assert artifact.palettized["bytes"] < 0.8 * artifact.bytes

@@ -22,6 +22,7 @@ from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
 from snapgen_model.storage.checkpoint import save_model
+from tests.fixtures.checkpoints import randomize_zero_init
 
 TOKENS = 8
 FAST = dict(text_length=TOKENS, latency_warmup=1, latency_runs=3, threads=1)
@@ -52,7 +53,7 @@ def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-smoke")
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    ckpt = save_model(SnapGenUNet(cfg.unet), root / "unet.safetensors", preset=cfg)
+    ckpt = save_model(randomize_zero_init(SnapGenUNet(cfg.unet)), root / "unet.safetensors", preset=cfg)
     inputs = load_inputs(ckpt)
     config = ExportConfig(**FAST)
     report = export_model(inputs, root / "export", config, formats=("onnx",), parts=("unet", "decoder"))
@@ -153,7 +154,7 @@ def _perturbing_save(original):
 def test_a_perturbed_export_is_blocked_and_the_previous_export_kept(tmp_path, monkeypatch):
     cfg = get_preset("toy-smoke")
     torch.manual_seed(1)
-    ckpt = save_model(SnapGenUNet(cfg.unet), tmp_path / "unet.safetensors", preset=cfg)
+    ckpt = save_model(randomize_zero_init(SnapGenUNet(cfg.unet)), tmp_path / "unet.safetensors", preset=cfg)
     inputs = load_inputs(ckpt)
     config = ExportConfig(**FAST, dynamic_batch=False)
     out = tmp_path / "export"
@@ -182,7 +183,7 @@ def test_reduced_full_architecture_unet_exports_with_dynamic_batch(tmp_path):
     cfg = get_preset("snapgen-1024", ["image_size=64", "unet.channels=[64,64,128]", "unet.time_embed_dim=128",
                                       "unet.context_dim=64", "unet.pooled_dim=64"])
     torch.manual_seed(0)
-    unet = SnapGenUNet(cfg.unet).eval()
+    unet = randomize_zero_init(SnapGenUNet(cfg.unet)).eval()
     assert unet.config.transformer_depth == (1, 2, 4) and unet.config.kv_heads == 1
     part = unet_part(unet, cfg, TOKENS)
     artifact = onnx_export.export_onnx(part, tmp_path, ExportConfig(**FAST), dynamic=True)
@@ -197,7 +198,7 @@ def test_class_conditional_unet_takes_int64_labels(tmp_path):
     cfg = get_preset("toy-smoke", ["task=class-conditional", "unet.conditioning=class", "unet.num_classes=10",
                                    "unet.transformer_depth=[0,0,1]", "unet.mid_transformer_depth=1"])
     torch.manual_seed(0)
-    part = unet_part(SnapGenUNet(cfg.unet), cfg, TOKENS)
+    part = unet_part(randomize_zero_init(SnapGenUNet(cfg.unet)), cfg, TOKENS)
     assert part.input_names == ("x", "t", "labels")
     artifact = onnx_export.export_onnx(part, tmp_path, ExportConfig(**FAST), dynamic=False)
     assert artifact.inputs[2] == {"name": "labels", "shape": [1], "dtype": "int64"}
@@ -212,7 +213,7 @@ def test_dynamo_exporter_gives_the_same_numerics(tmp_path):
     """torch 2.13's default exporter (torch.export + onnxscript): slower to export, smaller graph."""
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    parts = [unet_part(SnapGenUNet(cfg.unet), cfg, TOKENS), decoder_part(TinyDecoder(cfg.decoder), cfg)]
+    parts = [unet_part(randomize_zero_init(SnapGenUNet(cfg.unet)), cfg, TOKENS), decoder_part(TinyDecoder(cfg.decoder), cfg)]
     dynamo, script = ExportConfig(**FAST, onnx_exporter="dynamo"), ExportConfig(**FAST)
     for part in parts:
         artifact = onnx_export.export_onnx(part, tmp_path, dynamo, dynamic=True)

@@ -1,4 +1,7 @@
-"""SnapGenUNet: shapes, parameter bands, ablation switches, gradients, determinism."""
+"""SnapGenUNet: shapes, parameter bands, ablation switches, gradients, determinism, zero-init.
+
+A fresh UNet predicts exactly 0 (zero-initialised residual branches and output conv), so the tests
+that compare outputs randomise those layers first (`randomize_zero_init`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +13,7 @@ from snapgen_model.configs import UNetConfig
 from snapgen_model.inspect import count_macs, count_params, example_inputs, inspect_config
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset, preset_names
+from tests.fixtures.checkpoints import randomize_zero_init
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -93,7 +97,7 @@ def test_qk_norm_and_rope_switches_change_outputs():
     outs = []
     for change in (dict(), dict(rope=False), dict(qk_norm=False)):
         torch.manual_seed(0)
-        model = SnapGenUNet(dataclasses.replace(cfg.unet, **change))
+        model = randomize_zero_init(SnapGenUNet(dataclasses.replace(cfg.unet, **change)))
         outs.append(model(x, t, **cond))
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
 
@@ -101,7 +105,7 @@ def test_qk_norm_and_rope_switches_change_outputs():
 def test_gradients_reach_every_parameter():
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    model = SnapGenUNet(cfg.unet)
+    model = randomize_zero_init(SnapGenUNet(cfg.unet))
     x, t, cond = example_inputs(cfg, batch=2, device="cpu")
     model(x, t, **cond).pow(2).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -114,7 +118,7 @@ def test_determinism_with_seed():
     outs = []
     for _ in range(2):
         torch.manual_seed(123)
-        model = SnapGenUNet(cfg.unet)
+        model = randomize_zero_init(SnapGenUNet(cfg.unet), seed=123)
         x, t, cond = example_inputs(cfg, batch=2, device="cpu")
         outs.append(model(x, t, **cond))
     assert torch.equal(outs[0], outs[1])
@@ -123,7 +127,7 @@ def test_determinism_with_seed():
 def test_activation_checkpointing_matches_plain_forward():
     cfg = get_preset("toy-smoke")
     torch.manual_seed(0)
-    plain = SnapGenUNet(cfg.unet)
+    plain = randomize_zero_init(SnapGenUNet(cfg.unet))
     ckpt = SnapGenUNet(dataclasses.replace(cfg.unet, checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
     x, t, cond = example_inputs(cfg, batch=2, device="cpu")
@@ -136,10 +140,71 @@ def test_activation_checkpointing_matches_plain_forward():
 def test_class_conditioning_uses_labels():
     cfg = get_preset("toy-smoke", ["task=class-conditional", "unet.conditioning=class", "unet.num_classes=10"])
     torch.manual_seed(0)
-    model = SnapGenUNet(cfg.unet)
+    model = randomize_zero_init(SnapGenUNet(cfg.unet))
     x, t = torch.randn(2, 16, 8, 8), torch.rand(2)
     a = model(x, t, labels=torch.tensor([0, 1]))
     b = model(x, t, labels=torch.tensor([3, 1]))
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
     with pytest.raises(ValueError, match="needs `labels`"):
         model(x, t)
+
+
+def _residual_branches(model: SnapGenUNet, x, t, cond) -> dict[str, torch.Tensor]:
+    """Output of every residual branch (block output minus its skip path), captured by hooks."""
+    from snapgen_model.nn.attention import Attention, FeedForward, SpatialTransformer
+    from snapgen_model.nn.blocks import ResBlock
+
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, ResBlock):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, y, name=name: out.__setitem__(name, y - mod.skip(args[0]))))
+        elif isinstance(m, SpatialTransformer):
+            hooks.append(m.register_forward_hook(lambda mod, args, y, name=name: out.__setitem__(name, y - args[0])))
+        elif isinstance(m, (Attention, FeedForward)):  # the branch added onto the token stream
+            hooks.append(m.register_forward_hook(lambda mod, args, y, name=name: out.__setitem__(name, y)))
+    try:
+        model(x, t, **cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+@pytest.mark.parametrize("name, change", [("toy-smoke", {}), ("toy-smoke", {"separable_conv": False}),
+                                          ("toy", {})])
+def test_fresh_unet_outputs_zero_and_residual_branches_start_as_identity(name, change):
+    cfg = get_preset(name)
+    torch.manual_seed(0)
+    model = SnapGenUNet(dataclasses.replace(cfg.unet, **change))
+    x, t, cond = example_inputs(cfg, batch=2, device="cpu")
+    assert torch.count_nonzero(model(x, t, **cond)) == 0  # v = 0 exactly
+    branches = _residual_branches(model, x, t, cond)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n in branches}
+    assert {"ResBlock", "SpatialTransformer", "Attention", "FeedForward"} <= kinds
+    assert all(torch.count_nonzero(y) == 0 for y in branches.values()), \
+        [n for n, y in branches.items() if torch.count_nonzero(y)][:5]
+    # only the zero-init layers are zero: the rest of the network keeps its random init
+    assert model.conv_in.weight.abs().sum() > 0 and model.down[0].res[0].norm1.weight.abs().sum() > 0
+    assert all(p.abs().sum() > 0 for p in model.down[0].res[0].conv1.parameters())
+
+
+def test_zero_init_unet_still_trains():
+    """One optimiser step makes the output non-zero; a few more and gradients reach every layer."""
+    cfg = get_preset("toy-smoke")
+    torch.manual_seed(0)
+    model = SnapGenUNet(cfg.unet)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, t, cond = example_inputs(cfg, batch=2, device="cpu")
+    target = torch.randn_like(x)
+    for step in range(5):  # the zeros unlock layer by layer: conv_out, then branch outputs, then their insides
+        opt.zero_grad()
+        (model(x, t, **cond) - target).pow(2).mean().backward()
+        if step == 0:
+            assert model.conv_out.weight.grad.abs().sum() > 0
+        else:
+            silent = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+            assert step < 4 or not silent, f"no gradient after {step} steps: {silent[:5]}"
+        opt.step()
+        if step == 0:
+            assert torch.count_nonzero(model(x, t, **cond)) > 0
