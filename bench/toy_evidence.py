@@ -55,6 +55,24 @@ def _row(name: str, steps: Any, s: dict[str, Any]) -> str:
     return f"| {name} | {steps} | {f(s['overall'])} | {f(s['seen'])} | {f(s['heldout'])} | {f(s['exact'])} | {f(s['dpg'])} |"
 
 
+def _kd_levels(result: dict[str, Any]) -> str:
+    """The KD levels the variant's pretraining actually trained (its MLflow tag `snapgen.kd_levels`:
+    "output+feature" when the cache holds teacher features, "output" when not, "none" for task-only)."""
+    run_id = ((result.get("results") or {}).get("pretrain") or {}).get("mlflow_run_id")
+    if not run_id:
+        return "?"
+    try:
+        from mlflow import MlflowClient
+
+        from tasks.settings import get_settings
+        from tasks.tracking import configure_mlflow
+
+        return MlflowClient(tracking_uri=configure_mlflow(get_settings())).get_run(run_id).data.tags.get(
+            "snapgen.kd_levels", "?")
+    except Exception as exc:  # noqa: BLE001 - a figure of the report, not a reason to lose the run
+        return f"? ({type(exc).__name__})"
+
+
 HEADER = ["| model | steps | GenEval | seen | held-out | exact count | DPG |", "|---|---|---|---|---|---|---|"]
 
 
@@ -92,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - started
 
     ablation = {v: _geneval(runs[v]["results"]["evaluate"]["models"]["pretrained"]) for v in VARIANTS}
+    kd_levels = {v: _kd_levels(runs[v]) for v in VARIANTS}
     teacher = _geneval(models["teacher"]) if "teacher" in models else None
     full = ablation["scaled"]
     few = _geneval(models["distilled"]) if "distilled" in models else None
@@ -114,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [f"Measured {now_utc()} with `{command_line()}` on {device_name(device)}; preset `{preset}`; "
              f"wall time {wall:.0f} s (per ablation run: " +
              ", ".join(f"{v} {runs[v]['wall_s']:.0f} s" for v in VARIANTS) + ").", "",
-             "KD ablation at equal steps (the same student, data, seeds and prompts; only `kd.combine` differs):", "",
+             "KD ablation at equal steps (the same student, data, seeds and prompts; only `kd.combine` differs). "
+             "KD levels trained (the runs' `snapgen.kd_levels` tags): " +
+             ", ".join(f"{v.replace('_', '-')} {kd_levels[v]}" for v in VARIANTS) + ".", "",
              *HEADER]
     if teacher:
         lines.append(_row("teacher", "-", teacher))
@@ -133,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "GPU run: the comparisons above are the toy-scale evidence for the paper's claims.")]
     body = "\n".join(lines)
     replace_section(Path(args.out), HEADING, body)
-    figures = {"preset": preset, "device": device_name(device), "wall_s": wall, "ablation": ablation,
+    figures = {"preset": preset, "device": device_name(device), "wall_s": wall, "ablation": ablation, "kd_levels": kd_levels,
                "teacher": teacher, "distilled": few, "undistilled": four, "reference": refs}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2, default=str))

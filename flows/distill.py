@@ -28,9 +28,14 @@ def distill_steps_flow(params: DistillParams) -> dict[str, Any]:
     bundle_dir = fetch_folder(params.bundle_uri)
     result = distill_student(cache_dir, manifest, student_dir, bundle_dir, params.bundle_uri, params.distill,
                              params.resume)
-    s = result["sampler"]
+    s, m = result["sampler"], result.get("metrics") or {}
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     create_markdown_artifact(f"### Step distillation `{result['key']}`\n\n{s['steps']}-step student ({s['kind']}, "
                              f"shift {s['shift']}, guidance {s['guidance']}) at step {result['step']}; student "
-                             f"{result['student']['unet']}; MLflow run {result['mlflow_run_id']}",
+                             f"{result['student']['unet']}; MLflow run {result['mlflow_run_id']}\n\n"
+                             f"teacher guidance {fmt(m.get('teacher_guidance'))}; weight change vs the pretrained "
+                             f"student: raw {fmt(m.get('generator_rel_change'))}, EMA {fmt(m.get('ema_rel_change'))} "
+                             f"(EMA decay {fmt(m.get('ema_decay'))}); discriminator accuracy real "
+                             f"{fmt(m.get('d_acc_real'))}, fake {fmt(m.get('d_acc_fake'))}",
                              key="distill-steps", description="adversarial step distillation")
     return result

@@ -34,8 +34,15 @@ class CurateStage(_Strict):
                                  description="CurationConfig overrides k=v")
 
 
+# Toy-scale caching: K = 8 teacher (t, noise) pairs per image (pretraining draws one of them per sample
+# and step; one pair per image for the whole run overfits the KD terms to a single x_t), and teacher
+# features, so the multi-level KD of pretraining (output + feature) is what runs. The full-scale preset
+# sets its own (features at 1024^2 are too large to cache).
+TOY_CACHE_OVERRIDES = ("targets_per_sample=8", "store_features=true")
+
+
 class CacheStage(_Strict):
-    overrides: list[str] = Field(default_factory=lambda: ["targets_per_sample=1"], description="CacheConfig k=v")
+    overrides: list[str] = Field(default_factory=lambda: list(TOY_CACHE_OVERRIDES), description="CacheConfig k=v")
     feature_layers: list[int] = Field(default_factory=lambda: [-1], description="teacher blocks to capture")
     encoders: list[dict[str, Any]] | None = Field(None, description="TextEncoderSpec dicts (default: the toy CLIP)")
 
@@ -120,6 +127,8 @@ PRESETS: dict[str, list[str]] = {
     "toy-smoke": [
         "teacher.bootstrap_preset=toy-smoke", "curate.scenes=24", "curate.overrides=[\"samples_per_shard=12\"]",
         "decoder.train=[\"steps=4\", \"batch_size=4\", \"heldout=4\"]",
+        # output KD only (kd.feature_kd=false, so no features are cached; the run says so in its log and tags)
+        "cache.overrides=[\"targets_per_sample=8\"]",
         "pretrain.preset=toy-smoke", "pretrain.train=[\"steps=4\", \"batch_size=4\", \"checkpoint_every=2\", "
         "\"log_every=1\", \"accelerator=cpu\", \"kd.feature_kd=false\"]",
         "distill.train=[\"steps=2\", \"batch_size=2\", \"log_every=1\", \"accelerator=cpu\", \"sampler_steps=2\", "
@@ -150,6 +159,8 @@ PRESETS: dict[str, list[str]] = {
     ],
     "snapgen-1024": [
         "scale=full", "pretrain.preset=snapgen-1024", "teacher.bootstrap_preset=none",
+        # one cached pair per image and no cached features (TB-scale otherwise): output KD from the cache
+        "cache.overrides=[\"targets_per_sample=1\"]",
         "pretrain.train=[\"accelerator=auto\", \"precision=bf16-mixed\"]", "distill.train=[\"sampler_steps=4\"]",
         "evaluate.models=[\"pretrained\", \"distilled\"]", "evaluate.options={\"images_per_prompt\": 4}",
         "promotion.gates=[{\"metric\": \"geneval/overall\", \"threshold\": 0.6}, "

@@ -14,6 +14,7 @@ from prefect import task
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.training.distill_steps import (
     StepDistillConfig,
+    encode_teacher_null,
     fit_distill,
     load_pretrained_student,
     load_teacher,
@@ -65,27 +66,34 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
     state_root = Path(settings.home) / "runs" / f"distill-{key}" / "state"
     preset, unet, conditioner = load_pretrained_student(student_dir)
     teacher = load_teacher(bundle_dir, cfg.discriminator)
+    cache_cfg = CacheConfig.from_dict(cache_manifest["config"])
+    # the guided KD target's unconditional branch: the empty prompt through the teacher's text encoders
+    teacher_names = [*cache_cfg.teacher_clip_encoders, *([cache_cfg.teacher_t5_encoder] if cache_cfg.teacher_t5_encoder else [])]
+    teacher_null = (encode_teacher_null(bundle_dir, cache_manifest["encoders"], teacher_names)
+                    if cfg.teacher_guidance != 1.0 else None)
     data = training_data(cache_dir, [e["name"] for e in cache_manifest["encoders"]], cfg.data)
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "distill_steps", "snapgen.checkpoints": base}
     with start_run(settings, f"distill-{key[:8]}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset.name, "distill": cfg.to_dict(), "sampler": cfg.sampler().to_dict()})
         preview = preview_callback(cache_manifest, preset, run, cfg.sample_every)
-        result = fit_distill(preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]), state_root,
-                             teacher=teacher, student=unet, conditioner=conditioner,
+        result = fit_distill(preset, cfg, data, cache_cfg, state_root,
+                             teacher=teacher, student=unet, conditioner=conditioner, teacher_null=teacher_null,
                              loggers=[lightning_logger(settings, run.run_id)],
                              upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
                              callbacks=[preview] if preview else [])
         module = result.pop("module")
         skipped = result.get("data_skipped", data.skipped)
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
+        final = {f"final/{k}": float(v) for k, v in result["metrics"].items() if v is not None}
+        run.log_metrics(final, step=int(result["step"]))  # weight change (raw, EMA), D accuracy over the run
         with tempfile.TemporaryDirectory() as tmp:
             paths = save_distilled(module, tmp)
             for p in paths.values():
                 upload_with_retry(store, Path(p), store.join(base, "student", Path(p).name))
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id,
                "checkpoints": store.join(base, "checkpoints"), "nonfinite_total": result.get("nonfinite_total"),
-               "data_skipped": skipped,
+               "data_skipped": skipped, "metrics": result["metrics"],
                "sampler": module.preset.sampler.to_dict(),
                "student": {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}}
         out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "distill_steps",

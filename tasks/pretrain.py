@@ -146,10 +146,31 @@ def _uploader(store: Storage, base_uri: str, delays: tuple[float, ...] = UPLOAD_
     return upload
 
 
+def kd_tags(result: dict[str, Any]) -> dict[str, str]:
+    """MLflow tags saying which KD levels a run trained: `snapgen.kd_levels` ("output", "output+feature",
+    "none", ...) and `snapgen.kd_levels_note` (why: e.g. feature KD asked for, but no cached features)."""
+    if not result.get("kd_levels"):
+        return {}
+    return {"snapgen.kd_levels": str(result["kd_levels"]), "snapgen.kd_levels_note": str(result.get("kd_levels_note", ""))[:4000]}
+
+
+def log_kd_levels(result: dict[str, Any], run) -> None:
+    """The KD levels of a finished `fit` in the flow log (a warning when fewer than asked for) and as tags."""
+    tags = kd_tags(result)
+    if not tags:
+        return
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    (logger.warning if result.get("kd_levels_warning") else logger.info)(tags["snapgen.kd_levels_note"])
+    run.set_tags(tags)
+
+
 @task(name="train-student", **compute_task_options())
 def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, overrides: list[str],
                   cfg_overrides: list[str], resume: str = "latest") -> dict[str, Any]:
-    """Train to the configured step (resuming the latest checkpoint) and save the EMA student."""
+    """Train to the configured step (resuming the latest checkpoint) and save the student: the EMA UNet
+    with the EMA conditioner (what evaluation and export use), and the raw pair beside them."""
     from tasks.tracking import lightning_logger, lineage_tags, start_run
 
     settings = get_settings()
@@ -167,6 +188,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
         if cfg.devices * cfg.num_nodes > 1:
             result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders, stage_caches)
             module, skipped = None, result.get("data_skipped", {})
+            log_kd_levels(result, run)
         else:
             data = training_data(cache_dir, encoders, cfg.data, stage_caches)
             student_preset = get_preset(preset, overrides)
@@ -179,6 +201,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                          callbacks=[preview] if preview else [])
             module = result.pop("module", None)
             skipped = result.get("data_skipped", {})
+            log_kd_levels(result, run)
             if result.get("kd_note"):  # how a class-conditional student was trained (KD or task only, and why)
                 from prefect import get_run_logger
 
@@ -189,6 +212,8 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}
         if result.get("kd_note"):
             out["kd_note"] = result["kd_note"]
+        if result.get("kd_levels"):
+            out["kd_levels"] = result["kd_levels"]
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
         if module is not None:
             with tempfile.TemporaryDirectory() as tmp:

@@ -72,6 +72,19 @@ def draw_pair(key: str, k: int, latent_shape: Sequence[int], cfg: CacheConfig) -
     return t, noise
 
 
+def teacher_condition(encoded: dict, cfg: CacheConfig, joint_dim: int) -> dict[str, torch.Tensor]:
+    """The text teacher's condition from per-encoder outputs, in SD3's layout: every encoder the teacher
+    uses (`cfg.teacher_clip_encoders`, then `cfg.teacher_t5_encoder` on the sequence when set). The one
+    builder of it, for cached targets and for the teacher run online alike."""
+    from snapgen_model.distill.text import sd3_teacher_condition
+
+    missing = [n for n in (*cfg.teacher_clip_encoders, cfg.teacher_t5_encoder) if n and n not in encoded]
+    if missing:
+        raise ValueError(f"teacher condition: text encoders {missing} (cache.teacher_clip_encoders / "
+                         f"cache.teacher_t5_encoder) are not among the encoded ones {sorted(encoded)}")
+    return sd3_teacher_condition(encoded, cfg.teacher_clip_encoders, joint_dim, cfg.teacher_t5_encoder or None)
+
+
 def bucket_size(width: int, height: int, cfg: CacheConfig) -> tuple[int, int]:
     """(w, h) of the aspect bucket nearest to width / height (in log space) at `cfg.resolution`:
     area about resolution^2, sides multiples of `cfg.size_multiple`."""
@@ -145,8 +158,6 @@ def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Seq
                 teacher=None, cfg: CacheConfig, labels: Sequence[int | None] | None = None) -> list[dict[str, bytes]]:
     """Cached WebDataset members for one batch of samples (see module docstring); `labels`: class
     labels stored as `label.npy` (int64), and the condition of "class" teacher targets."""
-    from snapgen_model.distill.text import sd3_teacher_condition
-
     device = next(vae.parameters()).device
     latents = vae.encode(images_to_tensor(images).to(device)).cpu()  # (B, C, h, w)
     encoded = {name: enc(list(captions)) for name, enc in encoders.items()}
@@ -169,8 +180,7 @@ def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Seq
         y = torch.tensor([int(label) for label in labels], device=device)
         run = lambda x, t: teacher(x, t, labels=y)  # noqa: E731
     else:
-        cond = sd3_teacher_condition(encoded, cfg.teacher_clip_encoders, teacher.transformer.config.joint_attention_dim,
-                                     cfg.teacher_t5_encoder or None)
+        cond = teacher_condition(encoded, cfg, teacher.transformer.config.joint_attention_dim)
         run = lambda x, t: teacher(x, t, cond["context"], cond["pooled"])  # noqa: E731
     for k in range(cfg.targets_per_sample):
         pairs = [draw_pair(key, k, latents.shape[1:], cfg) for key in keys]

@@ -8,6 +8,10 @@ with sg the stop-gradient, so at every t the KD term is brought to the task loss
 a_t derived from the logit-normal timestep density (the exact formula is unpublished [U]; ours:
 a_t = p(t) / p_max, so mid-range timesteps, which the task loss samples most, lean on it and rare
 extreme timesteps lean on the teacher). Total: S(L_task, L_out) + S(L_task, L_feat).
+
+With cached teacher targets the KD terms live on the K cached (t, noise) pairs while the task term
+is drawn fresh every step (`t_task`); the magnitude |L_task| in the ratio is then the (detached)
+task loss on the KD pair's own x_t (`task_at_kd`), so the ratio still compares losses at the same t.
 """
 from __future__ import annotations
 
@@ -109,11 +113,16 @@ class TimestepAwareScaling:
         return (logit_normal_density(t, self.cfg.logit_mean, self.cfg.logit_std) / self.peak).clamp(0, 1)
 
     def __call__(self, l_task: torch.Tensor, l_kd: torch.Tensor, t: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(scalar loss, diagnostics); `mask` (B,) excludes samples without a KD target (e.g. dropped condition)."""
-        a = self.alpha(t.float())
-        ratio = (l_task.abs() / (l_kd.abs() + self.cfg.eps)).detach()  # sg(|L_task| / |L_kd|) per timestep
-        kd_part = (1 - a) * ratio * l_kd
+                 mask: torch.Tensor | None = None, *, t_task: torch.Tensor | None = None,
+                 task_at_kd: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss, diagnostics); `mask` (B,) excludes samples without a KD target (e.g. dropped condition).
+        `t`: timesteps of the KD pair; `t_task`: those of the task term when it is drawn apart (default `t`);
+        `task_at_kd`: the task loss on the KD pair's x_t, for the magnitude ratio (default `l_task`)."""
+        a_kd = self.alpha(t.float())
+        a = a_kd if t_task is None else self.alpha(t_task.float())
+        ref = l_task if task_at_kd is None else task_at_kd
+        ratio = (ref.abs() / (l_kd.abs() + self.cfg.eps)).detach()  # sg(|L_task| / |L_kd|) per timestep
+        kd_part = (1 - a_kd) * ratio * l_kd
         if mask is not None:
             kd_part = torch.where(mask, kd_part, torch.zeros_like(kd_part))
             a = torch.where(mask, a, torch.ones_like(a))
@@ -129,8 +138,10 @@ class DistillationObjective:
         self.scaling = TimestepAwareScaling(cfg)
 
     def __call__(self, terms: dict[str, torch.Tensor], t: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`terms`: per-sample "task" and optionally "out", "feat" (B,). Returns (loss, logs)."""
+                 mask: torch.Tensor | None = None, *, t_task: torch.Tensor | None = None,
+                 task_at_kd: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`terms`: per-sample "task" and optionally "out", "feat" (B,). Returns (loss, logs). `t`: timesteps of
+        the KD terms; `t_task`, `task_at_kd`: a task term drawn apart from the KD pair (TimestepAwareScaling)."""
         task = terms["task"]
         logs = {f"loss/{k}": v.mean().detach() for k, v in terms.items()}
         kd = [k for k in ("out", "feat") if k in terms] if self.cfg.combine != "task_only" else []
@@ -143,7 +154,7 @@ class DistillationObjective:
             return loss, logs
         total = 0.0
         for k in kd:
-            part, diag = self.scaling(task, terms[k], t, mask)
+            part, diag = self.scaling(task, terms[k], t, mask, t_task=t_task, task_at_kd=task_at_kd)
             total = total + part
             logs |= {f"scale/{k}_{n}": v for n, v in diag.items()}
         return total, logs

@@ -1,14 +1,20 @@
 """Student pretraining with multi-level knowledge distillation (SNAPGEN_SPEC.md sections 4-5).
 
-`PretrainModule` holds the student UNet, the trainable text conditioner and feature projector, an
-EMA copy of the student, and either cached teacher targets (cached mode) or a frozen teacher
-(online mode). `training_step` only combines the named loss terms of `snapgen_model.distill.losses`.
+`PretrainModule` holds the student UNet, the trainable text conditioner and feature projector, one
+EMA (`training.ema.ModuleEMA`) over every module the saved student is made of (UNet + conditioner),
+and either cached teacher targets (cached mode) or a frozen teacher (online mode). `training_step`
+only combines the named loss terms of `snapgen_model.distill.losses`.
+
+Cached mode: the KD terms use one of the K cached (t, noise) pairs of each sample, drawn uniformly
+per sample and step; the task (flow-matching) term gets a fresh (t, noise) every step, independent
+of that pair (both go through the student in one batched forward). Online mode: one fresh pair per
+step, on which the teacher runs, serves both. Which KD levels a run actually trains ("output",
+"output+feature", "none") is decided once, logged and returned (`kd_levels`).
 All randomness of a step (timesteps, noise, target pair, condition dropout) comes from a generator
 seeded by (seed, step, rank), so a resumed run is bitwise identical to an uninterrupted one on CPU.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -34,6 +40,7 @@ from snapgen_model.distill.losses import (
 from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.training.data import CachedData
+from snapgen_model.training.ema import ModuleEMA, decay_for_run
 from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
 from snapgen_model.training.stages import StageConfig, stage_configs
 from snapgen_model.training.state import load_state, save_state
@@ -58,7 +65,9 @@ class PretrainConfig(ConfigBase):
     warmup_steps: int = 50  # linear LR warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
     grad_clip: float = 1.0  # gradient-norm clipping (0 = off)
-    ema_decay: float = 0.999  # EMA decay (with warm-up (1 + s) / (10 + s) early on)
+    # EMA decay of the saved student (UNet + conditioner together); 0 = tied to the run length,
+    # `decay_for_run(steps)` (a window of ~10% of the run); either way with the warm-up (1 + s) / (10 + s)
+    ema_decay: float = 0.0
     mode: Literal["cached", "online"] = "cached"  # cached teacher targets, or the teacher run online
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)  # distillation terms
     encoder_dropout: float = 0.1  # per-encoder condition dropout probability (SPEC 3)
@@ -95,7 +104,7 @@ class PretrainConfig(ConfigBase):
         check(self.steps >= 1, "pretrain.steps", "must be >= 1")
         check(self.batch_size >= 1, "pretrain.batch_size", "must be >= 1")
         check(self.lr > 0, "pretrain.lr", "must be > 0")
-        check(0 <= self.ema_decay < 1, "pretrain.ema_decay", "must be in [0, 1)")
+        check(0 <= self.ema_decay < 1, "pretrain.ema_decay", "must be in [0, 1) (0 = tied to the run length)")
         check(0 <= self.encoder_dropout <= 1, "pretrain.encoder_dropout", "must be in [0, 1]")
         check(0 <= self.label_dropout <= 1, "pretrain.label_dropout", "must be in [0, 1]")
         check_choice(self.mode, "pretrain.mode", ("cached", "online"))
@@ -109,6 +118,23 @@ class PretrainConfig(ConfigBase):
         check(self.devices >= 1, "pretrain.devices", "must be >= 1")
         check(self.num_nodes >= 1, "pretrain.num_nodes", "must be >= 1")
         check(self.log_every >= 1, "pretrain.log_every", "must be >= 1")
+
+
+def ema_decay(cfg: PretrainConfig) -> float:
+    """The EMA decay of a run: `cfg.ema_decay`, or (0) the one tied to the run length."""
+    return cfg.ema_decay or decay_for_run(cfg.steps)
+
+
+@dataclasses.dataclass
+class KDTargets:
+    """The KD pair of a step: timesteps, noise, teacher velocity and teacher tokens (None: not used).
+    `shared`: the pair is the task term's own fresh pair (online teacher), not a cached one."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    v: torch.Tensor | None
+    features: torch.Tensor | None
+    shared: bool
 
 
 def lr_lambda(cfg: PretrainConfig):
@@ -149,11 +175,17 @@ class PretrainModule(DataFeed, pl.LightningModule):
                                                                      pooled_dim=preset.unet.pooled_dim), dims)
         self.feature_name = cfg.kd.teacher_feature or (sorted(ref.features)[-1] if ref.features else "")
         tdim = teacher_dim or (ref.features[self.feature_name].shape[-1] if self.feature_name else 0)
+        if not tdim and cfg.mode == "online":  # the online teacher's own tokens
+            tdim = int(getattr(teacher, "feature_dim", 0) or 0)
         self.use_feat = (cfg.kd.feature_kd and cfg.kd.combine != "task_only" and bool(tdim)
                          and (self.class_kd or not self.class_cond))
         ch = self.student.feature_channels()[cfg.kd.student_feature]
         self.projector = FeatureProjector(ch, tdim) if self.use_feat else torch.nn.Identity()
-        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.kd_levels, self.kd_levels_note, self.kd_levels_warning = self._kd_levels(ref)
+        # one EMA over every module of the saved student (not the projector: training only); the copies are
+        # registered (ema_models) so they follow the module's device and are part of the training state
+        self.ema = ModuleEMA(self.student_modules(), ema_decay(cfg))
+        self.ema_models = torch.nn.ModuleDict(self.ema.copies)
         self.objective = DistillationObjective(cfg.kd)
         self.task_loss, self.out_loss, self.feat_loss = TaskLoss(), OutputKDLoss(), FeatureKDLoss()
         self.nonfinite_total, self.nonfinite_run, self._t0 = 0, 0, None
@@ -187,11 +219,59 @@ class PretrainModule(DataFeed, pl.LightningModule):
 
     kd_note: str = ""  # how a class-conditional student is trained (logged; in the fit result)
 
+    def _kd_active(self) -> bool:
+        return self.cfg.kd.combine != "task_only" and (self.class_kd or not self.class_cond)
+
+    def _kd_levels(self, ref: CachedData) -> tuple[str, str, bool]:
+        """("output" | "feature" | "output+feature" | "none", the sentence saying why, whether fewer levels
+        run than were asked for), logged once: a run whose feature KD was asked for but cannot run (no
+        cached teacher features) says so in a warning."""
+        kd = self.cfg.kd
+        targets = self.cfg.mode == "online" or ref.targets > 0
+        active = self._kd_active() and targets
+        out, feat = active and kd.output_kd, active and self.use_feat
+        levels = "+".join(name for name, on in (("output", out), ("feature", feat)) if on) or "none"
+        source = ("the online teacher" if self.cfg.mode == "online" else
+                  f"{ref.targets} cached teacher (t, noise) pairs per sample, one drawn per sample and step; the task "
+                  "term on a fresh (t, noise)")
+        warn = False
+        if not self._kd_active():
+            why = f"kd.combine={kd.combine}" if kd.combine == "task_only" else "the targets are not class-conditional"
+            note = f"KD levels: none ({why}); task loss only"
+        elif not targets:
+            note, warn = "KD levels: none (the cache holds no teacher targets: cache.targets_per_sample=0); task loss only", True
+        elif kd.feature_kd and not feat:
+            note, warn = (f"KD levels: {levels} (feature KD requested, kd.feature_kd=true, but the cache holds no teacher "
+                          "features: cache with cache.store_features=true for multi-level KD); KD from " + source), True
+        else:
+            off = [] if kd.feature_kd else ["feature KD off: kd.feature_kd=false"]
+            off += [] if kd.output_kd else ["output KD off: kd.output_kd=false"]
+            note = f"KD levels: {levels}{' (' + '; '.join(off) + ')' if off else ''}; KD from {source}"
+        (log.warning if warn else log.info)(note)
+        return levels, note, warn
+
+    def student_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules the saved student is made of (the EMA averages exactly these)."""
+        modules = {"student": self.student, "conditioner": self.conditioner}
+        return {k: m for k, m in modules.items() if m is not None}
+
+    @property
+    def ema_unet(self) -> torch.nn.Module:
+        return self.ema["student"]
+
+    @property
+    def ema_conditioner(self) -> torch.nn.Module | None:
+        return self.ema.copies.get("conditioner")
+
+    def preview_modules(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """(UNet, conditioner) a preview renders: the EMA pair, as saved."""
+        return self.ema_unet, self.ema_conditioner
+
     def current_step(self) -> int:
         return self.start_step + self.global_step
 
     def configure_optimizers(self):
-        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema.", "teacher."))]
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema_models.", "teacher."))]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -199,24 +279,25 @@ class PretrainModule(DataFeed, pl.LightningModule):
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.global_rank)
 
-    def _targets(self, b: CachedData, latent: torch.Tensor, g: torch.Generator, cond_teacher: dict | None):
-        """(t, noise, v_teacher | None, teacher tokens | None) for the batch `b`."""
+    def _kd_targets(self, b: CachedData, latent: torch.Tensor, g: torch.Generator, t: torch.Tensor,
+                    noise: torch.Tensor, cond_teacher: dict | None) -> KDTargets | None:
+        """The KD pair of the batch `b` (None: no KD this run). Cached: pair k ~ U{0..K-1} per sample
+        (from `g`); online: the teacher on the task term's fresh (t, noise)."""
+        if self.kd_levels == "none":
+            return None
         n = len(b)
-        if self.cfg.mode == "cached" and b.targets and (self.class_kd or not self.class_cond):
+        if self.cfg.mode == "cached":
+            if not b.targets:
+                return None
             k = torch.randint(b.targets, (n,), generator=g)
             rows = torch.arange(n)
             pairs = [draw_pair(key, int(kk), latent.shape[1:], self.cache_cfg) for key, kk in zip(b.keys, k)]
-            t = b.t[rows, k]
-            noise = torch.stack([p[1] for p in pairs])
             feats = b.features[self.feature_name][rows, k] if self.use_feat else None
-            return t, noise, b.v[rows, k], feats
-        t = sample_timesteps(n, self.preset.flow, g)
-        noise = torch.randn(latent.shape, generator=g)
-        if self.teacher is None:
-            return t, noise, None, None
+            return KDTargets(b.t[rows, k], torch.stack([p[1] for p in pairs]), b.v[rows, k], feats, shared=False)
         with torch.no_grad():
             out = self.teacher(interpolate(latent, noise, t), t, cond_teacher["context"], cond_teacher["pooled"])
-        return t, noise, out.velocity, out.features.get(self.feature_name or next(iter(out.features)))
+        feats = out.features.get(self.feature_name or next(iter(out.features))) if self.use_feat else None
+        return KDTargets(t, noise, out.velocity, feats, shared=True)
 
     @staticmethod
     def _encoded(b: CachedData) -> dict[str, Encoded]:
@@ -259,28 +340,52 @@ class PretrainModule(DataFeed, pl.LightningModule):
         latent = b.latent.to(self.device)
         encoded = self._encoded(b)
         teacher_cond = None
-        if self.cfg.mode == "online":
-            from snapgen_model.distill.text import sd3_teacher_condition
-            teacher_cond = sd3_teacher_condition(encoded, self.cache_cfg.teacher_clip_encoders,
-                                                 self.teacher.transformer.config.joint_attention_dim)
-        t, noise, v_teacher, t_feats = self._targets(b, latent, g, teacher_cond)
+        if self.cfg.mode == "online" and self.kd_levels != "none":
+            teacher_cond = self.teacher_condition(encoded)
+        n = len(b)
+        # the task term's fresh (t, noise), then the KD pair, then the condition dropout (all from g)
+        t = sample_timesteps(n, self.preset.flow, g).to(self.device)
+        noise = torch.randn(latent.shape, generator=g).to(self.device)
+        kd = self._kd_targets(b, latent, g, t, noise, teacher_cond)
         cond, dropped = self._condition(b, encoded, g)
-        t, noise = t.to(self.device), noise.to(self.device)
-        v, feats = self.student(interpolate(latent, noise, t), t, **cond, return_features=True)
+        x_t = interpolate(latent, noise, t)
+        kd_extra = {}
+        if kd is None or kd.shared:  # one forward: the task term (and the online teacher's KD) on the fresh pair
+            v, feats = self.student(x_t, t, **cond, return_features=True)
+            v_kd, feats_kd = v, feats
+        else:  # the cached KD pair and the fresh task pair in one batched forward, rows [KD; task]
+            t_kd, noise_kd = kd.t.to(self.device), kd.noise.to(self.device)
+            both = {k: torch.cat([c, c]) for k, c in cond.items()}
+            v2, feats2 = self.student(torch.cat([interpolate(latent, noise_kd, t_kd), x_t]), torch.cat([t_kd, t]),
+                                      **both, return_features=True)
+            v_kd, v = v2[:n], v2[n:]
+            feats_kd = {k: f[:n] for k, f in feats2.items()}
+            kd_extra = {"t_task": t, "task_at_kd": self.task_loss(v_kd, noise_kd - latent).detach()}
         terms = {"task": self.task_loss(v, noise - latent)}
-        kd = self.cfg.kd.combine != "task_only" and (self.class_kd or not self.class_cond)
-        if kd and self.cfg.kd.output_kd and v_teacher is not None:
-            terms["out"] = self.out_loss(v, v_teacher.to(self.device))
-        if kd and self.use_feat and t_feats is not None:
-            proj = self.project(feats[self.cfg.kd.student_feature], t_feats)
-            terms["feat"] = self.feat_loss(proj, t_feats.to(self.device))
-        loss, logs = self.objective(terms, t, mask=~dropped.to(self.device))
+        if kd is not None and self.cfg.kd.output_kd and kd.v is not None:
+            terms["out"] = self.out_loss(v_kd, kd.v.to(self.device))
+        if kd is not None and self.use_feat and kd.features is not None:
+            proj = self.project(feats_kd[self.cfg.kd.student_feature], kd.features)
+            terms["feat"] = self.feat_loss(proj, kd.features.to(self.device))
+        t_kd = t if kd is None or kd.shared else kd.t.to(self.device)
+        loss, logs = self.objective(terms, t_kd, mask=~dropped.to(self.device), **kd_extra)
+        if "task_at_kd" in kd_extra:
+            logs["loss/task_at_kd_pair"] = kd_extra["task_at_kd"].mean()
         if not torch.isfinite(loss):
             return self._skip_nonfinite(step)
         self.nonfinite_run = 0
         if step % self.cfg.log_every == 0:
             self._log(step, loss, logs, len(b))
         return loss
+
+    def teacher_condition(self, encoded: dict[str, Encoded]) -> dict[str, torch.Tensor]:
+        """The online teacher's condition, built exactly as the caching stage builds it (every text
+        encoder the teacher uses: its CLIPs, and the T5 appended on the sequence when it has one)."""
+        from snapgen_model.distill.cache import teacher_condition
+
+        encoded = {e: Encoded(x.tokens.to(self.device), None if x.pooled is None else x.pooled.to(self.device),
+                              x.mask.to(self.device)) for e, x in encoded.items()}
+        return teacher_condition(encoded, self.cache_cfg, self.teacher.transformer.config.joint_attention_dim)
 
     def _skip_nonfinite(self, step: int):
         self.nonfinite_total += 1
@@ -307,14 +412,12 @@ class PretrainModule(DataFeed, pl.LightningModule):
         self.update_ema()
 
     def update_ema(self) -> None:
-        step = self.current_step()
-        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, s in zip(self.ema.parameters(), self.student.parameters()):
-                e.lerp_(s, 1 - decay)
+        self.ema.update(self.current_step())
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"student": self.student, "ema": self.ema, "conditioner": self.conditioner, "projector": self.projector}
+        """Everything a full-state checkpoint holds: raw modules, their EMA copies ("ema/<name>.*"), the projector."""
+        modules = {"student": self.student, "ema": self.ema_models, "conditioner": self.conditioner,
+                   "projector": self.projector}
         return {k: m for k, m in modules.items() if m is not None}
 
     def save_training_state(self, folder, trainer) -> Any:
@@ -358,7 +461,9 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
         if module.streaming and module.resume_position:
             module.data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
-                "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note}
+                "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note,
+                "kd_levels": module.kd_levels, "kd_levels_note": module.kd_levels_note,
+                "kd_levels_warning": module.kd_levels_warning}
     module.resume_from = start_path
     ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
     trainer = pl.Trainer(
@@ -373,31 +478,41 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
-            "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note}
+            "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note,
+            "kd_levels": module.kd_levels, "kd_levels_note": module.kd_levels_note,
+            "kd_levels_warning": module.kd_levels_warning}
+
+
+def save_conditioner(conditioner: TextConditioner, path) -> str:
+    """A TextConditioner as safetensors (encoder widths and config in its metadata; `load_conditioner`)."""
+    from safetensors.torch import save_file
+
+    dims = {e: [int(l.in_features), int(p)] for e, l in conditioner.proj.items()
+            for p in [conditioner.null_pooled[e].numel() if e in conditioner.null_pooled else 0]}
+    meta = {"snapgen.kind": "TextConditioner", "snapgen.encoders": json.dumps(dims),
+            "snapgen.config": conditioner.cfg.to_json()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in conditioner.state_dict().items()}, str(path), metadata=meta)
+    return str(path)
 
 
 def save_student(module: PretrainModule, folder) -> dict[str, str]:
-    """The trained student for evaluation and export: EMA UNet (preset in its metadata) and the text
-    conditioner (encoder widths in its metadata), both safetensors."""
+    """The trained student for evaluation and export: the EMA UNet (preset in its metadata) with the EMA
+    text conditioner (one EMA over both), `unet_ema.safetensors` + `conditioner.safetensors`; and beside
+    them the raw (last-step) pair, `unet_raw.safetensors` + `conditioner_raw.safetensors`."""
     from pathlib import Path
-
-    from safetensors.torch import save_file
 
     from snapgen_model.storage.checkpoint import save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = copy.deepcopy(module.ema)
-    unet_path = save_model(unet, folder / "unet_ema.safetensors", preset=module.preset)
+    paths = {"unet": str(save_model(module.ema_unet, folder / "unet_ema.safetensors", preset=module.preset)),
+             "unet_raw": str(save_model(getattr(module.student, "_orig_mod", module.student),  # (torch.compile)
+                                        folder / "unet_raw.safetensors", preset=module.preset))}
     if module.conditioner is None:  # class-conditional: the labels are the condition, no text conditioner
-        return {"unet": str(unet_path)}
-    dims = {e: [int(l.in_features), int(p)] for e, l in module.conditioner.proj.items()
-            for p in [module.conditioner.null_pooled[e].numel() if e in module.conditioner.null_pooled else 0]}
-    meta = {"snapgen.kind": "TextConditioner", "snapgen.encoders": json.dumps(dims),
-            "snapgen.config": module.conditioner.cfg.to_json()}
-    cond_path = folder / "conditioner.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.conditioner.state_dict().items()}, cond_path, metadata=meta)
-    return {"unet": str(unet_path), "conditioner": str(cond_path)}
+        return paths
+    paths["conditioner"] = save_conditioner(module.ema_conditioner, folder / "conditioner.safetensors")
+    paths["conditioner_raw"] = save_conditioner(module.conditioner, folder / "conditioner_raw.safetensors")
+    return paths
 
 
 def load_conditioner(path) -> TextConditioner:

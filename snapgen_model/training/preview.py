@@ -77,7 +77,9 @@ class PreviewCallback(pl.Callback):
         step = pl_module.current_step()
         if not trainer.is_global_zero or step in self.logged:
             return
-        self.sink(self.render(pl_module.ema, pl_module.conditioner, getattr(pl_module, "preset", None)), step)
+        pair = getattr(pl_module, "preview_modules", None)  # the (EMA UNet, EMA conditioner) the module saves
+        unet, conditioner = pair() if pair is not None else (pl_module.ema, pl_module.conditioner)
+        self.sink(self.render(unet, conditioner, getattr(pl_module, "preset", None)), step)
         self.logged.append(step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

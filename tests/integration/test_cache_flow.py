@@ -151,5 +151,9 @@ def test_pretrain_flow_on_cached_targets(env, tiny_bundle, prefect_harness, mlfl
     assert ckpts == ["step-00000002", "step-00000004"]
     history = MlflowClient(mlflow_server.uri).get_metric_history(result["mlflow_run_id"], "loss/total")
     assert len(history) >= 3
+    # multi-level KD from the cached features, said in the run's tags; the raw pair saved beside the EMA one
+    tags = MlflowClient(mlflow_server.uri).get_run(result["mlflow_run_id"]).data.tags
+    assert tags["snapgen.kd_levels"] == "output+feature" and result["kd_levels"] == "output+feature"
+    assert {"unet_raw", "conditioner_raw"} <= set(result["student"])
     again = pretrain_flow(params)  # resumes at the final checkpoint: nothing left to train
     assert again["step"] == 4

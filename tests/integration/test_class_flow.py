@@ -38,7 +38,7 @@ def test_pretrain_flow_class_conditional(tmp_path, monkeypatch, prefect_harness,
     result = pretrain_flow(PretrainParams(cache_uri=f"file://{folder}", preset="toy-smoke", overrides=CLASS_OVERRIDES,
                                           pretrain=["steps=3", "batch_size=4", "checkpoint_every=0", "log_every=1",
                                                     "accelerator=cpu", "kd.feature_kd=false", "label_dropout=0.25"]))
-    assert result["step"] == 3 and set(result["student"]) == {"unet"}
+    assert result["step"] == 3 and set(result["student"]) == {"unet", "unet_raw"}
     assert load_model(result["student"]["unet"][len("file://"):]).config.conditioning == "class"
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(result["mlflow_run_id"])

@@ -49,4 +49,9 @@ def test_distill_steps_flow_logs_both_losses(tmp_path, monkeypatch, tiny_bundle,
     client = MlflowClient(mlflow_server.uri)
     for metric in ("loss/d", "loss/g", "d/acc_real", "d/acc_fake"):
         assert len(client.get_metric_history(result["mlflow_run_id"], metric)) == 2, metric
+    for metric in ("weights/rel_change_g", "weights/rel_change_ema"):  # over training (guided teacher target)
+        assert len(client.get_metric_history(result["mlflow_run_id"], metric)) == 2, metric
+    final = client.get_run(result["mlflow_run_id"]).data.metrics
+    assert final["final/generator_rel_change"] > 0 and "final/d_acc_real" in final
+    assert result["metrics"]["teacher_guidance"] > 1 and set(result["student"]) >= {"unet", "unet_raw", "conditioner_raw"}
     assert distill_steps_flow(params)["step"] == 2  # resumes at the final checkpoint: nothing left to train

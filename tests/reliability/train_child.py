@@ -65,6 +65,14 @@ def tiny_teacher():
     return SD3Teacher(model, (0, -1))
 
 
+def teacher_null():
+    """A fixed stand-in for the teacher text encoder's empty-prompt encoding (the guided KD target's null)."""
+    from snapgen_model.distill.text import Encoded
+
+    g = torch.Generator().manual_seed(5)
+    return {"clip": Encoded(torch.randn(1, 6, TOKENS, generator=g), torch.randn(1, POOLED, generator=g), torch.ones(1, 6))}
+
+
 def student_and_conditioner(preset):
     from snapgen_model.distill.text import TextConditioner, TextConditionerConfig
     from snapgen_model.nn.unet import SnapGenUNet
@@ -121,7 +129,8 @@ def run(spec: dict[str, Any], callbacks: tuple = (), loggers: list | None = None
                                           | spec.get("extra", {}))
         student, conditioner = student_and_conditioner(preset)
         result = fit_distill(preset, cfg, data, cache_cfg, spec["state_root"], teacher=tiny_teacher(),
-                             student=student, conditioner=conditioner, callbacks=callbacks, loggers=loggers)
+                             student=student, conditioner=conditioner, teacher_null=teacher_null(),
+                             callbacks=callbacks, loggers=loggers)
     result.pop("module", None)
     return result
 

@@ -93,7 +93,7 @@ def test_one_manual_step_updates_exactly_the_intended_parameters():
     module = make_module(synthetic_data(n=4), steps=1)
     opt_g, opt_d = module.configure_optimizers()
     groups = {"student": module.student, "conditioner": module.conditioner, "heads": module.discriminator.heads,
-              "teacher": module.discriminator.teacher, "ema": module.ema}
+              "teacher": module.discriminator.teacher, "ema": module.ema_models}
     snap = lambda: {n: [p.detach().clone() for p in m.parameters()] for n, m in groups.items()}  # noqa: E731
     changed = lambda a, b: {n for n in a if any(not torch.equal(x, y) for x, y in zip(a[n], b[n]))}  # noqa: E731
     idx = torch.arange(4)

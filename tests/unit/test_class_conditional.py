@@ -121,7 +121,7 @@ def test_saved_student_is_the_class_conditional_unet(tmp_path):
     result = fit(PRESET, cfg(steps=1, checkpoint_every=0), load_cache_folder(labelled_cache(tmp_path / "c"), ["clip"]),
                  TEXT_TARGETS, tmp_path / "s")
     paths = save_student(result["module"], tmp_path / "out")
-    assert set(paths) == {"unet"} and read_preset(paths["unet"]).unet.conditioning == "class"
+    assert set(paths) == {"unet", "unet_raw"} and read_preset(paths["unet"]).unet.conditioning == "class"
     unet = load_model(paths["unet"])
     v = unet(torch.zeros(2, 16, 8, 8), torch.tensor([0.3, 0.7]), labels=torch.tensor([1, CLASSES]))
     assert v.shape == (2, 16, 8, 8)

@@ -42,11 +42,12 @@ def test_warmup_then_cosine_for_both_optimisers(tmp_path):
     assert [r[1] for r in rates.rates] == pytest.approx([4e-3 * x for x in expected], rel=1e-12)
 
 
-def test_defaults_keep_the_rates_constant(tmp_path):
+def test_no_warmup_and_floor_one_keep_the_rates_constant(tmp_path):
     rates = Rates()
-    run(synthetic_data(), tmp_path / "s", steps=3, checkpoint_every=0, callbacks=[rates])  # lr_g = lr_d = 1e-3
+    run(synthetic_data(), tmp_path / "s", steps=3, checkpoint_every=0, warmup_steps=0,
+        callbacks=[rates])  # lr_g = lr_d = 1e-3
     assert rates.rates == [(1e-3, 1e-3)] * 3
-    assert StepDistillConfig().warmup_steps == 0 and StepDistillConfig().min_lr_ratio == 1.0
+    assert StepDistillConfig().min_lr_ratio == 1.0  # the defaults: warm-up, then constant
     with pytest.raises(ConfigError, match="distill.min_lr_ratio"):
         StepDistillConfig(min_lr_ratio=1.5)
 

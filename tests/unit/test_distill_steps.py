@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from snapgen_model.distill.cache import CacheConfig, draw_pair
-from snapgen_model.distill.text import TextConditioner, TextConditionerConfig
+from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import CachedData
@@ -35,6 +35,12 @@ def synthetic_data(n: int = 8, k: int = 2) -> CachedData:
                       t=t, v=torch.randn(n, k, 16, 8, 8, generator=g), features={})
 
 
+def teacher_null() -> dict[str, Encoded]:
+    """A fixed stand-in for the teacher text encoder's empty-prompt encoding (batch 1)."""
+    g = torch.Generator().manual_seed(5)
+    return {"clip": Encoded(torch.randn(1, 6, 24, generator=g), torch.randn(1, 32, generator=g), torch.ones(1, 6))}
+
+
 def student_and_conditioner():
     """A stand-in for the pretrained student: its zero-initialised layers filled (as training leaves them),
     so every layer, the conditioner included, gets gradients from the first step."""
@@ -46,7 +52,7 @@ def student_and_conditioner():
 
 
 def cfg(**kw) -> StepDistillConfig:
-    base = dict(steps=4, batch_size=4, lr_g=1e-3, lr_d=1e-3, sampler_steps=2, checkpoint_every=2, log_every=1,
+    base = dict(steps=4, batch_size=4, lr_g=1e-3, lr_d=1e-3, warmup_steps=0, sampler_steps=2, checkpoint_every=2, log_every=1,
                 accelerator="cpu", discriminator={"feature_layers": [0, -1], "head_width": 8})
     return StepDistillConfig.from_dict(base | kw)
 
@@ -54,14 +60,14 @@ def cfg(**kw) -> StepDistillConfig:
 def make_module(data: CachedData, **kw) -> StepDistillModule:
     student, conditioner = student_and_conditioner()
     return StepDistillModule(PRESET, cfg(**kw), data, CACHE, teacher=tiny_teacher(), student=student,
-                             conditioner=conditioner)
+                             conditioner=conditioner, teacher_null=teacher_null())
 
 
 def run(data, root, **kw):
     student, conditioner = student_and_conditioner()
     callbacks = kw.pop("callbacks", ())
     return fit_distill(PRESET, cfg(**kw), data, CACHE, root, teacher=tiny_teacher(), student=student,
-                       conditioner=conditioner, callbacks=callbacks)
+                       conditioner=conditioner, teacher_null=teacher_null(), callbacks=callbacks)
 
 
 class StopAt(pl.Callback):
@@ -113,7 +119,7 @@ def test_short_run_finite_losses_and_saved_few_step_sampler(tmp_path):
     assert (sampler.kind, sampler.steps, sampler.guidance) == ("few_step", 2, 1.0)
     again = run(synthetic_data(), tmp_path / "state", steps=3)  # complete: nothing trained, weights loaded
     ema = load_file(str(latest_state(tmp_path / "state") / "modules.safetensors"))
-    assert all(torch.equal(v, ema[f"ema/{k}"]) for k, v in again["module"].ema.state_dict().items())
+    assert all(torch.equal(v, ema[f"ema/{k}"]) for k, v in again["module"].ema_models.state_dict().items())
 
 
 def test_config_defaults_and_validation():

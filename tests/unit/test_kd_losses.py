@@ -81,3 +81,25 @@ def test_objective_modes_and_mask():
     # sample 2 has no KD target: counts as task only in both S terms
     assert math.isclose(float(masked), 2 * (0.5 * (0.5 + 0.5) + 0.5 * 1.0))
     assert "scale/out_alpha_mean" in logs
+
+
+def test_scaling_with_a_task_term_drawn_apart_from_the_kd_pair():
+    """Cached KD pair at t, fresh task pair at t_task: a_t of the task term at t_task, (1 - a_t) of the KD
+    term at t, and the magnitude ratio from the task loss on the KD pair's own x_t (task_at_kd)."""
+    cfg = KDConfig()
+    s = TimestepAwareScaling(cfg)
+    task = torch.tensor([1.0, 3.0], requires_grad=True)  # on the fresh pair
+    at_kd = torch.tensor([2.0, 0.5])  # on the KD pair (detached magnitudes)
+    kd = torch.tensor([4.0, 1.0], requires_grad=True)
+    t, t_task = torch.tensor([0.1, 0.9]), torch.tensor([0.5, 0.3])
+    loss, diag = s(task, kd, t, t_task=t_task, task_at_kd=at_kd)
+    a_task, a_kd = s.alpha(t_task), s.alpha(t)
+    want = (a_task * task + (1 - a_kd) * (at_kd / kd) * kd).mean()
+    assert torch.allclose(loss, want) and torch.allclose(diag["ratio_mean"], (at_kd / kd).mean())
+    loss.backward()
+    assert torch.allclose(task.grad, a_task / 2) and torch.allclose(kd.grad, (1 - a_kd) * at_kd / kd.detach() / 2)
+    # the objective passes both through; without them it is the shared-pair formula
+    obj = DistillationObjective(cfg)
+    split, _ = obj({"task": task.detach(), "out": kd.detach()}, t, t_task=t_task, task_at_kd=at_kd)
+    shared, _ = obj({"task": task.detach(), "out": kd.detach()}, t)
+    assert torch.allclose(split, want.detach()) and not torch.allclose(split, shared)

@@ -50,13 +50,33 @@ class LossLog(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def _flow_matching_loss(module, data: CachedData, draws: int = 16) -> tuple[float, float]:
+    """(student, zero-velocity baseline) task loss on a fixed, seeded set of (t, noise) draws."""
+    from snapgen_model.diffusion.flow import interpolate, sample_timesteps
+
+    g = torch.Generator().manual_seed(123)
+    cond = module.conditioner(module._encoded(data))
+    student = baseline = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            t = sample_timesteps(len(data), PRESET.flow, g)
+            noise = torch.randn(data.latent.shape, generator=g)
+            v = module.student(interpolate(data.latent, noise, t), t, **cond)
+            student += float((v - (noise - data.latent)).pow(2).mean()) / draws
+            baseline += float((noise - data.latent).pow(2).mean()) / draws
+    return student, baseline
+
+
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    """The task term draws a fresh (t, noise) every step, so the per-step loss is noisy: the student is
+    judged on a fixed set of draws instead, against the fresh (zero-output) UNet's loss."""
     data = synthetic_data(n=4)
     log = LossLog()
-    result = fit(PRESET, cfg(steps=40, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=0,
+    result = fit(PRESET, cfg(steps=40, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=0,
                              encoder_dropout=0.0), data, CACHE, tmp_path, callbacks=[log])
     assert result["step"] == 40 and len(log.losses) == 40
-    assert sum(log.losses[-5:]) / 5 < 0.8 * sum(log.losses[:5]) / 5, log.losses
+    trained, untrained = _flow_matching_loss(result["module"], data)
+    assert trained < 0.92 * untrained, (trained, untrained)
 
 
 def _weights(folder):

@@ -246,7 +246,7 @@ def test_data_mode_must_match_the_data(tmp_path):
 
 def test_distill_stream_resume_is_bitwise_identical(tmp_path):
     from tests.unit.test_distill_steps import cfg as distill_cfg
-    from tests.unit.test_distill_steps import student_and_conditioner, tiny_teacher
+    from tests.unit.test_distill_steps import student_and_conditioner, teacher_null, tiny_teacher
     from snapgen_model.training.distill_steps import fit_distill
 
     folder = clean_cache(tmp_path / "cache", sizes=(3, 3))
@@ -255,7 +255,7 @@ def test_distill_stream_resume_is_bitwise_identical(tmp_path):
         student, conditioner = student_and_conditioner()
         return fit_distill(PRESET, distill_cfg(steps=4, data="stream", shuffle_buffer=3),
                            StreamData.from_folder(folder, ["clip"]), CACHE, root, teacher=tiny_teacher(),
-                           student=student, conditioner=conditioner, callbacks=callbacks)
+                           student=student, conditioner=conditioner, teacher_null=teacher_null(), callbacks=callbacks)
 
     assert run(tmp_path / "full")["step"] == 4
     assert run(tmp_path / "part", [StopAt(2)])["step"] == 2
