@@ -10,8 +10,10 @@
   prompts whose metadata and samples are all present are skipped.
 * A folder is claimed by one generation key (`generation_key` file) before its first sample, so
   samples of two models or seed sets never mix.
-* `CheckpointGenerator` turns a UNet checkpoint (+ tiny decoder) into an `ImageGenerator`; any
-  callable with the same signature and an `identity` works too.
+* `CheckpointGenerator` turns a UNet checkpoint (+ tiny decoder, + the text conditioner it was
+  trained with) into an `ImageGenerator`; any callable with the same signature and an `identity`
+  works too. Its unconditional branch is the conditioner's null condition, the one training's
+  condition dropout used (as `BundleStudentGenerator`), never an all-zero condition.
 """
 from __future__ import annotations
 
@@ -30,14 +32,14 @@ from PIL import Image
 
 from snapgen_model.config_base import ConfigBase, check
 from snapgen_model.evaluation import atomic
-from snapgen_model.diffusion.generate import generate, null_condition
+from snapgen_model.diffusion.generate import conditioner_null, generate, null_condition
 from snapgen_model.evaluation.fid import file_sha256
 from snapgen_model.evaluation.geneval import prompt_folder, sample_path, write_metadata, write_samples
 from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.storage.checkpoint import load_model, read_preset
 
 MANIFEST = "manifest.json"
-UNET_FILE, DECODER_FILE = "unet.safetensors", "decoder.safetensors"
+UNET_FILE, DECODER_FILE, CONDITIONER_FILE = "unet.safetensors", "decoder.safetensors", "conditioner.safetensors"
 
 
 class ImageGenerator(Protocol):
@@ -237,13 +239,20 @@ TextEncoder = Callable[[Sequence[str]], dict]
 class CheckpointGenerator:
     """A UNet checkpoint (with its preset's sampler settings) and a tiny decoder as an ImageGenerator.
 
-    Without `encode_text` (prompts -> condition dict) the UNet gets the null condition: the images
-    are then prompt-blind, and `conditioning` says so.
+    `conditioner`: the student's `TextConditioner` (a module or a `conditioner.safetensors` path;
+    default: the checkpoint's sibling `conditioner.safetensors` when there is one). With it,
+    `encode_text` (prompts -> per-encoder `Encoded` outputs) is turned into the condition by the
+    conditioner, and the unconditional branch is the conditioner's null (every encoder dropped, as
+    in training). Without `encode_text` the UNet gets the null condition (the conditioner's, else
+    all zeros): the images are then prompt-blind, and `conditioning` says so. Without a conditioner,
+    `encode_text` must return the condition dict itself and guidance must be off (there is no
+    training null to guide against).
     """
 
     def __init__(self, unet_path: str | os.PathLike, *, decoder_path: str | os.PathLike | None = None,
                  encode_text: TextEncoder | None = None, text_identity: str = "", steps: int | None = None,
-                 guidance: float | None = None, device: str = "cpu") -> None:
+                 guidance: float | None = None, device: str = "cpu",
+                 conditioner: torch.nn.Module | str | os.PathLike | None = None) -> None:
         self.preset = read_preset(unet_path)
         if self.preset is None:
             raise ValueError(f"{unet_path}: checkpoint has no preset metadata (save it with save_model(preset=...))")
@@ -252,10 +261,31 @@ class CheckpointGenerator:
         self.preset = dataclasses.replace(self.preset, sampler=sampler)
         self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
         self.decoder, decoder_id = self._decoder(decoder_path, device)
+        self.conditioner, conditioner_id = self._conditioner(conditioner, unet_path, device)
+        if encode_text and self.conditioner is None and sampler.guidance != 1.0:
+            raise ValueError(f"{unet_path}: guidance {sampler.guidance} needs the student's text conditioner (its null "
+                             f"condition is the unconditional branch training used); pass conditioner= or guidance=1")
         self.encode_text, self.device = encode_text, device
-        self.conditioning = f"text:{text_identity or 'callable'}" if encode_text else "null (no text encoder)"
-        self.identity = _sha({"unet": file_sha256(str(unet_path)), "decoder": decoder_id,
-                              "sampler": sampler.to_dict(), "conditioning": self.conditioning})[:32]
+        self.conditioning = (f"text:{text_identity or 'callable'}" if encode_text else
+                             "null (no text encoder)" + ("; the conditioner's null" if self.conditioner else ""))
+        key = {"unet": file_sha256(str(unet_path)), "decoder": decoder_id, "sampler": sampler.to_dict(),
+               "conditioning": self.conditioning}
+        self.identity = _sha(key | ({"conditioner": conditioner_id} if conditioner_id else {}))[:32]
+
+    def _conditioner(self, conditioner, unet_path, device: str) -> tuple[torch.nn.Module | None, str | None]:
+        if self.preset.unet.conditioning != "text":
+            return None, None
+        if isinstance(conditioner, torch.nn.Module):
+            digest = hashlib.sha256()
+            for name, tensor in sorted(conditioner.state_dict().items()):
+                digest.update(name.encode() + tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            return conditioner.to(device).eval(), digest.hexdigest()
+        path = Path(conditioner) if conditioner is not None else Path(unet_path).parent / CONDITIONER_FILE
+        if conditioner is None and not path.is_file():
+            return None, None
+        from snapgen_model.training.pretrain import load_conditioner
+
+        return load_conditioner(path).to(device).eval(), file_sha256(str(path))
 
     def _decoder(self, path: str | os.PathLike | None, device: str) -> tuple[torch.nn.Module, str]:
         if path is not None:
@@ -265,11 +295,24 @@ class CheckpointGenerator:
             decoder = TinyDecoder(self.preset.decoder)
         return decoder.to(device).eval(), f"fresh-init:{self.preset.seed}"
 
+    def null(self, batch: int, tokens: int | Mapping[str, int] = 8) -> dict[str, torch.Tensor]:
+        """The unconditional condition: the conditioner's null (training's), else all zeros."""
+        if self.conditioner is not None:
+            return conditioner_null(self.conditioner, batch, tokens)
+        return null_condition(self.preset, batch, device=self.device)
+
+    @torch.no_grad()
+    def conditions(self, prompts: Sequence[str]) -> tuple[dict, dict | None]:
+        """(cond, uncond) of `prompts`, as training built them (uncond None when prompt-blind)."""
+        if not self.encode_text:
+            return self.null(len(prompts)), None
+        encoded = self.encode_text(prompts)
+        if self.conditioner is None:
+            return encoded, None
+        return self.conditioner(encoded), self.conditioner.null_condition(encoded)
+
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        n = len(prompts)
-        null = null_condition(self.preset, n, device=self.device)
-        cond = self.encode_text(prompts) if self.encode_text else null
-        uncond = null if self.encode_text else None
+        cond, uncond = self.conditions(prompts)
         return generate(self.unet, self.decoder, self.preset, seeds, cond=cond, uncond=uncond)
 
     def describe(self) -> dict[str, Any]:

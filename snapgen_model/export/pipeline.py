@@ -30,7 +30,7 @@ from torch import nn
 
 from snapgen_model.config_base import ConfigError
 from snapgen_model.configs import SnapGenConfig
-from snapgen_model.diffusion.generate import null_condition
+from snapgen_model.diffusion.generate import conditioner_null, null_condition, split_tokens
 from snapgen_model.export import coreml_export, onnx_export, runtime
 from snapgen_model.export.config import EXPORT_CODE_VERSION, FORMATS, PARTS, ExportConfig
 from snapgen_model.export.parity import (
@@ -63,6 +63,9 @@ class ExportInputs:
     decoder: nn.Module | None = None
     text_encoder: nn.Module | None = None
     sources: dict[str, dict] = dataclasses.field(default_factory=dict)  # part -> {kind, path?, sha256}
+    # the student's TextConditioner (not exported): its null condition is the unconditional branch of
+    # the generation check, as in training (None: a UNet without its conditioner, all-zero null)
+    conditioner: nn.Module | None = None
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -108,7 +111,8 @@ def tool_versions() -> dict[str, str]:
 
 def export_key(inputs: ExportInputs, cfg: ExportConfig, formats: Sequence[str], parts: Sequence[str]) -> str:
     """Content hash of everything that determines the export's bytes (see module doc)."""
-    payload = {"sources": {k: v.get("sha256") for k, v in sorted(inputs.sources.items()) if k in parts},
+    payload = {"sources": {k: v.get("sha256") for k, v in sorted(inputs.sources.items())
+                           if k in parts or k == "conditioner"},
                "preset": inputs.preset.to_dict(), "config": cfg.to_dict(), "formats": sorted(formats),
                "parts": sorted(parts), "code": EXPORT_CODE_VERSION, "tools": tool_versions()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -117,10 +121,12 @@ def export_key(inputs: ExportInputs, cfg: ExportConfig, formats: Sequence[str], 
 # ---------------------------------------------------------------------------------------------- loading
 def load_inputs(unet: str | os.PathLike | nn.Module, *, preset: SnapGenConfig | str | None = None,
                 overrides: Iterable[str] = (), decoder: str | os.PathLike | nn.Module | None = None,
-                text_encoder: str | os.PathLike | nn.Module | None = None) -> ExportInputs:
+                text_encoder: str | os.PathLike | nn.Module | None = None,
+                conditioner: str | os.PathLike | nn.Module | None = None) -> ExportInputs:
     """Load the parts: the UNet checkpoint (its config wins), the preset (given, else the one stored
     with the checkpoint), an optional decoder checkpoint (else a seeded fresh-init decoder, labelled
-    so) and an optional text encoder (a CLIPTextModelWithProjection, or a local folder for it)."""
+    so), an optional text encoder (a CLIPTextModelWithProjection, or a local folder for it) and the
+    student's text conditioner (given, else the checkpoint's sibling `conditioner.safetensors`)."""
     sources: dict[str, dict] = {}
     if isinstance(unet, nn.Module):
         unet_model, sources["unet"] = unet.eval(), {"kind": "module", "sha256": module_sha256(unet)}
@@ -134,7 +140,35 @@ def load_inputs(unet: str | os.PathLike | nn.Module, *, preset: SnapGenConfig | 
     encoder, source = _load_text_encoder(text_encoder)
     if source:
         sources["text_encoder"] = source
-    return ExportInputs(preset=cfg, unet=unet_model, decoder=decoder_model, text_encoder=encoder, sources=sources)
+    cond_model, source = _load_conditioner(conditioner, unet, cfg)
+    if source:
+        sources["conditioner"] = source
+    return ExportInputs(preset=cfg, unet=unet_model, decoder=decoder_model, text_encoder=encoder, sources=sources,
+                        conditioner=cond_model)
+
+
+def _load_conditioner(conditioner, unet, cfg: SnapGenConfig) -> tuple[nn.Module | None, dict | None]:
+    if cfg.unet.conditioning != "text":
+        return None, None
+    if isinstance(conditioner, nn.Module):
+        return conditioner.eval(), {"kind": "module", "sha256": module_sha256(conditioner)}
+    if conditioner is None:
+        if isinstance(unet, nn.Module) or not (Path(unet).parent / "conditioner.safetensors").is_file():
+            return None, None
+        conditioner = Path(unet).parent / "conditioner.safetensors"
+    from snapgen_model.training.pretrain import load_conditioner
+
+    return load_conditioner(conditioner).eval(), {"kind": "checkpoint", "path": str(conditioner),
+                                                   "sha256": file_sha256(conditioner)}
+
+
+def unconditional(inputs: ExportInputs, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    """The generation check's unconditional branch: the student's training null (its conditioner with
+    every encoder dropped, `tokens` context tokens shared out over its encoders), else all zeros."""
+    if inputs.conditioner is not None:
+        with torch.no_grad():
+            return conditioner_null(inputs.conditioner, batch, split_tokens(tokens, inputs.conditioner.names))
+    return null_condition(inputs.preset, batch, tokens=tokens)
 
 
 def _resolve_preset(preset: SnapGenConfig | str | None, unet, overrides: Iterable[str]) -> SnapGenConfig:
@@ -333,7 +367,7 @@ def generation_check(inputs: ExportInputs, tmp: Path, cfg: ExportConfig) -> tupl
     cond_names = part.input_names[2:]
     cond = dict(zip(cond_names, part.inputs(len(seeds), cfg.seed + 3)[2:]))
     sampler = runtime.few_step_sampler(p, cfg.generation_steps)
-    uncond = null_condition(p, len(seeds), tokens=cfg.text_length) if sampler.guidance != 1.0 else None
+    uncond = unconditional(inputs, len(seeds), cfg.text_length) if sampler.guidance != 1.0 else None
     start = time.perf_counter()
     lat_t, img_t = runtime.generate_latents_and_images(inputs.unet, inputs.decoder, p, seeds, sampler,
                                                         cond=cond, uncond=uncond)
@@ -348,7 +382,9 @@ def generation_check(inputs: ExportInputs, tmp: Path, cfg: ExportConfig) -> tupl
     if not image_psnr >= cfg.generation_min_psnr:
         failures.append(ParityFailure("generation", f"onnx few-step x{cfg.generation_steps}", "image_psnr",
                                       image_psnr, cfg.generation_min_psnr))
+    null = "conditioner" if inputs.conditioner is not None else "zeros (no conditioner)"
     result = {"steps": cfg.generation_steps, "sampler": sampler.kind, "guidance": sampler.guidance, "seeds": seeds,
+              "null_condition": null if uncond is not None else None,
               "unet_graph": unet_file.name, "image_psnr": image_psnr, "min_psnr": cfg.generation_min_psnr,
               "image_max_abs_uint8": int(abs(img_o.astype(int) - img_t.astype(int)).max()),
               "latent": compare(lat_o, lat_t).to_dict(), "passed": not failures,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from snapgen_model.configs import SamplerConfig, SnapGenConfig
-from snapgen_model.diffusion.generate import latents_to_images, seeded_noise
+from snapgen_model.diffusion.generate import latents_to_images, seeded_start
 from snapgen_model.diffusion.samplers import sample
 
 
@@ -105,11 +105,11 @@ def few_step_sampler(cfg: SnapGenConfig, steps: int) -> SamplerConfig:
 def generate_latents_and_images(model_fn: Callable, decode: Callable[[torch.Tensor], torch.Tensor],
                                 cfg: SnapGenConfig, seeds: Sequence[int], sampler: SamplerConfig, *,
                                 cond: dict, uncond: dict | None) -> tuple[torch.Tensor, np.ndarray]:
-    """`generate()`'s maths with pluggable model and decoder: (latents, uint8 images)."""
+    """`generate()`'s maths with pluggable model and decoder: (latents, uint8 images); the same
+    per-sample seeded noise and re-noising, so sample i depends only on (condition i, seed i)."""
     side = cfg.latent_size
-    noise = seeded_noise(seeds, (cfg.latent.channels, side, side))
-    generator = torch.Generator().manual_seed(int(seeds[0]))
-    latents = sample(model_fn, noise, sampler, cond=cond, uncond=uncond, generator=generator)
+    noise, generators = seeded_start(seeds, (cfg.latent.channels, side, side))
+    latents = sample(model_fn, noise, sampler, cond=cond, uncond=uncond, generator=generators)
     return latents, latents_to_images(decode(latents))
 
 
