@@ -289,6 +289,9 @@ def _register_stage_commands() -> None:
     except ImportError:  # pragma: no cover - the bootstrap stage is optional in a partial install
         return
     app.command("bootstrap-teacher")(bootstrap)
+    from flows.cli_release import release_teacher
+
+    app.command("release-teacher")(release_teacher)
 
 
 _register_stage_commands()

@@ -89,10 +89,14 @@ def _teacher(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.teacher.bundle_uri:
         facts = teacher_facts(cfg.teacher.bundle_uri)
         return {"bundle_uri": cfg.teacher.bundle_uri, "bundle_id": facts["bundle_id"], "bootstrapped": False}
-    from flows.bootstrap import bootstrap_teacher_flow
+    from flows.bootstrap import bootstrap_teacher_flow, register_teacher_release_flow
 
-    result = bootstrap_teacher_flow(cfg.teacher.bootstrap_preset, cfg.teacher.bootstrap_overrides)
-    return _json_safe({"bundle_uri": result["bundle_uri"], "bundle_id": result["config_hash"], "bootstrapped": True,
+    if cfg.teacher.release:
+        result = register_teacher_release_flow(cfg.teacher.release)
+    else:
+        result = bootstrap_teacher_flow(cfg.teacher.bootstrap_preset, cfg.teacher.bootstrap_overrides)
+    return _json_safe({"bundle_uri": result["bundle_uri"], "bundle_id": result["config_hash"],
+                       "bootstrapped": not cfg.teacher.release, "release": cfg.teacher.release,
                        "cache_hit": result["cache_hit"], "mlflow_run_id": result.get("mlflow_run_id"),
                        "model_version": result.get("model_version"), "metrics": result.get("metrics", {})})
 

@@ -22,7 +22,10 @@ class _Strict(BaseModel):
 
 class TeacherStage(_Strict):
     bundle_uri: str | None = Field(None, description="an existing teacher bundle folder (file:// or s3://); "
-                                                     "None = bootstrap the toy teacher")
+                                                     "None = the shipped `release` when set, else bootstrap the toy teacher")
+    release: str | None = Field(None, description="a shipped toy teacher under releases/ (e.g. toy-teacher/v1), "
+                                                  "verified and registered instead of training one; null = train "
+                                                  "with bootstrap_preset")
     bootstrap_preset: str = Field("toy", description="toy teacher bootstrap preset (toy-smoke, toy, toy-gpu)")
     bootstrap_overrides: list[str] = Field(default_factory=list, description="ToyBootstrapConfig overrides k=v")
 
@@ -277,7 +280,14 @@ def validate_stage_configs(cfg: PipelineConfig) -> None:
         ("decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train)),
         ("cache.overrides", lambda: CacheConfig().with_overrides(cfg.cache.overrides)),
     ]
-    if cfg.teacher.bundle_uri is None:
+    if cfg.teacher.bundle_uri is None and cfg.teacher.release:
+        def _release() -> None:
+            from snapgen_model.training.release import release_path
+
+            release_path(cfg.teacher.release)
+
+        checks.append(("teacher.release", _release))
+    elif cfg.teacher.bundle_uri is None:
         checks.append(("teacher.bootstrap_*", lambda: get_bootstrap_config(cfg.teacher.bootstrap_preset,
                                                                            cfg.teacher.bootstrap_overrides)))
     def _evaluate_options() -> None:

@@ -74,3 +74,30 @@ def test_gate_logic():
 def test_unknown_evaluation_option_fails_before_any_stage():
     with pytest.raises(PipelineConfigError, match="evaluate.options: images_per_promt: unknown field"):
         validate_stage_configs(build_config("toy", ["evaluate.options.images_per_promt=4"]))
+
+
+def test_a_shipped_teacher_release_is_checked_before_any_stage_and_registered_instead_of_trained(tmp_path,
+                                                                                                monkeypatch):
+    import json
+
+    import flows.bootstrap
+    from flows.pipeline import _teacher
+    from snapgen_model.training import release as rel
+
+    monkeypatch.setattr(rel, "RELEASES_DIR", tmp_path)  # an empty releases folder, not the repository's
+    cfg = build_config("toy", ["teacher.release=toy-teacher/v99"])
+    with pytest.raises(PipelineConfigError, match="teacher.release: release 'toy-teacher/v99' is not in"):
+        validate_stage_configs(cfg)
+    (tmp_path / "index.json").write_text(json.dumps({"releases": {"toy-teacher/v99": {}}}))
+    validate_stage_configs(cfg)
+
+    calls = []
+    out = {"bundle_uri": "file:///b", "config_hash": "abc", "cache_hit": False}
+    monkeypatch.setattr(flows.bootstrap, "register_teacher_release_flow", lambda name: calls.append(("release", name)) or out)
+    monkeypatch.setattr(flows.bootstrap, "bootstrap_teacher_flow",
+                        lambda preset, overrides: calls.append(("bootstrap", preset)) or out)
+    shipped = _teacher(cfg)
+    assert calls == [("release", "toy-teacher/v99")]
+    assert shipped["bootstrapped"] is False and shipped["release"] == "toy-teacher/v99" and shipped["bundle_id"] == "abc"
+    trained = _teacher(build_config("toy"))  # no release: the teacher is trained from scratch
+    assert calls[-1] == ("bootstrap", "toy") and trained["bootstrapped"] is True and trained["release"] is None
