@@ -99,10 +99,32 @@ def _register(tmp_path: Path, name: str) -> tuple[str, Path]:
     return f"models:/{name}/{reg['version']}", folder
 
 
+# Each child imports, then waits at a file barrier until all eight are ready, so the eight ask for an
+# evaluation slot together (not staggered by eight interpreter start-ups on two cores), and holds its
+# slot at least HOLD_S seconds (a pause after `_evaluate`, inside the slot): a toy-smoke re-evaluation
+# of saved samples takes well under a second, and without the hold the children could finish one after
+# another without ever contending for the limit. With eight asking at once for two slots held >= HOLD_S,
+# at least six must queue, the later ones for several HOLD_S.
+HOLD_S = 1.5
 CHILD = """
-import json, sys
+import json, sys, time
+from pathlib import Path
+import flows.evaluate as fe
 from flows.evaluate import ReevaluateParams, reevaluate_flow
-ref, options, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+ref, options, out, barrier, n, hold = (sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], Path(sys.argv[4]),
+                                       int(sys.argv[5]), float(sys.argv[6]))
+inner = fe._evaluate
+def held(*args, **kwargs):
+    result = inner(*args, **kwargs)
+    time.sleep(hold)  # still inside evaluation_slot()
+    return result
+fe._evaluate = held
+(barrier / Path(out).name).touch()
+deadline = time.monotonic() + 300
+while len(list(barrier.iterdir())) < n:
+    if time.monotonic() > deadline:
+        sys.exit("barrier: not every child started within 300 s")
+    time.sleep(0.05)
 r = reevaluate_flow(ReevaluateParams(model=ref, benchmarks=["geneval", "dpg"], options=options))
 keep = ("benchmarks", "own_results_path", "results_path", "mlflow_run_id", "concurrency", "folders")
 open(out, "w").write(json.dumps({k: r[k] for k in keep}, default=str))
@@ -126,8 +148,11 @@ def test_eight_concurrent_reevaluations_queue_and_agree(tmp_path, monkeypatch, m
     options = {"steps": 2, "images_per_prompt": 1, "max_prompts_per_task": 1, "chunk_size": 8}
     env = dict(os.environ) | {"PREFECT_API_URL": str(get_current_settings().api.url), "SNAPGEN_EVAL_CONCURRENCY": "2",
                               "OMP_NUM_THREADS": "1"}
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     started = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, ref, json.dumps(options), str(tmp_path / f"r{i}.json")],
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, ref, json.dumps(options), str(tmp_path / f"r{i}.json"),
+                               str(barrier), "8", str(HOLD_S)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(8)]
     logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     wall = time.monotonic() - started
@@ -146,8 +171,13 @@ def test_eight_concurrent_reevaluations_queue_and_agree(tmp_path, monkeypatch, m
     for _, step in events:
         running += step
         peak = max(peak, running)
-    queued = [r["concurrency"]["queued_s"] for r in results]
-    assert peak <= 2 and max(queued) > 0.5, (peak, queued)
+    queued = sorted(r["concurrency"]["queued_s"] for r in results)
+    held = [r["concurrency"]["ended"] - r["concurrency"]["started"] for r in results]
+    assert min(held) >= HOLD_S, held  # every evaluation held its slot for the hold (the contention is real)
+    assert peak <= 2, (peak, queued)  # the limit held
+    # some had to queue: eight asked at once for two slots held >= HOLD_S each, so the last to get one
+    # waited at least for one other evaluation to end
+    assert queued[-1] >= 0.9 * HOLD_S, (peak, queued)
     folder = Path(results[0]["folders"]["shapes"])
     assert not list(folder.rglob("*.tmp")) and (folder / "manifest.json").is_file()
     assert {r["folders"]["shapes"] for r in results} == {str(folder)}
