@@ -222,7 +222,7 @@ def reference_rows(bundle: TeacherBundle, prompts: Sequence[Mapping[str, Any]], 
     cfg = ToyReferenceConfig(images_per_prompt=images_per_prompt, rows=rows, dpg=False, seed=bundle.config.eval_seed)
     scored = score_reference_rows(prompts, world, cfg, decode=lambda ims: autoencoder_roundtrip(bundle, ims))
     return {row: {"overall": s["geneval"]["overall"], "exact_count": s["geneval"]["exact_count"]["overall"],
-                  **{f"split_{k}": v for k, v in s["geneval"].get("splits", {}).items()}}
+                  "tasks": s["geneval"]["tasks"], **{f"split_{k}": v for k, v in s["geneval"].get("splits", {}).items()}}
             for row, s in scored.items()}
 
 
