@@ -27,6 +27,7 @@ def release_teacher(
     rebuild: str = typer.Option("snapgen bootstrap-teacher --preset toy-release", "--rebuild",
                                 help="the command that retrains it (written into the card)"),
     report_json: Path = typer.Option(None, "--report-json", help="also write the score report here"),
+    note: Path = typer.Option(None, "--note", help="a markdown file appended to the card (limits, what changed)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="score and write the card into a temp folder only"),
 ) -> None:
     """Score a toy teacher bundle and write it as a versioned release (fp16, checksums, model card)."""
@@ -58,7 +59,13 @@ def release_teacher(
     grid.save(work / "samples_per_task.png")
     pictures["samples_per_task.png"] = work / "samples_per_task.png"
     record = dict(loaded.record) | {"config": best.config.to_dict(), "evaluation": report["evaluation"]}
-    card = rc.card_markdown(name, record, report, rebuild)
+    extra = ""
+    if note is not None:
+        if not note.is_file():
+            err.print(f"[bold red]error:[/] --note {note}: no such file")
+            raise typer.Exit(2)
+        extra = "\n" + note.read_text()
+    card = rc.card_markdown(name, record, report, rebuild, world_note=extra)
     if report_json is not None:
         rc.dump({k: v for k, v in report.items() if k != "evaluation"} | {"name": name}, report_json)
     if dry_run:

@@ -142,11 +142,17 @@ PRESETS: dict[str, list[str]] = {
         "promotion.demo_thresholds=true",
     ],
     "toy": [
-        # the demo's teacher: the `toy` bootstrap with a shorter budget so the whole pipeline fits ~15 min on
-        # 2 cores (TOY_CALIBRATION.md: a CPU teacher is step-starved either way; quality needs toy-gpu)
+        # the demo's teacher: the shipped release (releases/toy-teacher/v1, trained once with the toy-release
+        # recipe), verified and registered instead of trained. `--set teacher.release=null` trains one from
+        # scratch instead: the `toy` bootstrap with a budget that fits the demo (step-starved on 2 cores).
+        "teacher.release=toy-teacher/v1",
         "teacher.bootstrap_preset=toy",
         "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
         "curate.scenes=4000",
+        # the teacher's time goes to the students; every toy prompt x 2 images for every model
+        "pretrain.train=[\"steps=1000\", \"batch_size=32\"]",
+        "evaluate.options={\"images_per_prompt\": 2, \"max_prompts_per_task\": 0, \"fid_images\": 64, "
+        "\"fid_reference_images\": 64}",
         "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]", "promotion.demo_thresholds=true",
     ],
     "toy-gpu": [

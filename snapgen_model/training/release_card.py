@@ -199,12 +199,15 @@ def card_markdown(name: str, record: Mapping[str, Any], report: Mapping[str, Any
     sweep = "\n".join(f"| {g} | {s['overall']:.3f} | {s['exact_count']:.3f} | {s['splits'].get('seen', float('nan')):.3f} | "
                       f"{s['splits'].get('heldout', float('nan')):.3f} |" for g, s in report["sweep"].items())
     splits = h.get("splits", {})
+    where = ("on one GPU (the session that made it was lent an NVIDIA H200: scripts/gpu_teacher_sweep.py, the same "
+             "training code); the rebuild command runs the same recipe on 2 CPU cores"
+             if record.get("trained_on") == "cuda" else "on 2 CPU cores")
     return f"""# Toy teacher release `{name}`
 
 A text-to-image teacher for snapgen's toy world (64x64 shapes scenes): a diffusers `AutoencoderKL`
 (f=4, 16 latent channels), a diffusers `SD3Transformer2DModel` ({cfg['teacher_layers']} joint blocks,
 {cfg['teacher_heads']} x {cfg['teacher_head_dim']} heads, patch {cfg['patch_size']}) and a tiny
-`CLIPTextModelWithProjection` with a word-level tokenizer, trained jointly from scratch on 2 CPU cores.
+`CLIPTextModelWithProjection` with a word-level tokenizer, trained jointly from scratch {where}.
 Weights are fp16 safetensors; the adapters upcast them to float32 on CPU. The demo and the `toy`
 pipeline load this folder through the production `from_pretrained` path instead of training a teacher.
 

@@ -99,5 +99,17 @@ def test_a_shipped_teacher_release_is_checked_before_any_stage_and_registered_in
     shipped = _teacher(cfg)
     assert calls == [("release", "toy-teacher/v99")]
     assert shipped["bootstrapped"] is False and shipped["release"] == "toy-teacher/v99" and shipped["bundle_id"] == "abc"
-    trained = _teacher(build_config("toy"))  # no release: the teacher is trained from scratch
+    # one setting trains a teacher from scratch instead
+    trained = _teacher(build_config("toy", ["teacher.release=null"]))
     assert calls[-1] == ("bootstrap", "toy") and trained["bootstrapped"] is True and trained["release"] is None
+
+
+def test_the_toy_demo_uses_the_shipped_teacher_and_scores_every_prompt():
+    from snapgen_model.training.release import verify_release
+
+    cfg = build_config("toy")
+    assert cfg.teacher.release == "toy-teacher/v1"
+    verify_release(cfg.teacher.release)  # the repository's release: every sha256 checks out
+    validate_stage_configs(cfg)
+    assert cfg.evaluate.options["max_prompts_per_task"] == 0 and cfg.evaluate.options["images_per_prompt"] >= 2
+    assert build_config("toy", ["teacher.release=null"]).teacher.release is None
