@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_API_URL ?=
 export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK ?= 1
 

@@ -116,6 +116,10 @@ def prefect_env_defaults(settings: HasHome | None = None) -> dict[str, str]:
     }
     if settings is not None:
         defaults["PREFECT_HOME"] = str(Path(settings.home).expanduser().resolve() / "prefect")
+    if os.environ.get("PREFECT_API_URL", None) == "":
+        # an empty (exported but unset) API URL makes Prefect's events worker fail on every event and print
+        # an ERROR with a traceback each time; unset means "use the ephemeral server", which is what it meant
+        del os.environ["PREFECT_API_URL"]
     applied = {key: os.environ.setdefault(key, value) for key, value in defaults.items()}
     if "PREFECT_HOME" in applied:
         Path(applied["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # sqlite needs the folder

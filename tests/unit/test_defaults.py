@@ -1,6 +1,8 @@
 """tasks.defaults: shared Prefect task options, and a real retried task run."""
 from __future__ import annotations
 
+import os
+
 import types
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,16 @@ def test_prefect_env_defaults_keep_existing_values(
     assert applied["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
     assert applied["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "90"
     assert Path(applied["PREFECT_HOME"]).is_relative_to(Path(settings.home).resolve())
+
+
+def test_an_empty_prefect_api_url_is_dropped_and_a_real_one_kept(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `export PREFECT_API_URL=` (empty) made Prefect's events worker print an ERROR + traceback per event
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    defaults.prefect_env_defaults(settings)
+    assert "PREFECT_API_URL" not in os.environ
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    defaults.prefect_env_defaults(settings)
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
 
 
 def test_io_task_is_really_retried(prefect_harness: float, settings: Any) -> None:
