@@ -150,7 +150,7 @@ PRESETS: dict[str, list[str]] = {
         "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
         "curate.scenes=4000",
         # the teacher's time goes to the students; every toy prompt x 2 images for every model
-        "pretrain.train=[\"steps=1000\", \"batch_size=32\"]",
+        "pretrain.train=[\"steps=800\", \"batch_size=32\"]",
         "evaluate.options={\"images_per_prompt\": 2, \"max_prompts_per_task\": 0, \"fid_images\": 64, "
         "\"fid_reference_images\": 64}",
         "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]", "promotion.demo_thresholds=true",

@@ -205,7 +205,9 @@ def load_text_encoder(encoder: str | os.PathLike | nn.Module) -> nn.Module:
     path = Path(encoder)
     if not path.is_dir():
         raise FileNotFoundError(f"text encoder {str(encoder)!r}: expected a local save_pretrained folder")
-    return CLIPTextModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
+    # float32 whatever the files hold: a shipped release stores fp16 weights, and the ONNX graph (and its
+    # parity reference) is exported in float32; the FP16 variant is converted from it afterwards
+    return CLIPTextModelWithProjection.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
 
 
 def _load_text_encoder(encoder) -> tuple[nn.Module | None, dict | None]:
