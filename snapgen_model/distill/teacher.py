@@ -8,6 +8,8 @@ feature-KD target of SnapGen section 5). The flow-matching convention matches ou
 """
 from __future__ import annotations
 
+import threading
+
 import dataclasses
 from pathlib import Path
 from typing import Literal, Protocol
@@ -89,6 +91,9 @@ def _check_class_name(cls: type, folder: Path) -> None:
         raise LoadError(f"{folder} holds a {saved}, expected a {cls.__name__}")
 
 
+_CAPTURED = threading.local()  # .slots: {id(teacher): {feature name: tensor}} of the forward running in this thread
+
+
 class SD3Teacher(nn.Module):
     """Frozen `SD3Transformer2DModel` with feature capture by forward hooks."""
 
@@ -99,14 +104,15 @@ class SD3Teacher(nn.Module):
         self.layer_index = sorted({i % len(blocks) for i in feature_layers})
         self.feature_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.patch_size = transformer.config.patch_size
-        self._captured: dict[str, torch.Tensor] = {}
         for i in self.layer_index:
             blocks[i].register_forward_hook(self._hook(f"block{i}"))
 
     def _hook(self, name: str):
         def capture(module, args, output):
             # JointTransformerBlock returns (encoder_hidden_states, hidden_states): keep the image tokens
-            self._captured[name] = output[1]
+            slot = getattr(_CAPTURED, "slots", {}).get(id(self))
+            if slot is not None:  # a direct call of self.transformer captures nothing
+                slot[name] = output[1]
         return capture
 
     @property
@@ -126,8 +132,14 @@ class SD3Teacher(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 pooled: torch.Tensor) -> TeacherOutput:
-        self._captured = {}
-        dtype = next(self.transformer.parameters()).dtype
-        out = self.transformer(hidden_states=x_t.to(dtype), encoder_hidden_states=context.to(dtype),
-                               pooled_projections=pooled.to(dtype), timestep=t * 1000.0, return_dict=False)[0]
-        return TeacherOutput(velocity=out.float(), features={k: v.float() for k, v in self._captured.items()})
+        # features are captured per thread: the caching flow runs shards in threads that share one teacher,
+        # and a shared dict let one thread read another's features (a batch of another size)
+        slots = _CAPTURED.__dict__.setdefault("slots", {})
+        slots[id(self)] = captured = {}
+        try:
+            dtype = next(self.transformer.parameters()).dtype
+            out = self.transformer(hidden_states=x_t.to(dtype), encoder_hidden_states=context.to(dtype),
+                                   pooled_projections=pooled.to(dtype), timestep=t * 1000.0, return_dict=False)[0]
+        finally:
+            slots.pop(id(self), None)
+        return TeacherOutput(velocity=out.float(), features={k: v.float() for k, v in captured.items()})
