@@ -16,9 +16,10 @@ MODEL_LABELS = {"teacher": "teacher (toy SD3)", "pretrained": "student, KD-pretr
 REFERENCE_LABELS = {"clean": "ref: clean renders", "ae": "ref: AE ceiling", "floor": "ref: prompt-blind floor",
                     "noise": "ref: noise", "blank": "ref: blank"}
 COLUMNS = ["model", "steps", "GenEval", "exact count", "seen", "held-out", "DPG", "FID"]
-CPU_NOTE = ("The CPU demo proves the mechanics (every stage runs, losses fall, tables, exports and the registry "
-            "work); it does not train a prompt-following model in minutes. Quality needs a GPU: "
-            "`snapgen run --preset toy-gpu`.")
+CPU_NOTE = ("What this CPU demo shows: every stage runs, losses fall, tables, exports and the registry work, and the "
+            "teacher (the shipped release toy-teacher/v1, trained once) follows prompts above the prompt-blind floor. "
+            "What it does not show: students trained for minutes on 2 cores do not reach the floor yet; see "
+            "bench/RESULTS.md for the figures and `snapgen run --preset toy-gpu` for a GPU run.")
 
 
 def _num(value: Any) -> float | None:
