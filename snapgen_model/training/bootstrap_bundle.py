@@ -251,8 +251,8 @@ def prompt_split_names(cfg: ToyBootstrapConfig) -> dict[str, str]:
     return {r["prompt"]: "heldout" if r["prompt"] in held else "seen" for r in enumerate_prompts(cfg.world(), "all")}
 
 
-def evaluate_bundle(bundle: TeacherBundle) -> dict[str, Any]:
-    """Sample the evaluation prompts (fixed seeds), score them, and score the reference rows beside them."""
+def evaluate_bundle(bundle: TeacherBundle, reference: bool = True) -> dict[str, Any]:
+    """Sample the evaluation prompts (fixed seeds), score them, and (`reference`) the reference rows beside them."""
     cfg = bundle.config
     prompts = evaluation_prompts(cfg)
     per = cfg.eval_images_per_prompt
@@ -261,7 +261,7 @@ def evaluate_bundle(bundle: TeacherBundle) -> dict[str, Any]:
     images = sample_teacher(bundle, [m["prompt"] for m in metadata], seeds)
     diagnostics = teacher_diagnostics(images, metadata, cfg.world(), prompt_split_names(cfg))
     return {"prompts": len(prompts), "images": len(images), "steps": cfg.eval_steps, "guidance": cfg.eval_guidance,
-            "teacher": diagnostics, "reference": reference_rows(bundle, prompts, per)}
+            "teacher": diagnostics} | ({"reference": reference_rows(bundle, prompts, per)} if reference else {})
 
 
 def sample_grid(bundle: TeacherBundle, per_task: int = 2, scale: int = 3) -> tuple[np.ndarray, list[str], list[int]]:

@@ -84,16 +84,7 @@ def guidance_sweep(bundle: TeacherBundle, guidances: Sequence[float], images_per
 
 def evaluate_bundle_without_reference(bundle: TeacherBundle) -> dict[str, Any]:
     """`evaluate_bundle` minus the reference rows (they do not depend on the model)."""
-    from snapgen_model.training.bootstrap_bundle import prompt_split_names, teacher_diagnostics
-
-    cfg = bundle.config
-    prompts = evaluation_prompts(cfg)
-    per = cfg.eval_images_per_prompt
-    metadata = [p for p in prompts for _ in range(per)]
-    seeds = [cfg.eval_seed + 1000 * i + j for i in range(len(prompts)) for j in range(per)]
-    images = sample_teacher(bundle, [m["prompt"] for m in metadata], seeds)
-    return {"prompts": len(prompts), "images": len(images), "steps": cfg.eval_steps, "guidance": cfg.eval_guidance,
-            "teacher": teacher_diagnostics(images, metadata, cfg.world(), prompt_split_names(cfg))}
+    return evaluate_bundle(bundle, reference=False)
 
 
 def task_grid(bundle: TeacherBundle, per_task: int = 8, scale: int = 2) -> tuple[Image.Image, list[dict[str, Any]]]:
