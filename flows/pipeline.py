@@ -5,7 +5,9 @@ Orchestration only. Every stage is keyed by the content of its inputs (its confi
 stages it consumes, the code version) and leaves a stage record when it finishes (tasks/pipeline.py):
 a rerun after a failure skips the finished stages and resumes at the failed one (which itself resumes
 from its checkpoints), and a rerun with unchanged inputs does no work at all. The MLflow run of the
-pipeline is the parent of every stage run, in the pipeline's own experiment; the run ends with a
+pipeline is the parent of every stage run, in the same experiment as stand-alone stage runs (settings
+`experiment_name`, `MLFLOW_EXPERIMENT_NAME`; `--set experiment=...` to separate them); it carries each
+evaluated model's headline metrics and the registered model (a loadable pyfunc); the run ends with a
 Prefect markdown artifact and a self-contained HTML report logged to MLflow.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.pipeline_config import PipelineConfig, build_config, validate_stage_configs
-from tasks import registry, tracking
+from tasks import mlflow_model, registry, tracking
+from tasks.cache import local_folder
 from tasks.pipeline import (
     list_files,
     lookup_stage,
@@ -216,7 +219,10 @@ def _register(cfg: PipelineConfig, run: Any, stages: _Stages, final: dict[str, A
     lineage = tracking.lineage_tags(dataset_hash=data["dataset_hash"], teacher_id=teacher["bundle_id"],
                                     config_hash=stages.keys["register"],
                                     parent_runs=[r["mlflow_run_id"] for r in stages.rows if r.get("mlflow_run_id")])
-    out = registry.register_candidate(cfg.promotion.model_name, f"runs:/{run.run_id}/model", run_id=run.run_id,
+    source = f"runs:/{run.run_id}/model"
+    if cfg.promotion.pyfunc:  # the version loads with mlflow.pyfunc.load_model and turns prompts into images
+        source = mlflow_model.log_pyfunc(run, local_folder(final["student_uri"]), local_folder(teacher["bundle_uri"]))
+    out = registry.register_candidate(cfg.promotion.model_name, source, run_id=run.run_id,
                                       folder_uri=final["student_uri"], files=files, metrics=metrics,
                                       export_uri=export.get("uri"), parity_passed=export.get("parity_passed"),
                                       lineage=lineage | {"snapgen.preset": cfg.preset,
@@ -239,15 +245,17 @@ def _promote(cfg: PipelineConfig, registered: dict[str, Any]) -> dict[str, Any]:
 @flow(name="snapgen-pipeline", log_prints=True)
 def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """The whole pipeline for `preset` with `--set` style `overrides`; returns the run summary."""
-    from flows.pipeline_report import finish_report
+    from flows.pipeline_report import finish_report, headline_metrics
 
     logger = get_run_logger()
     cfg = build_config(preset, list(overrides or []))
     validate_stage_configs(cfg)
     settings = get_settings()
+    if cfg.experiment is None:  # one experiment for pipelines and stand-alone stage runs alike
+        cfg = cfg.model_copy(update={"experiment": settings.experiment_name})
     started = time.monotonic()
     stages = _Stages(force, logger)
-    with tracking.start_run(settings, f"pipeline-{preset}", experiment=cfg.experiment,
+    with tracking.start_run(settings, f"pipeline {preset}", experiment=cfg.experiment,
                             tags={"snapgen.stage": "pipeline", "snapgen.preset": preset,
                                   "snapgen.prefect_flow_run": str(flow_run.get_id() or "")},
                             system_metrics=True) as run, \
@@ -280,10 +288,11 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
         refs = {k: v for k, v in refs.items() if v and k in cfg.evaluate.models}
         if cfg.scale == "full":
             refs.pop("teacher", None)  # a full SD3 teacher is not sampled by the evaluation stage
-        stages.run("evaluate", cfg.evaluate.model_dump(), ["teacher", "pretrain", "distill_steps"],
-                   lambda: _evaluate(cfg, refs, run.run_id),
-                   outputs=lambda r: [m["results_path"] for m in r["models"].values() if m.get("results_path")
-                                      and "://" in m["results_path"]])
+        evaluated = stages.run("evaluate", cfg.evaluate.model_dump(), ["teacher", "pretrain", "distill_steps"],
+                               lambda: _evaluate(cfg, refs, run.run_id),
+                               outputs=lambda r: [m["results_path"] for m in r["models"].values()
+                                                  if m.get("results_path") and "://" in m["results_path"]])
+        run.log_metrics(headline_metrics(evaluated.get("models") or {}))  # cached or not: the run shows them
         if cfg.export.enabled:
             stages.run("export", cfg.export.model_dump(), ["distill_steps", "train_decoder"],
                        lambda: _export(cfg, teacher, final, decoder),

@@ -107,11 +107,14 @@ class PromotionStage(_Strict):
     tolerance: float = Field(0.02, ge=0.0, description="allowed regression against the current champion")
     require_export_parity: bool = True
     demo_thresholds: bool = Field(False, description="thresholds are demo values (stated in every report)")
+    pyfunc: bool = Field(True, description="register a loadable MLflow pyfunc (prompts -> images): copies the "
+                                           "student and the teacher bundle's VAE and text encoders into MLflow")
 
 
 class PipelineConfig(_Strict):
     preset: str = "toy"
-    experiment: str = Field("snapgen-pipeline", min_length=1, description="MLflow experiment of the pipeline")
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment of the pipeline and its stage "
+                                   "runs (default: the settings' experiment_name, where stage commands log too)")
     scale: Literal["toy", "full"] = "toy"
     teacher: TeacherStage = Field(default_factory=TeacherStage)
     curate: CurateStage = Field(default_factory=CurateStage)

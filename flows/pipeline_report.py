@@ -35,6 +35,33 @@ def _split(geneval: dict[str, Any], *names: str) -> float | None:
     return next((_num(splits[n]) for n in names if n in splits), None)
 
 
+HEADLINE = {"geneval/overall": ("geneval", "overall"), "geneval/exact_count": ("geneval", "exact_count", "overall"),
+            "dpg/overall": ("dpg", "overall"), "fid": ("fid", "fid"), "clip_score": ("clip", "value")}
+
+
+def _dig(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def headline_metrics(models: dict[str, Any]) -> dict[str, float]:
+    """`<model>/<metric>` for each evaluated model (teacher, pretrained, distilled) and `reference/<row>/...`
+    for the reference rows: the numbers the pipeline's MLflow run carries, comparable across runs."""
+    out: dict[str, float] = {}
+    for name, res in models.items():
+        for metric, path in HEADLINE.items():
+            value = _num(_dig(res.get("benchmarks") or {}, *path))
+            if value is not None:
+                out[f"{name}/{metric}"] = value
+        for row, scores in (res.get("reference_rows") or {}).items():
+            for bench in ("geneval", "dpg"):
+                value = _num(_dig(scores, bench, "overall"))
+                if value is not None:
+                    out[f"reference/{row}/{bench}"] = value
+    return out
+
+
 def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
     """Rows of the final table: each evaluated model, then the reference rows."""
     models = (summary["results"].get("evaluate") or {}).get("models", {})

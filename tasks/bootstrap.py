@@ -190,7 +190,7 @@ def log_bootstrap_run(folder: str, uri: str, preset: str, grid: dict[str, Any]) 
     config_hash = record["config_hash"]
     tags = lineage_tags(config_hash=config_hash) | {"snapgen.stage": STAGE_TAG, "snapgen.preset": preset,
                                                     "snapgen.bundle_uri": uri}
-    with start_run(settings, f"bootstrap-teacher-{preset}", tags=tags) as run:
+    with start_run(settings, f"bootstrap teacher {preset}", tags=tags) as run:
         run.log_params(record["config"] | {"preset": preset, "config_hash": config_hash, "bundle_uri": uri})
         _log_curves(run, record["curves"])
         run.log_metrics(flat_numbers(record["metrics"]) | flat_numbers(record.get("evaluation", {}), "eval"))
@@ -248,7 +248,7 @@ def log_release_run(folder: str, uri: str, name: str) -> dict[str, str]:
     config_hash = record["config_hash"]
     tags = lineage_tags(config_hash=config_hash) | {"snapgen.stage": STAGE_TAG, "snapgen.preset": record.get("preset", ""),
                                                     "snapgen.bundle_uri": uri, "snapgen.release": name}
-    with start_run(settings, f"teacher-release-{name.replace('/', '-')}", tags=tags) as run:
+    with start_run(settings, f"register teacher release {name}", tags=tags) as run:
         run.log_params(record["config"] | {"release": name, "config_hash": config_hash, "bundle_uri": uri})
         _log_curves(run, record.get("curves", {}))
         run.log_metrics(flat_numbers(record.get("metrics", {})) | flat_numbers(record.get("evaluation", {}), "eval"))

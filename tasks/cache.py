@@ -160,7 +160,7 @@ def log_cache(manifest: dict[str, Any], out_uri: str) -> str:
 
     tags = lineage_tags(dataset_hash=manifest["dataset_hash"], teacher_id=manifest["bundle_id"],
                         config_hash=manifest["key"][:16]) | {"snapgen.stage": "cache_teacher", "snapgen.cache_uri": out_uri}
-    with start_run(get_settings(), f"cache-{manifest['key'][:8]}", tags=tags) as run:
+    with start_run(get_settings(), f"cache teacher features ({manifest.get('samples', 0)} samples)", tags=tags) as run:
         run.log_params({"cache": manifest["config"], "encoders": [e["name"] for e in manifest["encoders"]]})
         metrics = {"samples": manifest["samples"], "shards": len(manifest["shards"]),
                    "reused_shards": manifest["reused_shards"], "bad_samples": manifest.get("bad_samples", 0),

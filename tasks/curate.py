@@ -186,7 +186,7 @@ def log_curation(manifest: dict[str, Any], grid_png: bytes | None, out_uri: str)
     settings = get_settings()
     tags = lineage_tags(dataset_hash=manifest["dataset_hash"]) | {"snapgen.stage": "curate",
                                                                   "snapgen.dataset_uri": out_uri}
-    with start_run(settings, f"curate-{manifest['dataset_hash'][:8]}", tags=tags) as run:
+    with start_run(settings, f"curate {manifest['counts'].get('kept', 0)} samples", tags=tags) as run:
         run.log_params({"curation": manifest["config"], "sources": len(manifest["sources"])})
         run.log_metrics({f"count_{k}": v for k, v in manifest["counts"].items()}
                         | {"shards": len(manifest["shards"])})

@@ -79,7 +79,7 @@ def train_decoder_task(cache_uri: str, bundle_uri: str, preset: str, overrides: 
 def log_decoder(result: dict[str, Any]) -> str:
     from tasks.tracking import lineage_tags, start_run
 
-    with start_run(get_settings(), f"tiny-decoder-{result['key'][:8]}",
+    with start_run(get_settings(), "train tiny decoder",
                    tags=lineage_tags(config_hash=result["key"]) | {"snapgen.stage": "train_decoder"}) as run:
         run.log_metrics({f"decoder.{k}": v for k, v in result["report"].items()})
         for i, loss in enumerate(result["loss_curve"]):

@@ -74,7 +74,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
     data = training_data(cache_dir, [e["name"] for e in cache_manifest["encoders"]], cfg.data)
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "distill_steps", "snapgen.checkpoints": base}
-    with start_run(settings, f"distill-{key[:8]}", tags=tags, system_metrics=True) as run:
+    with start_run(settings, f"distill student {cfg.sampler_steps}-step", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset.name, "distill": cfg.to_dict(), "sampler": cfg.sampler().to_dict()})
         preview = preview_callback(cache_manifest, preset, run, cfg.sample_every)
         result = fit_distill(preset, cfg, data, cache_cfg, state_root,

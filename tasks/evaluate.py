@@ -410,13 +410,26 @@ def previous_run_id(path: str) -> str | None:
     return json.loads(p.read_text()).get("mlflow_run_id") if p.is_file() else None
 
 
+def evaluation_run_name(results: dict[str, Any]) -> str:
+    """What an evaluation run evaluated, for the MLflow UI: "evaluate teacher", "evaluate student 4-step",
+    "evaluate student 24-step (snapgen v3)"; the model id stays in the run's tags."""
+    model = results.get("model") or {}
+    kind = str(model.get("kind") or "checkpoint")
+    steps = ((results.get("generation") or {}).get("sampler") or {}).get("steps")
+    name = f"evaluate {kind}" + (f" {steps}-step" if steps and kind != "teacher" else "")
+    ref = str(model.get("ref") or "")
+    if ref.startswith(MODEL_URI_PREFIX) and model.get("version"):
+        name += f" ({ref[len(MODEL_URI_PREFIX):].split('@')[0].split('/')[0]} v{model['version']})"
+    return name
+
+
 @task(name="log-evaluation", **io_task_options())
 def log_evaluation(results: dict[str, Any], markdown: str, grids: dict[str, str], parent_run_id: str | None) -> str:
     """One MLflow run: metrics (consistent names), the table, the results JSON and the sample grids."""
     model = results["model"]
     tags = tracking.lineage_tags(parent_runs=[parent_run_id] if parent_run_id else None) | {
         "snapgen.stage": "evaluate", "snapgen.model_ref": model["ref"], "snapgen.model_id": model["model_id"]}
-    with tracking.start_run(get_settings(), f"evaluate-{model['model_id'][:8]}", tags=tags,
+    with tracking.start_run(get_settings(), evaluation_run_name(results), tags=tags,
                             parent_run_id=parent_run_id) as run:
         run.log_params({"model": model, "generation": results["generation"], "benchmarks": results["requested"]})
         run.log_metrics(suite.flatten_metrics(results))

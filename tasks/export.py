@@ -231,7 +231,7 @@ def log_export(report: dict[str, Any], local_dir: str | None, model_ref: str, de
                                                             .encode()).hexdigest()[:16])
     tags |= {"snapgen.stage": "export", "snapgen.export_key": report.get("export_key", ""),
              "snapgen.export_parity": "failed" if error else "passed"}
-    with tracking.start_run(settings, f"export-{report.get('preset', 'model')}", tags=tags) as run:
+    with tracking.start_run(settings, f"export {'+'.join(report.get('formats') or ['model'])} ({report.get('preset', 'model')})", tags=tags) as run:
         run.log_params({"model_ref": model_ref, "destination": destination, "formats": ",".join(report["formats"]),
                         "parts": ",".join(report.get("parts", {})), "export": report.get("config", {})})
         run.log_metrics(export_metrics(report))

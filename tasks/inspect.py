@@ -25,7 +25,7 @@ def log_inspect_report(result: dict[str, Any], table_markdown: str) -> str:
     settings = get_settings()
     report = result["report"]
     tags = lineage_tags(config_hash=result["config_hash"]) | {"snapgen.stage": "inspect"}
-    with start_run(settings, f"inspect-{report['preset']}", tags=tags) as run:
+    with start_run(settings, f"inspect {report['preset']}", tags=tags) as run:
         run.log_params(result["config"])
         run.log_metrics({
             "unet_params": report["unet_params"], "unet_gmacs": report["unet_macs"] / 1e9,

@@ -183,7 +183,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
     encoders = [e["name"] for e in cache_manifest["encoders"]]
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "pretrain", "snapgen.checkpoints": base}
-    with start_run(settings, f"pretrain-{key[:8]}", tags=tags, system_metrics=True) as run:
+    with start_run(settings, f"pretrain student {preset}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
         if cfg.devices * cfg.num_nodes > 1:
             result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders, stage_caches)

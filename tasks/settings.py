@@ -8,7 +8,9 @@ Precedence, highest first:
 4. defaults, most of them derived from ``home`` (``./.snapgen`` by default).
 
 Every path-like default is absolute, so a worker that changes directory still writes to the
-same place. S3 credentials fall back to the standard ``AWS_*`` env vars when unset here.
+same place. S3 credentials and region, the MLflow tracking URI and the experiment fall back to the
+standard env vars (``AWS_*``, ``AWS_DEFAULT_REGION``, ``MLFLOW_TRACKING_URI``,
+``MLFLOW_EXPERIMENT_NAME``) when unset here.
 
 Secrets are ``SecretStr`` and never printed: :meth:`SnapgenSettings.masked_dict` and
 :meth:`SnapgenSettings.render_table` replace them (and passwords embedded in URIs) by ``***``;
@@ -43,6 +45,13 @@ _AWS_ENV_FALLBACKS = {
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
     "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
     "aws_session_token": "AWS_SESSION_TOKEN",
+}
+# settings field -> the tool's own env var used when the field is unset (MLflow's, boto3's conventions).
+_STANDARD_ENV_FALLBACKS = {
+    **_AWS_ENV_FALLBACKS,
+    "s3_region": "AWS_DEFAULT_REGION",
+    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+    "experiment_name": "MLFLOW_EXPERIMENT_NAME",
 }
 # A config file given to get_settings() directly (wins over SNAPGEN_CONFIG_FILE).
 _CONFIG_FILE_OVERRIDE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -157,12 +166,15 @@ class SnapgenSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _derive_defaults(cls, data: Any) -> Any:
-        """Fill defaults that depend on ``home`` and the AWS env fallbacks."""
+        """Fill the standard env fallbacks (AWS, MLflow) and the defaults that depend on ``home``."""
         if not isinstance(data, Mapping):
             return data
         values = dict(data)
         home = _absolute(values.get("home") or Path("./.snapgen"))
         values["home"] = home
+        for name, env_var in _STANDARD_ENV_FALLBACKS.items():
+            if values.get(name) in (None, "") and os.environ.get(env_var, "").strip():
+                values[name] = os.environ[env_var]
         derived = {
             "storage_root": f"file://{home / 'storage'}",
             "mlflow_tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
@@ -172,9 +184,6 @@ class SnapgenSettings(BaseSettings):
         for name, default in derived.items():
             if not values.get(name):
                 values[name] = default
-        for name, env_var in _AWS_ENV_FALLBACKS.items():
-            if values.get(name) in (None, "") and os.environ.get(env_var):
-                values[name] = os.environ[env_var]
         return values
 
     # ---------------------------------------------------------------- field checks

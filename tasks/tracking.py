@@ -120,7 +120,14 @@ def configure_mlflow(settings: TrackingSettings) -> str:
         os.environ["MLFLOW_TRACKING_TOKEN"] = _secret_value(token)
     if uri.startswith("sqlite:"):
         _prepare_sqlite(uri, settings)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; settings read that variable as the user's
+    # choice (when SNAPGEN_MLFLOW_TRACKING_URI is unset), so the user's value (or its absence) is kept.
+    users = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if users is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users
     log.debug("MLflow tracking URI: %s", redact_uri(uri))
     return uri
 

@@ -58,10 +58,24 @@ def test_every_stage_runs_registers_and_promotes(first_run, pipeline_env):
     decision = json.loads(tags["snapgen.promotion.decision"])
     assert decision["passed"] and decision["promoted"] and decision["champion_before"] is None
 
-    # every stage run is nested under the pipeline run, in the pipeline's experiment
+    # every stage run is nested under the pipeline run, in the one experiment stand-alone stages use too
     pipeline_run = client.get_run(first_run["mlflow_run_id"])
     experiment = client.get_experiment(pipeline_run.info.experiment_id)
-    assert experiment.name == "snapgen-pipeline"
+    assert experiment.name == "snapgen" == first_run["config"]["experiment"]
+    assert pipeline_run.info.run_name == "pipeline toy-smoke"
+    # run names say what ran; the pipeline run carries each model's headline metrics
+    evaluations = {m: first_run["results"]["evaluate"]["models"][m]["mlflow_run_id"] for m in ("teacher", "distilled")}
+    assert client.get_run(evaluations["teacher"]).info.run_name == "evaluate teacher"
+    steps = first_run["results"]["evaluate"]["models"]["distilled"]["generation"]["sampler"]["steps"]
+    assert client.get_run(evaluations["distilled"]).info.run_name == f"evaluate student {steps}-step"
+    names = {client.get_run(r["mlflow_run_id"]).info.run_name for r in first_run["stages"] if r["mlflow_run_id"]}
+    assert not [n for n in names if "-" in n.split(" ")[0]], names  # no "evaluate-<hash>"
+    headline = pipeline_run.data.metrics
+    for model in ("teacher", "pretrained", "distilled"):
+        geneval = first_run["results"]["evaluate"]["models"][model]["benchmarks"]["geneval"]["overall"]
+        assert headline[f"{model}/geneval/overall"] == pytest.approx(geneval), model
+        assert f"{model}/dpg/overall" in headline and f"{model}/fid" in headline
+    assert "reference/floor/geneval" in headline
     stage_runs = [r["mlflow_run_id"] for r in first_run["stages"] if r["mlflow_run_id"]
                   and r["mlflow_run_id"] != first_run["mlflow_run_id"]]
     assert len(stage_runs) >= 6
@@ -91,6 +105,30 @@ def test_every_stage_runs_registers_and_promotes(first_run, pipeline_env):
     assert evaluated["teacher"]["model"]["kind"] == "teacher"
     assert {"clean", "floor", "noise", "blank"} <= set(evaluated["teacher"]["reference_rows"])
     assert "ref: prompt-blind floor" in first_run["report"]["markdown"]
+
+
+def test_champion_loads_as_a_pyfunc_that_follows_prompts(first_run, pipeline_env, monkeypatch):
+    """`mlflow.pyfunc.load_model("models:/snapgen@champion").predict(prompts)` against the real server: the
+    registered version carries the student, its conditioner and the bundle's text encoders and VAE, and gives
+    the evaluation's own images (same generator, same seeds)."""
+    import mlflow
+    import numpy as np
+
+    from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator
+    from tasks.cache import local_folder
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_env["mlflow"].uri)
+    mlflow.set_tracking_uri(pipeline_env["mlflow"].uri)
+    model = mlflow.pyfunc.load_model("models:/snapgen@champion")
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    images = model.predict(prompts, params={"seed": 7})
+    assert images.dtype == np.uint8 and images.shape[0] == 2 and images.shape[-1] == 3
+    final = first_run["results"]["distill_steps"]
+    bundle = local_folder(first_run["results"]["teacher"]["bundle_uri"])
+    expected = BundleStudentGenerator(local_folder(final["student_uri"]), bundle)(prompts, [7, 8])
+    assert np.array_equal(images, expected)
+    assert not np.array_equal(model.predict(prompts[:1], params={"seed": 7})[0],
+                              model.predict(prompts[1:], params={"seed": 7})[0])
 
 
 def test_rerun_with_unchanged_inputs_is_a_no_op(first_run, pipeline_env):
