@@ -11,9 +11,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from flows.cli_checks import BadInput, SnapgenGroup, check_storage_access, check_storage_uri, settings_or_fail
 from snapgen_model.config_base import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=SnapgenGroup, add_completion=False, no_args_is_help=True,
                   help="snapgen: SnapGen-style mobile text-to-image models, trained and shipped by one pipeline.")
 console = Console() if sys.stdout.isatty() else Console(width=110)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=110)
@@ -23,8 +24,39 @@ SET_HELP = "config override key=value (repeatable), e.g. --set unet.ffn_ratio=4"
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+    from flows.cli_checks import fail
+
+    fail(message, code)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("snapgen")
+    except PackageNotFoundError:  # pragma: no cover - running from a tree that is not installed
+        return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"snapgen {_version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only warnings, errors and the result"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs, and third-party notices on the console"),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """snapgen: SnapGen-style mobile text-to-image models, trained and shipped by one pipeline."""
+    from flows.console import configure_console
+
+    if quiet and verbose:
+        _fail("--quiet and --verbose: choose one")
+    configure_console("quiet" if quiet else "verbose" if verbose else "normal")
 
 
 def _as_uri(value: str) -> str:
@@ -66,9 +98,8 @@ def inspect(
 def _run_inspect_flow(preset: str, overrides: list[str]) -> str:
     from flows.inspect import InspectParams, inspect_flow
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
-    prefect_env_defaults(get_settings())
+    prefect_env_defaults(settings_or_fail())
     return inspect_flow(InspectParams(preset=preset, overrides=overrides))["mlflow_run_id"]
 
 
@@ -139,16 +170,15 @@ def curate(
     from flows.progress import bar
     from flows.report import curation_table
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
     try:
         specs = [parse_source(s) for s in source]
-        settings_ = get_settings()
-        out = out or settings_.storage_root.rstrip("/") + "/datasets/curated"
-        if "://" not in out:
-            out = "file://" + str(Path(out).expanduser().resolve())
     except ValueError as exc:
         _fail(str(exc))
+    settings_ = settings_or_fail()
+    label = "--out" if out else "storage root (SNAPGEN_STORAGE_ROOT)"
+    out = check_storage_uri("--out", out) if out else settings_.storage_root.rstrip("/") + "/datasets/curated"
+    check_storage_access(label, out, settings_)
     prefect_env_defaults(settings_)
     try:
         with bar():
@@ -178,9 +208,12 @@ def cache(
     from flows.cache import CacheParams, run_cache
     from flows.progress import bar
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
-    prefect_env_defaults(get_settings())
+    settings_ = settings_or_fail()
+    if out:
+        out = check_storage_uri("--out", out)
+        check_storage_access("--out", out, settings_)
+    prefect_env_defaults(settings_)
     try:
         with bar():
             manifest = run_cache(CacheParams(dataset_uri=_as_uri(dataset), bundle_uri=_as_uri(bundle),
@@ -208,9 +241,8 @@ def train_decoder(
     """Train the SnapGen tiny decoder on cached latents; report PSNR/SSIM/latency against the VAE decoder."""
     from flows.decoder import DecoderParams, train_decoder_flow
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
-    prefect_env_defaults(get_settings())
+    prefect_env_defaults(settings_or_fail())
     try:
         result = train_decoder_flow(DecoderParams(cache_uri=_as_uri(cache_uri), bundle_uri=_as_uri(bundle),
                                                   preset=preset, train_overrides=set_))
@@ -237,9 +269,8 @@ def pretrain(
     """Pretrain the student with multi-level KD from cached teacher targets (resumes the latest checkpoint)."""
     from flows.pretrain import PretrainParams, pretrain_flow
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
-    prefect_env_defaults(get_settings())
+    prefect_env_defaults(settings_or_fail())
     try:
         result = pretrain_flow(PretrainParams(cache_uri=_as_uri(cache_uri), preset=preset, overrides=preset_set,
                                               pretrain=set_, resume=resume))
@@ -255,12 +286,7 @@ def pretrain(
 @app.command()
 def settings(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Print the resolved settings (env SNAPGEN_*, then the config file), secrets masked."""
-    from tasks.settings import get_settings
-
-    try:
-        s = get_settings()
-    except Exception as exc:  # pydantic ValidationError names the field
-        _fail(str(exc))
+    s = settings_or_fail()
     if as_json:
         _emit_json(s.masked_dict())
     else:

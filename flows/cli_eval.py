@@ -64,9 +64,10 @@ def eval_command(
 
     from flows.evaluate import EvaluateParams, evaluate_flow
     from flows.progress import bar
+    from flows.cli_checks import check_model, describe_params_error, settings_or_fail
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
+    settings = settings_or_fail()
     try:
         params = EvaluateParams(model=model, benchmarks=parse_benchmarks(benchmarks), steps=steps,
                                 reuse_images=reuse_images, images_per_prompt=images_per_prompt,
@@ -74,9 +75,12 @@ def eval_command(
                                 clip_model=clip_model, detector_model=detector_model, vqa_model=vqa_model,
                                 dpg_csv=dpg_csv, fid_reference=fid_reference, fid_images=fid_images,
                                 track=track)
-        prefect_env_defaults(get_settings())
-    except (ValueError, ValidationError) as exc:
+    except ValidationError as exc:
+        _fail(describe_params_error(exc))
+    except ValueError as exc:
         _fail(str(exc))
+    check_model("--model", model, settings)  # before Prefect starts: a registry ref that exists, a whole checkpoint
+    prefect_env_defaults(settings)
     try:
         with bar():
             results = evaluate_flow(params)
@@ -91,5 +95,6 @@ def eval_command(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+    from flows.cli_checks import fail
+
+    fail(message, code)

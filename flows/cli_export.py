@@ -101,17 +101,28 @@ def export(
     from flows.export import ExportParams, export_flow
     from snapgen_model.export import ParityError
     from tasks.defaults import prefect_env_defaults
+    from flows.cli_checks import (check_checkpoint, check_model, check_storage_access, check_storage_uri,
+                                  describe_params_error, settings_or_fail)
     from tasks.export import RegistryUnavailableError
-    from tasks.settings import get_settings
 
     try:
         preset_overrides, export_overrides = split_overrides(set_)
         params = ExportParams(model=model, formats=_csv(formats), parts=_csv(parts), preset=preset,
                               overrides=preset_overrides, export_overrides=export_overrides, palettize=palettize,
                               decoder=decoder, text_encoder=text_encoder, out=out, force=force, track=track)
-    except (ConfigError, ValidationError) as exc:
+    except ConfigError as exc:
         _fail(str(exc))
-    env = prefect_env_defaults(get_settings())
+    except ValidationError as exc:
+        _fail(describe_params_error(exc))
+    # checked before Prefect starts: settings, the destination, the model and the given parts
+    settings = settings_or_fail()
+    if out:
+        check_storage_access("--out", check_storage_uri("--out", out), settings)
+    check_model("--model", model, settings)
+    for option, value in (("--decoder", decoder), ("--text-encoder", text_encoder)):
+        if value and "://" not in value:
+            check_checkpoint(option, Path(value))
+    env = prefect_env_defaults(settings)
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # the ephemeral API's SQLite lives there
     try:
         report = export_flow(params)
@@ -133,5 +144,6 @@ def _csv(text: str) -> list[str]:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+    from flows.cli_checks import fail
+
+    fail(message, code)

@@ -21,15 +21,16 @@ err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, widt
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+    from flows.cli_checks import fail
+
+    fail(message, code)
 
 
 def _prepare() -> Any:
+    from flows.cli_checks import settings_or_fail
     from tasks.defaults import prefect_env_defaults
-    from tasks.settings import get_settings
 
-    settings = get_settings()
+    settings = settings_or_fail()
     prefect_env_defaults(settings)
     return settings
 
@@ -171,6 +172,12 @@ def ui(host: str = typer.Option("127.0.0.1", "--host", help="bind address (loopb
        mlflow_port: int = typer.Option(5000, "--mlflow-port"),
        check: bool = typer.Option(False, "--check", help="start both, wait until they answer, print the URLs, stop")) -> None:
     """Start the Prefect UI and the MLflow UI on the embedded stores (<home>) and print their URLs."""
+    from flows.cli_checks import check_port
+
+    check_port("--prefect-port", prefect_port)
+    check_port("--mlflow-port", mlflow_port)
+    if prefect_port == mlflow_port:
+        _fail(f"--prefect-port and --mlflow-port are both {prefect_port}: pick two ports")
     settings = _prepare()
     for port in (prefect_port, mlflow_port):
         if not _free(host, port):

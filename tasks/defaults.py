@@ -80,8 +80,26 @@ def io_task_options(settings: HasHome | None = None, **overrides: Any) -> dict[s
 TRANSIENT_MODULES = ("botocore", "boto3", "urllib3", "requests", "s3transfer", "httpx", "mlflow")
 
 
+# botocore/boto3 errors that retrying cannot fix (matched by class name: no botocore import here)
+PERMANENT_CLIENT_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ParamValidationError")
+PERMANENT_CLIENT_CODES = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket")
+
+
 def is_io_error(exc: BaseException) -> bool:
-    """True for failures worth retrying: OS/network errors and storage/HTTP client errors."""
+    """True for failures worth retrying: OS/network errors and storage/HTTP client errors.
+
+    Not retried: missing files, permissions, and permanent storage errors (missing credentials,
+    403, no such bucket), whether raised by ``tasks.storage`` or straight from botocore."""
+    from tasks.storage import PermanentStorageError
+
+    if isinstance(exc, PermanentStorageError) or type(exc).__name__ in PERMANENT_CLIENT_ERRORS:
+        return False
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in PERMANENT_CLIENT_CODES or status == "403":
+            return False
     if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
         return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
     return type(exc).__module__.split(".")[0] in TRANSIENT_MODULES

@@ -33,6 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 from urllib3.exceptions import ProtocolError as Urllib3ProtocolError
 from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
 from pydantic import SecretStr
@@ -70,8 +71,21 @@ class StorageError(OSError):
     """A storage operation failed (message names the URI, never a credential)."""
 
 
-class StorageAccessError(StorageError, PermissionError):
+class PermanentStorageError(StorageError):
+    """A storage failure that retrying cannot fix (missing credentials, 403, no such bucket):
+    never retried (``tasks.defaults.is_io_error``), reported to the user as a bad input."""
+
+
+class StorageAccessError(PermanentStorageError, PermissionError):
     """The object store refused the credentials or the request (403 and friends)."""
+
+
+class StorageCredentialsError(PermanentStorageError):
+    """No S3 credentials were found (nor given in settings, nor in the environment)."""
+
+
+class NoSuchBucketError(PermanentStorageError, FileNotFoundError):
+    """The bucket does not exist (a ``FileNotFoundError`` too: reading from it finds nothing)."""
 
 
 class StorageUnavailableError(StorageError, ConnectionError):
@@ -273,6 +287,20 @@ class Storage:
             raise ValueError("storage_root is not configured for this Storage")
         return self.join(self.root, *parts)
 
+    def check_access(self, uri: str) -> None:
+        """Fail at once when ``uri`` is on S3 and retrying could not help: no credentials
+        (:class:`StorageCredentialsError`), access refused (:class:`StorageAccessError`) or no such
+        bucket (:class:`NoSuchBucketError`). One HEAD of the bucket; ``file://`` URIs pass."""
+        loc = parse_uri(uri)
+        if loc.scheme != "s3":
+            return
+        try:
+            self._call("access", loc, lambda: self.client.head_bucket(Bucket=loc.bucket))
+        except NoSuchBucketError:
+            raise
+        except FileNotFoundError:  # HEAD has no body: a missing bucket is a bare 404
+            raise NoSuchBucketError(f"access {loc} failed: bucket {loc.bucket!r} does not exist") from None
+
     # ---------------------------------------------------------------- writes
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Atomically write ``data`` to ``uri``."""
@@ -471,6 +499,8 @@ class Storage:
             err = cause.response.get("Error", {})
             code = str(err.get("Code", "")) or str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return NoSuchBucketError(f"{op} {uri} failed: bucket {loc.bucket!r} does not exist")
             if code in _NOT_FOUND_CODES or status == 404:
                 return _not_found(uri)
             message = self._scrub(f"{op} {uri} failed: {code} (HTTP {status}): {err.get('Message', '')}")
@@ -478,6 +508,10 @@ class Storage:
                 return StorageAccessError(message)
             return StorageError(message)
         message = self._scrub(f"{op} {uri} failed: {type(cause).__name__}: {cause}")
+        if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
+            return StorageCredentialsError(
+                f"{op} {uri} failed: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or SNAPGEN_AWS_ACCESS_KEY_ID and SNAPGEN_AWS_SECRET_ACCESS_KEY)")
         if isinstance(cause, BotoConnectionError):
             return StorageUnavailableError(message)
         return StorageError(message)

@@ -107,7 +107,7 @@ def train_tiny_decoder(decoder: nn.Module, latents: torch.Tensor, images: torch.
             d_loss.backward()
             d_opt.step()
             terms["d_loss"] = d_loss
-        record = {"step": step, "loss": float(total)} | {k: float(v) for k, v in terms.items()}
+        record = {"step": step, "loss": float(total.detach())} | {k: float(v.detach()) for k, v in terms.items()}
         history.append(record)
         if progress is not None:
             progress(step, record)

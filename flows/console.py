@@ -1,0 +1,143 @@
+"""What the `snapgen` command prints: known third-party noise goes to `<home>/logs/console.log`, the rest stays.
+
+Called once by the CLI's top-level callback, before any command imports Prefect, torch or diffusers.
+Only notices known to be noise are moved (matched by logger and text, or by warning text); anything
+else, an unexpected warning or an error, still reaches the console. ``--verbose`` moves nothing and
+turns on debug logs; ``--quiet`` keeps warnings, errors and the result.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+Verbosity = Literal["quiet", "normal", "verbose"]
+LOG_NAME = "console.log"
+
+# logger name -> notices from it (regex, searched in the message) that are noise on a console
+NOISY_LOGGERS: dict[str, tuple[str, ...]] = {
+    "diffusers": (r"`accelerate` was not found", r"low_cpu_mem_usage", r"float32", r"upcast"),
+    "transformers": (r"`accelerate`", r"float32", r"torch_dtype"),
+    "lightning.pytorch.utilities.rank_zero": (r"available:", r"Tip:", r"litlogger", r"`Trainer.fit` stopped",
+                                              r"LOCAL_RANK", r"Trainer already configured"),
+    "lightning.fabric.utilities.rank_zero": (r"available:", r"Tip:", r"Seed set"),
+    "mlflow.system_metrics": (r".",),
+    "mlflow.store.db.utils": (r".",),
+    "mlflow.tracking.fluent": (r"System metrics", r"Autologging"),
+    "alembic": (r".",),
+    "coremltools": (r"not been tested", r"untested", r"libcoremlpython", r"_MLModelProxy", r"int64", r"int32",
+                    r"fp64 dtype", r"scikit-learn", r"Tensorflow", r"TensorFlow"),
+}
+# Python warnings (message text, regex) that are noise: Lightning's notes on our deliberate choices,
+# deprecations inside third-party code, coremltools' version notes
+NOISY_WARNINGS: tuple[str, ...] = (
+    r"module\(s\) in eval mode",
+    r"LeafSpec",
+    r"`IterableDataset` has `__len__` defined",
+    r"does not have many workers",
+    r"The number of training batches",
+    r"has not been tested with coremltools",
+    r"libcoremlpython",
+    r"_MLModelProxy",
+    r"int64",
+    r"`torch_dtype` is deprecated",
+    r"pkg_resources is deprecated",
+    r"TypedStorage is deprecated",
+)
+# progress bars of third-party libraries (tqdm) glue onto log lines in a log file; ours are rich bars
+QUIET_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+_state: dict[str, Any] = {"verbosity": "normal", "handler": None, "showwarning": None}
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that opens `<home>/logs/console.log` at the first record (the home may change
+    until settings are read; nothing is created for `--help`)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+        self.baseFilename = ""
+        self.mode, self.encoding, self.errors, self.delay = "a", "utf-8", None, True
+        self.stream = None  # type: ignore[assignment]
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def _open(self) -> Any:
+        path = log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.baseFilename = str(path)
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by logging.FileHandler.close
+
+
+def log_path() -> Path:
+    """`<home>/logs/console.log` (home from settings; `$SNAPGEN_HOME` or ./.snapgen if they are invalid)."""
+    try:
+        from tasks.settings import get_settings
+
+        home = Path(get_settings().home)
+    except Exception:  # noqa: BLE001 - a bad setting is reported by the command, not here
+        home = Path(os.environ.get("SNAPGEN_HOME") or "./.snapgen").expanduser().resolve()
+    return home / "logs" / LOG_NAME
+
+
+def _is_noise(name: str, message: str) -> bool:
+    for prefix, patterns in NOISY_LOGGERS.items():
+        if (name == prefix or name.startswith(prefix + ".")) and re.search("|".join(patterns), message):
+            return True
+    return False
+
+
+class _RoutingLogger(logging.Logger):
+    """Loggers created after :func:`configure_console`: known noise (:data:`NOISY_LOGGERS`, below ERROR)
+    goes to the console log file instead of the console handlers."""
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.ERROR and _is_noise(record.name, record.getMessage()):
+            if _state["handler"] is not None:
+                _state["handler"].handle(record)
+            return
+        super().handle(record)
+
+
+def _showwarning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+    """warnings.showwarning: known noise to the log file, everything else as before."""
+    text = str(message)
+    if re.search("|".join(NOISY_WARNINGS), text):
+        record = logging.LogRecord("py.warnings", logging.WARNING, filename, lineno,
+                                   "%s: %s", (category.__name__, text), None)
+        if _state["handler"] is not None:
+            _state["handler"].handle(record)
+        return
+    _state["showwarning"](message, category, filename, lineno, file, line)
+
+
+def configure_console(verbosity: Verbosity = "normal") -> None:
+    """Set up the console for one command (idempotent)."""
+    _state["verbosity"] = verbosity
+    snapgen_level = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[verbosity]
+    logging.getLogger("snapgen").setLevel(snapgen_level)
+    if verbosity == "quiet":
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    elif verbosity == "verbose":
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG")
+        return  # verbose: every third-party notice stays on the console
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if _state["handler"] is None:
+        _state["handler"] = _LazyFileHandler()
+        logging.setLoggerClass(_RoutingLogger)  # the libraries create their loggers when first imported
+        _state["showwarning"] = warnings.showwarning
+        warnings.showwarning = _showwarning
+
+
+def verbosity() -> Verbosity:
+    """The verbosity the CLI was started with."""
+    return _state["verbosity"]
