@@ -107,21 +107,41 @@ def _run_inspect_flow(preset: str, overrides: list[str]) -> str:
 def sample(
     preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet safetensors checkpoint (default: fresh init)"),
+    model: Optional[str] = typer.Option(None, "--model", help="student folder (or its unet_ema.safetensors), "
+                                        "teacher bundle, UNet checkpoint, or models:/NAME@ALIAS | models:/NAME/N"),
+    prompt: list[str] = typer.Option([], "--prompt", help="text prompt (repeatable; needs --model)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet safetensors checkpoint sampled with "
+                                              "the null condition (default: fresh init; use --model for prompts)"),
     seeds: str = typer.Option("0,1,2,3", "--seeds", help="comma-separated per-image seeds"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps (default: the preset's)"),
-    out: Path = typer.Option(Path(".snapgen/samples/sample.png"), "--out", "-o", help="output PNG (a grid)"),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps (default: the model's or preset's)"),
+    out: Path = typer.Option(Path(".snapgen/samples/sample.png"), "--out", "-o", help="output PNG (a grid: one "
+                             "row per prompt, one column per seed; each image also in <out stem>/)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary (model, decoder, images with prompt, "
+                                 "seed and path)"),
 ) -> None:
-    """Generate a grid of samples (fresh toy model by default: shows the sampler and decoder run end to end)."""
+    """Generate images: `--model M --prompt "a red circle left of a blue square"` samples what the prompt says
+    with the model's own conditioner and decoder; without --model, a preset's fresh UNet shows the sampler run."""
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds: expected comma-separated integers, got {seeds!r}")
+    if not seed_list:
+        _fail(f"--seeds: expected at least one integer seed, got {seeds!r}")
+    if steps is not None and steps < 1:
+        _fail(f"--steps: must be >= 1, got {steps}")
+    if model is not None:
+        _sample_model(model, prompt, checkpoint, seed_list, steps, out, as_json)
+        return
+    if prompt:
+        _fail("--prompt needs --model (a student folder, a teacher bundle or models:/NAME@ALIAS): a preset's fresh "
+              "UNet has no text conditioner")
     from snapgen_model.presets import get_preset
     from snapgen_model.sample_model import sample_grid
 
     try:
         cfg = get_preset(preset, set_)
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except (ConfigError, ValueError) as exc:
-        _fail(f"--seeds/--preset/--set: {exc}")
+        _fail(f"--preset/--set: {exc}")
     if cfg.image_size > 256 and checkpoint is None:
         _fail(f"preset {preset!r} samples at {cfg.image_size}px: too large for a fresh-init demo on CPU; "
               "use a toy preset or pass --checkpoint")
@@ -133,6 +153,40 @@ def sample(
     else:
         console.print(f"wrote {summary['images']} samples ({summary['size']}px, {summary['steps']} steps, "
                       f"{summary['unet']}) to [bold]{out}[/] in {summary['seconds']} s")
+
+
+def _sample_model(model: str, prompts: list[str], checkpoint: Optional[Path], seeds: list[int], steps: Optional[int],
+                  out: Path, as_json: bool) -> None:
+    """`sample --model`: the model's own generator (conditioner, text encoders, decoder) on the prompts."""
+    from flows.sampling import model_generator
+    from snapgen_model.sample_model import sample_prompts
+
+    if checkpoint is not None:
+        _fail("--model and --checkpoint: give one (--model takes checkpoints too)")
+    if any(not p.strip() for p in prompts):
+        _fail("--prompt: every prompt must be a non-empty string")
+    start = time.perf_counter()
+    try:
+        loaded = model_generator(model, steps=steps)
+    except (OSError, ValueError, LookupError, RuntimeError) as exc:
+        _fail(str(exc) if str(exc).startswith("--model") else f"--model {model}: {exc}")
+    if loaded.takes_prompts and not prompts:
+        _fail(f"--prompt: {model} is a text-to-image model; say what to draw, e.g. "
+              "--prompt \"a red circle left of a blue square\"")
+    if prompts and not loaded.takes_prompts:
+        _fail(f"--prompt: {model} is a bare UNet checkpoint with no text encoders or conditioner beside it; pass its "
+              "student folder (student.json) or a models:/ ref")
+    summary = sample_prompts(loaded.generator, prompts or ["(null condition)"], seeds, out)
+    describe = loaded.generator.describe() if hasattr(loaded.generator, "describe") else {}
+    summary |= {"model": model, "kind": loaded.kind, "source": loaded.source, "decoder": loaded.decoder,
+                "steps": (describe.get("sampler") or {}).get("steps"), "conditioning": describe.get("conditioning"),
+                "seconds": round(time.perf_counter() - start, 2)}
+    if as_json:
+        _emit_json(summary)
+    else:
+        console.print(f"wrote {summary['images']} samples ({summary['size']}px, {summary['steps']} steps, "
+                      f"{loaded.kind} {loaded.source}, decoder: {loaded.decoder}) to [bold]{out}[/] "
+                      f"in {summary['seconds']} s")
 
 
 def parse_source(text: str) -> dict:
