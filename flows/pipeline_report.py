@@ -3,13 +3,14 @@ run report (loss curves, per-category eval bars, sample grids, export sizes, lin
 Orchestration only: numbers come from the stage results and MLflow; drawing is snapgen_model.report_html."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.settings import get_settings
 
 MODEL_LABELS = {"teacher": "teacher (toy SD3)", "pretrained": "student, KD-pretrained", "distilled": "student, few-step"}
@@ -157,19 +158,193 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _curve_panels(stage: str, hist: dict[str, list[tuple[int, float]]]) -> dict[str, dict[str, list[list[float]]]]:
+    """Panels of one stage's histories: the teacher's per training phase (autoencoder, denoiser), each
+    distillation loss on its own axis (their scales differ by orders of magnitude), others together."""
+    series = {k: [[s, v] for s, v in pts] for k, pts in hist.items() if len(pts) > 1}
+    if stage == "teacher":
+        groups: dict[str, dict[str, Any]] = {}
+        for key, pts in series.items():
+            phase = key.split("/", 1)[0]
+            groups.setdefault("teacher: " + {"autoencoder": "AE", "teacher": "denoiser"}.get(phase, phase), {})[key] = pts
+        return groups
+    if stage == "distill_steps":
+        panels = {f"distill: {k}": {k: v} for k, v in series.items() if not k.startswith("d/")}
+        accuracy = {k: v for k, v in series.items() if k.startswith("d/")}
+        return panels | ({"distill: discriminator accuracy": accuracy} if accuracy else {})
+    return {stage: series} if series else {}
+
+
 def _curves(summary: dict[str, Any]) -> dict[str, dict[str, list[list[float]]]]:
     settings = get_settings()
-    panels = {}
-    for stage, prefixes in (("pretrain", ("loss",)), ("distill_steps", ("loss", "d/")),
-                            ("train_decoder", ("decoder.",))):
+    panels: dict[str, dict[str, list[list[float]]]] = {}
+    for stage, prefixes in (("teacher", ("autoencoder/", "teacher/", "text/")), ("pretrain", ("loss",)),
+                            ("distill_steps", ("loss", "d/")), ("train_decoder", ("decoder.",))):
         run_id = (summary["results"].get(stage) or {}).get("mlflow_run_id")
-        if not run_id:
-            continue
-        hist = tracking.metric_histories(settings, run_id, prefixes)
-        series = {k: [[s, v] for s, v in pts] for k, pts in hist.items() if len(pts) > 1}
-        if series:
-            panels[stage] = series
+        if run_id:
+            panels |= _curve_panels(stage, tracking.metric_histories(settings, run_id, prefixes))
     return panels
+
+
+# ----------------------------------------------------------------------------- dashboard parts
+
+CARD_METRICS = (("GenEval", ("geneval", "overall"), True), ("GenEval exact count", ("geneval", "exact_count", "overall"), True),
+                ("DPG", ("dpg", "overall"), True), ("FID", ("fid", "fid"), False))
+
+
+def model_cards(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One card per evaluated model: its headline metrics against the prompt-blind floor and the AE
+    ceiling (clean renders when there is no AE row) of the reference rows."""
+    models = (summary["results"].get("evaluate") or {}).get("models", {})
+    reference = next((r.get("reference_rows") for r in models.values() if r.get("reference_rows")), {}) or {}
+    floor = reference.get("floor") or {}
+    ceiling_name = "ae" if "ae" in reference else "clean"
+    ceiling = reference.get(ceiling_name) or {}
+    cards = []
+    for name, res in models.items():
+        bench = res.get("benchmarks") or {}
+        steps = ((res.get("generation") or {}).get("sampler") or {}).get("steps")
+        metrics = [{"name": label, "value": _num(_dig(bench, *path)), "higher_is_better": higher,
+                    "floor": _num(_dig(floor, *path)) if higher else None,
+                    "ceiling": _num(_dig(ceiling, *path)) if higher else None}
+                   for label, path, higher in CARD_METRICS]
+        cards.append({"model": MODEL_LABELS.get(name, name),
+                      "subtitle": f"{steps} sampler steps; floor: prompt-blind, ceiling: "
+                                  f"{REFERENCE_LABELS.get(ceiling_name, ceiling_name)[5:]}" if steps else None,
+                      "metrics": [m for m in metrics if m["value"] is not None]})
+    return cards
+
+
+def gallery(summary: dict[str, Any], per_model: int = 8) -> list[dict[str, Any]]:
+    """Per model, the same prompts' first samples with their GenEval verdict from results.jsonl."""
+    models = (summary["results"].get("evaluate") or {}).get("models", {})
+    chosen: list[str] = []
+    out = []
+    for name, res in models.items():
+        rows: list[dict[str, Any]] = []
+        for folder in (res.get("folders") or {}).values():
+            path = Path(folder) / "results.jsonl"
+            if path.is_file():
+                rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        first: dict[str, dict[str, Any]] = {}
+        for row in sorted(rows, key=lambda r: str(r.get("filename"))):
+            first.setdefault(str(row.get("prompt")), row)
+        if not chosen:  # one prompt per task first, then the rest, in file order
+            by_tag: dict[str, list[str]] = {}
+            for prompt, row in first.items():
+                by_tag.setdefault(str(row.get("tag")), []).append(prompt)
+            rounds = [p for i in range(max(map(len, by_tag.values()), default=0))
+                      for group in by_tag.values() if i < len(group) for p in [group[i]]]
+            chosen = rounds[:per_model]
+        items = [{"path": first[p].get("filename"), "prompt": p, "passed": bool(first[p].get("correct")),
+                  "reason": first[p].get("reason") or "", "detail": first[p].get("tag")} for p in chosen if p in first]
+        if items:
+            out.append({"model": MODEL_LABELS.get(name, name), "items": items,
+                        "caption": "first sample per prompt; verdict by the GenEval rules (results.jsonl)"})
+    return out
+
+
+def prefect_ui_url() -> str:
+    """The Prefect UI for flow-run links: PREFECT_UI_URL, else the API's host, else `snapgen ui`'s."""
+    import os
+
+    ui = os.environ.get("PREFECT_UI_URL", "").strip()
+    api = os.environ.get("PREFECT_API_URL", "").strip()
+    if not ui and api.startswith(("http://", "https://")):
+        ui = api[: -len("/api")] if api.rstrip("/").endswith("/api") else api
+    return (ui or "http://127.0.0.1:4200").rstrip("/")
+
+
+def _subflow_runs(flow_run_id: str) -> list[dict[str, Any]]:
+    """Child flow runs of the pipeline's flow run: [{"flow", "id", "start"}] (empty when Prefect cannot say)."""
+    if not flow_run_id:
+        return []
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            names = {fid: client.read_flow(fid).name for fid in {r.flow_id for r in runs}}
+        return sorted(({"flow": names[r.flow_id], "id": str(r.id), "start": str(r.start_time or r.expected_start_time)}
+                       for r in runs), key=lambda r: r["start"])
+    except Exception as exc:  # noqa: BLE001 - the report shows MLflow links alone
+        import warnings
+
+        warnings.warn(f"Prefect subflow runs of {flow_run_id}: {type(exc).__name__}: {str(exc)[:160]}", stacklevel=2)
+        return []
+
+
+FLOW_STAGES = {"bootstrap-teacher": "teacher", "register-teacher-release": "teacher", "curate": "curate",
+               "cache-teacher": "cache_teacher", "train-decoder": "train_decoder", "pretrain": "pretrain",
+               "distill-steps": "distill_steps", "evaluate": "evaluate", "export": "export"}
+
+
+def run_links(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """What ran, with its MLflow run and its Prefect flow run, linked into their UIs."""
+    settings = get_settings()
+    prefect = prefect_ui_url()
+    subflows: dict[str, list[str]] = {}
+    for r in _subflow_runs(summary.get("flow_run_id") or ""):
+        subflows.setdefault(FLOW_STAGES.get(r["flow"], r["flow"]), []).append(r["id"])
+    rows = [{"name": f"pipeline {summary['preset']}", "mlflow_run_id": summary["mlflow_run_id"],
+             "flow_run_id": summary.get("flow_run_id")}]
+    models = (summary["results"].get("evaluate") or {}).get("models", {})
+    for stage in summary["stages"]:
+        name = stage["name"]
+        if name == "evaluate" and models:
+            flows = subflows.get("evaluate", [])
+            for i, (model, res) in enumerate(models.items()):
+                rows.append({"name": f"evaluate {MODEL_LABELS.get(model, model)}", "mlflow_run_id": res.get("mlflow_run_id"),
+                             "flow_run_id": flows[i] if stage["status"] == "completed" and i < len(flows) else None})
+            continue
+        flows = subflows.get(name, []) if stage["status"] == "completed" else []
+        if stage.get("mlflow_run_id") or flows:
+            rows.append({"name": f"{name} ({stage['status']})", "mlflow_run_id": stage.get("mlflow_run_id"),
+                         "flow_run_id": flows[0] if flows else None})
+    experiments = tracking.run_experiment_ids(settings, [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id")])
+    base = tracking.ui_base_url(settings)
+    for r in rows:
+        run_id = r.get("mlflow_run_id")
+        r["mlflow"] = f"{base}/#/experiments/{experiments[run_id]}/runs/{run_id}" if run_id in experiments else None
+        r["prefect"] = f"{prefect}/runs/flow-run/{r['flow_run_id']}" if r.get("flow_run_id") else None
+    return rows
+
+
+def champion_comparison(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """This run's registered version beside the champion it was judged against (the previous one)."""
+    reg = summary["results"].get("register") or {}
+    if not reg.get("version"):
+        return None
+    decision = summary["results"].get("promote") or {}
+    before = decision.get("champion_before") if decision else (summary.get("aliases") or {}).get("champion")
+    if before == reg["version"]:
+        before = None
+    champion: dict[str, float] = {}
+    if before:
+        try:
+            champion = registry.version_metrics(registry.version_tags(f"models:/{reg['name']}/{before}"))
+        except Exception as exc:  # noqa: BLE001 - shown as a note
+            champion = {}
+            before_note = f"champion v{before} could not be read: {type(exc).__name__}"
+        else:
+            before_note = ""
+    candidate = reg.get("metrics") or {}
+    higher = {g["metric"]: g.get("higher_is_better", True) for g in summary["config"]["promotion"]["gates"]}
+    keys = [k for k in ("geneval/overall", "geneval/exact_count", "dpg/overall", "fid", "kid", "clip_score")
+            if k in candidate or k in champion]
+    rows = [{"metric": k, "candidate": candidate.get(k), "champion": champion.get(k),
+             "higher_is_better": higher.get(k, k not in ("fid", "kid"))} for k in keys]
+    verdict = ("promoted to champion" if decision.get("promoted") else "already champion" if decision.get("note")
+               else "not promoted" if decision else "promotion not run")
+    note = ("no previous champion: this version is the first one judged" if not before
+            else before_note or f"v{reg['version']} was judged against champion v{before}")
+    if summary["config"]["promotion"].get("demo_thresholds"):
+        note += "; demo thresholds (the CPU demo's gates pass mechanics, not quality)"
+    return {"candidate": f"v{reg['version']}", "champion": f"v{before}" if before else None, "verdict": verdict,
+            "passed": decision.get("passed") if decision else None, "reasons": decision.get("reasons") or [],
+            "rows": rows, "note": note}
 
 
 def _eval_bars(summary: dict[str, Any]) -> dict[str, Any]:
@@ -221,12 +396,16 @@ def report_data(summary: dict[str, Any]) -> dict[str, Any]:
         "notes": [CPU_NOTE] if summary["config"]["scale"] == "toy" and summary["preset"] != "toy-gpu" else [],
         "summary": {"columns": COLUMNS, "rows": summary_rows(summary)},
         "stages": summary["stages"], "key_metrics": {"pipeline seconds": summary["seconds"]},
-        "curves": curves, "eval_bars": _eval_bars(summary), "images": _images(summary),
+        "curves": curves, "curves_log_y": [p for p in curves if p.startswith("teacher: AE")],
+        "eval_bars": _eval_bars(summary), "images": _images(summary),
+        "model_cards": model_cards(summary), "gallery": gallery(summary), "run_links": run_links(summary),
+        "champion": champion_comparison(summary),
         "exports": export_rows(summary),
         "lineage": {"dataset hash": data.get("dataset_hash"), "teacher": teacher.get("bundle_id"),
                     "teacher bundle": teacher.get("bundle_uri"), "git commit": tracking.git_commit(),
                     "code version": tracking.code_version(), **{f"stage key: {k}": v for k, v in summary["keys"].items()}},
-        "links": {"MLflow tracking": tracking.redact_uri(settings.mlflow_tracking_uri)},
+        "links": {"MLflow UI (experiment runs)": tracking.ui_base_url(settings), "Prefect UI (flow runs)": prefect_ui_url(),
+                  "MLflow tracking": tracking.redact_uri(settings.mlflow_tracking_uri)},
         "missing": missing,
     }
 

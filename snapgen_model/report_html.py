@@ -22,10 +22,22 @@ same from an MLflow artifact view, a browser's file:// or an e-mail attachment.
     exports      [{"part", "format", "bytes", "params", "parity", "passed", "path"}]
     lineage      {key: value}                               definition table
     links        {label: url}                               the only anchors to other documents
+    model_cards  [{"model", "subtitle", "metrics": [{"name", "value", "floor", "ceiling",
+                   "higher_is_better"}]}]                   one card per model, each metric on a bar
+                                                            against its floor and ceiling
+    champion     {"candidate", "champion", "verdict", "passed", "reasons": [str], "note",
+                  "rows": [{"metric", "candidate", "champion", "higher_is_better"}]}
+                                                            this run's model beside the previous champion
+    gallery      [{"model", "caption", "items": [{"path" | "png", "prompt", "passed", "reason",
+                   "detail"}]}]                             samples with their prompt as HTML text and a
+                                                            pass/fail mark (results.jsonl)
+    run_links    [{"name", "mlflow_run_id", "mlflow", "flow_run_id", "prefect"}]
+                                                            MLflow and Prefect runs, linked when a UI is known
     missing      {section: reason}                          "not available: <reason>" for an absent
                                                             section (with data present: a note)
 
-Section ids: ``summary stages curves eval images exports lineage`` (and ``notes metrics links``).
+Section ids: ``models champion summary stages curves eval gallery images exports lineage runs`` (and
+``notes metrics links``).
 A name (model or series) gets one colour for the whole report, in the order first seen across
 eval_bars, then curves. Non-finite curve values (and non-positive ones on a log axis) are skipped.
 """
@@ -56,16 +68,21 @@ OTHER_STATUS_COLOUR = "#9c755f"
 # data key -> (section id, heading); the document order.
 SECTIONS: dict[str, tuple[str, str]] = {
     "key_metrics": ("metrics", "Key metrics"),
+    "model_cards": ("models", "Models against floor and ceiling"),
+    "champion": ("champion", "Against the previous champion"),
     "summary": ("summary", "Summary"),
     "stages": ("stages", "Stages"),
     "curves": ("curves", "Training curves"),
     "eval_bars": ("eval", "Evaluation"),
+    "gallery": ("gallery", "Samples with their prompts"),
     "images": ("images", "Samples"),
     "exports": ("exports", "Exports"),
     "lineage": ("lineage", "Lineage"),
+    "run_links": ("runs", "MLflow and Prefect runs"),
     "links": ("links", "Links"),
 }
-_ALIASES = {"eval": "eval_bars", "metrics": "key_metrics", "samples": "images"}
+_ALIASES = {"eval": "eval_bars", "metrics": "key_metrics", "samples": "images", "models": "model_cards",
+            "runs": "run_links"}
 _LINK_SCHEMES = ("http://", "https://", "file://", "mailto:")
 _MAX_POINTS = 1500          # per curve series, after min/max decimation
 _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -702,6 +719,157 @@ def _section_links(links: Mapping[str, Any]) -> str:
     return f'<ul class="links">{"".join(items)}</ul>'
 
 
+# ----------------------------------------------------------------------------------------------
+# dashboard sections: model cards, the champion, captioned samples, run links
+# ----------------------------------------------------------------------------------------------
+
+def _gauge(m: Mapping[str, Any]) -> str:
+    """One metric of a model card: value, a bar on an axis that holds floor, ceiling and value, and
+    where the value sits between floor and ceiling."""
+    name, value = str(m.get("name") or ""), _finite(m.get("value"))
+    floor, ceiling = _finite(m.get("floor")), _finite(m.get("ceiling"))
+    higher = m.get("higher_is_better", True) is not False
+    head = (f'<div class="gauge-head"><span class="gauge-name">{_esc(name)}</span>'
+            f'<span class="gauge-value">{_esc(format_number(value))}</span></div>')
+    known = [v for v in (value, floor, ceiling) if v is not None]
+    if value is None or (floor is None and ceiling is None):
+        hint = "higher is better" if higher else "lower is better"
+        note = "no value" if value is None else f"no floor or ceiling for this metric; {hint}"
+        return f'<div class="gauge-row">{head}<div class="gauge-verdict muted">{_esc(note)}</div></div>'
+    lo = min(0.0, *known)
+    hi = max(known)
+    hi = 1.0 if hi <= 1.0 and lo >= 0.0 else hi
+    span = (hi - lo) or 1.0
+
+    def pos(v: float) -> float:
+        return max(0.0, min(100.0, 100.0 * (v - lo) / span))
+
+    marks = "".join(f'<span class="gauge-mark {cls}" style="left:{pos(v):.2f}%" title="{cls} {_esc(format_number(v))}">'
+                    f"</span>" for cls, v in (("floor", floor), ("ceiling", ceiling)) if v is not None)
+    label = (f"{name} {format_number(value)}" + (f", floor {format_number(floor)}" if floor is not None else "")
+             + (f", ceiling {format_number(ceiling)}" if ceiling is not None else ""))
+    bar = (f'<div class="gauge" role="img" aria-label="{_esc(label)}">'
+           f'<span class="gauge-fill" style="width:{pos(value):.2f}%"></span>{marks}</div>')
+    scale = (f'<div class="gauge-scale"><span>floor {_esc(format_number(floor))}</span>'
+             f'<span>ceiling {_esc(format_number(ceiling))}</span></div>')
+    verdict = ""
+    if floor is not None and ceiling is not None and ceiling != floor:
+        share = (value - floor) / (ceiling - floor)
+        if not higher:
+            share = (floor - value) / (floor - ceiling)
+        where = ("below the floor" if share < 0 else "at or above the ceiling" if share >= 1
+                 else f"{share:.0%} of the way from floor to ceiling")
+        cls = "fail" if share < 0 else "pass" if share >= 0.5 else ""
+        verdict = f'<div class="gauge-verdict {cls}">{_esc(where)}</div>'
+    return f'<div class="gauge-row">{head}{bar}{scale}{verdict}</div>'
+
+
+def _section_model_cards(cards: Sequence[Mapping[str, Any]], palette: _Palette) -> str:
+    out = []
+    for card in cards:
+        model = str(card.get("model") or "model")
+        sub = f'<p class="muted card-sub">{_esc(card["subtitle"])}</p>' if card.get("subtitle") else ""
+        gauges = "".join(_gauge(m) for m in _seq(card.get("metrics")) if isinstance(m, Mapping))
+        out.append(f'<div class="model-card" style="border-top-color:{palette(model)}"><h3>{_esc(model)}</h3>'
+                   f"{sub}{gauges}</div>")
+    return f'<div class="model-cards">{"".join(out)}</div>'
+
+
+def _section_champion(info: Mapping[str, Any]) -> str:
+    cand, champ = info.get("candidate"), info.get("champion")
+    passed = info.get("passed")
+    verdict = str(info.get("verdict") or "")
+    head = (f'<p class="champion-verdict">{_passed(passed) if passed is not None else ""} '
+            f"<strong>{_esc(verdict)}</strong></p>") if verdict else ""
+    reasons = "".join(f"<li>{_esc(r)}</li>" for r in _seq(info.get("reasons")))
+    reasons = f'<ul class="reasons">{reasons}</ul>' if reasons else ""
+    note = f'<p class="muted">{_esc(info["note"])}</p>' if info.get("note") else ""
+    rows = []
+    for r in _seq(info.get("rows")):
+        a, b = _finite(r.get("candidate")), _finite(r.get("champion"))
+        higher = r.get("higher_is_better", True) is not False
+        if a is None or b is None:
+            delta, cls = "—", ""
+        else:
+            d = a - b
+            better = d > 0 if higher else d < 0
+            cls = "pass" if better else ("fail" if d != 0 else "")
+            delta = f'<span class="{cls}">{"+" if d > 0 else ""}{_esc(format_number(d))}</span>'
+        rows.append(f'<tr><th scope="row">{_esc(r.get("metric"))}</th><td class="num">{_esc(format_number(a))}</td>'
+                    f'<td class="num">{_esc(format_number(b))}</td><td class="num">{delta}</td>'
+                    f'<td>{"higher is better" if higher else "lower is better"}</td></tr>')
+    table = ""
+    if rows:
+        table = ('<div class="table-wrap"><table class="data champion"><thead><tr><th scope="col">metric</th>'
+                 f'<th scope="col" class="num">this run ({_esc(cand or "?")})</th>'
+                 f'<th scope="col" class="num">previous champion ({_esc(champ or "none")})</th>'
+                 '<th scope="col" class="num">Δ</th><th scope="col">direction</th></tr></thead>'
+                 f'<tbody>{"".join(rows)}</tbody></table></div>')
+    return head + reasons + table + note
+
+
+def _img_tag(item: Mapping[str, Any], alt: str, min_side: int = 96) -> str:
+    """An embedded <img> (data URI), or a visible note when the picture is missing or unreadable."""
+    raw, where = item.get("png"), item.get("path")
+    if raw is None and where is not None:
+        p = Path(os.fspath(where))
+        raw = p.read_bytes() if p.is_file() else None
+    if not raw:
+        return f'<p class="na">image missing: {_esc(where or "no path or bytes given")}</p>'
+    try:
+        mime, data, w, h = _image_data(bytes(raw))
+    except Exception as e:  # noqa: BLE001 - an undecodable picture becomes a note
+        return f'<p class="na">image unreadable: {_esc(where or "bytes")} ({_esc(type(e).__name__)})</p>'
+    scale = max(1, min(4, min_side // max(w, h, 1)))
+    pixelated = ' class="pixelated"' if scale > 1 else ""
+    b64 = base64.b64encode(data).decode("ascii")
+    return (f'<img{pixelated} src="data:{mime};base64,{b64}" width="{w * scale}" height="{h * scale}" '
+            f'alt="{_esc(alt)}" data-natural-size="{w}x{h}">')
+
+
+def _section_gallery(groups: Sequence[Mapping[str, Any]], palette: _Palette) -> str:
+    out = []
+    for group in groups:
+        model = str(group.get("model") or "model")
+        items = [i for i in _seq(group.get("items")) if isinstance(i, Mapping)]
+        marks = [i.get("passed") for i in items if i.get("passed") is not None]
+        tally = f"{sum(bool(m) for m in marks)} of {len(marks)} pass" if marks else "not scored"
+        caption = f' <span class="muted">{_esc(group["caption"])}</span>' if group.get("caption") else ""
+        figures = []
+        for item in items:
+            prompt = str(item.get("prompt") or "")
+            passed = item.get("passed")
+            state = "pass" if passed else ("fail" if passed is not None else "unscored")
+            mark = _passed(passed) if passed is not None else '<span class="muted">not scored</span>'
+            reason = f'<span class="reason">{_esc(item["reason"])}</span>' if item.get("reason") and not passed else ""
+            detail = f'<span class="muted">{_esc(item["detail"])}</span>' if item.get("detail") else ""
+            figures.append(f'<figure class="sample {state}">{_img_tag(item, prompt or model)}'
+                           f'<figcaption><span class="mark">{mark}</span><span class="prompt">{_esc(prompt)}</span>'
+                           f"{reason}{detail}</figcaption></figure>")
+        out.append(f'<div class="gallery-model"><h3><span class="swatch" style="background:{palette(model)}"></span>'
+                   f'{_esc(model)} <span class="tally">{_esc(tally)}</span>{caption}</h3>'
+                   f'<div class="gallery">{"".join(figures)}</div></div>')
+    return "".join(out)
+
+
+def _link(url: Any, text: str) -> str:
+    u = str(url or "")
+    if u.lower().startswith(_LINK_SCHEMES):
+        return f'<a href="{_esc(u)}" rel="noopener noreferrer">{_esc(text)}</a>'
+    return f"<code>{_esc(text)}</code>" if text else "—"
+
+
+def _section_run_links(rows: Sequence[Mapping[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        ml = _link(r.get("mlflow"), _truncate(str(r.get("mlflow_run_id") or ""), 14)) if r.get("mlflow_run_id") else "—"
+        pf = _link(r.get("prefect"), _truncate(str(r.get("flow_run_id") or ""), 14)) if r.get("flow_run_id") else "—"
+        body.append(f'<tr><th scope="row">{_esc(r.get("name", ""))}</th><td>{ml}</td><td>{pf}</td></tr>')
+    return ('<div class="table-wrap"><table class="data runs"><thead><tr><th scope="col">what ran</th>'
+            '<th scope="col">MLflow run</th><th scope="col">Prefect flow run</th></tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
 def _present(value: Any) -> bool:
     if value is None:
         return False
@@ -794,6 +962,35 @@ img.pixelated{image-rendering:pixelated}
 ul.links{margin:0;padding-left:18px}
 ul.links a{color:var(--accent);font-weight:600}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:8px}
+section h3{margin:0 0 8px;font-size:14.5px;font-weight:650}
+.model-cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px}
+.model-card{border:1px solid var(--line);border-top:4px solid var(--accent);border-radius:6px;padding:10px 14px 12px;
+ background:#fafbfc;min-width:0}
+.model-card .card-sub{display:block;margin:-4px 0 8px}
+.gauge-row{margin:8px 0 10px}
+.gauge-head{display:flex;justify-content:space-between;align-items:baseline}
+.gauge-name{color:#3e4c59;font-size:12.5px}
+.gauge-value{font-size:18px;font-weight:650;font-variant-numeric:tabular-nums}
+.gauge{position:relative;height:10px;background:#e6e9ed;border-radius:5px;margin:4px 0 2px}
+.gauge-fill{position:absolute;left:0;top:0;bottom:0;background:#4e79a7;border-radius:5px}
+.gauge-mark{position:absolute;top:-4px;bottom:-4px;width:2px;margin-left:-1px}
+.gauge-mark.floor{background:#c62828}.gauge-mark.ceiling{background:#2e7d32}
+.gauge-scale{display:flex;justify-content:space-between;font-size:11px;color:var(--muted)}
+.gauge-verdict{font-size:12px}
+.champion-verdict{margin:0 0 8px}
+ul.reasons{margin:0 0 10px;padding-left:18px;color:#8a1c1c;font-size:13px}
+.gallery-model{margin:0 0 16px}
+.gallery-model h3 .tally{font-weight:500;color:#3e4c59;margin-left:6px;font-size:12.5px}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
+figure.sample{border:1px solid var(--line);border-left:4px solid #bab0ac;border-radius:6px;padding:6px;min-width:0}
+figure.sample.pass{border-left-color:#2e7d32}figure.sample.fail{border-left-color:#c62828}
+figure.sample img{display:block;max-width:100%;height:auto;margin:0 auto 4px;border-radius:3px}
+figure.sample figcaption{font-size:12.5px;line-height:1.35;overflow-wrap:anywhere}
+figure.sample .mark{display:block;font-size:12px}
+figure.sample .prompt{display:block;color:#1f2933}
+figure.sample .reason{display:block;color:#8a1c1c;font-size:11.5px}
+figure.sample .muted{display:block;margin:0;font-size:11.5px}
+table.runs a{color:var(--accent);font-weight:600}
 @media (max-width:700px){.grid{grid-template-columns:1fr}main{padding:14px 10px}}
 @media print{body{background:#fff}section{break-inside:avoid}}
 """
@@ -839,6 +1036,10 @@ def render_run_report(data: Mapping[str, Any]) -> str:
         "exports": lambda v: _section_exports(list(v)),
         "lineage": lambda v: _section_lineage(v),
         "links": lambda v: _section_links(v),
+        "model_cards": lambda v: _section_model_cards(list(v), palette),
+        "champion": lambda v: _section_champion(v),
+        "gallery": lambda v: _section_gallery(list(v), palette),
+        "run_links": lambda v: _section_run_links(list(v)),
     }
     for key, (sid, heading) in SECTIONS.items():
         value = data.get(key)

@@ -903,3 +903,25 @@ def latest_artifact(settings: TrackingSettings, run_id: str, folder: str, dst_di
     except Exception as exc:  # noqa: BLE001 - a report without this image is still a report
         warnings.warn(f"artifact {folder} of run {run_id}: {type(exc).__name__}: {str(exc)[:160]}", stacklevel=2)
         return None
+
+
+def run_experiment_ids(settings: TrackingSettings, run_ids: list[str]) -> dict[str, str]:
+    """run id -> experiment id (for links into the MLflow UI); runs that cannot be read are left out."""
+    client = MlflowClient(tracking_uri=configure_mlflow(settings))
+    out: dict[str, str] = {}
+    for run_id in dict.fromkeys(r for r in run_ids if r):
+        try:
+            out[run_id] = call_with_retry(lambda r=run_id: client.get_run(r), RetryPolicy(attempts=2), "get_run").info.experiment_id
+        except Exception as exc:  # noqa: BLE001 - a report without this link is still a report
+            warnings.warn(f"run {run_id}: {type(exc).__name__}: {str(exc)[:160]}", stacklevel=2)
+    return out
+
+
+def ui_base_url(settings: TrackingSettings, local_ui: str = "http://127.0.0.1:5000") -> str:
+    """Where the MLflow UI of these runs is: the tracking server itself, or (for a local sqlite/file store)
+    the UI `snapgen ui` serves on it."""
+    uri = str(settings.mlflow_tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return local_ui
+    parts = urlsplit(uri)  # no user:password@ in a link, no query (tokens)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="")).rstrip("/")

@@ -91,3 +91,11 @@ def test_headline_metrics_per_model():
     assert headline_metrics(models) == {"teacher/geneval/overall": 0.25, "teacher/geneval/exact_count": 0.5,
                                         "teacher/dpg/overall": 0.4, "teacher/fid": 80.0,
                                         "reference/floor/geneval": 0.1, "distilled/geneval/overall": 0.125}
+
+
+def test_report_links_never_carry_credentials(clean_env, tmp_path):
+    from tasks.tracking import ui_base_url
+
+    assert ui_base_url(get_settings()) == "http://127.0.0.1:5000"  # local store: the UI `snapgen ui` serves
+    s = get_settings(mlflow_tracking_uri="https://alice:s3cret@mlflow.example:8443/?token=abc")
+    assert ui_base_url(s) == "https://mlflow.example:8443"
