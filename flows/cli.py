@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from flows.cli_checks import BadInput, SnapgenGroup, check_storage_access, check_storage_uri, settings_or_fail
+from flows.cli_checks import (BadInput, SnapgenGroup, check_storage_access, check_storage_uri, preset_option,
+                              settings_or_fail)
 from snapgen_model.config_base import ConfigError
 
 app = typer.Typer(cls=SnapgenGroup, add_completion=False, no_args_is_help=True,
@@ -20,6 +21,7 @@ console = Console() if sys.stdout.isatty() else Console(width=110)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=110)
 
 PRESET_HELP = "preset name: snapgen-1024, snapgen-in1k-256, toy-smoke, toy, toy-gpu"
+MODEL_PRESET_HELP = "model preset (architecture, resolution, sampler)"
 SET_HELP = "config override key=value (repeatable), e.g. --set unet.ffn_ratio=4"
 
 
@@ -70,7 +72,7 @@ def _emit_json(obj: object) -> None:
 
 @app.command()
 def inspect(
-    preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
+    preset: str = preset_option("toy", "model", MODEL_PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     track: bool = typer.Option(False, "--track", help="also run inspect_flow: log the table and config to MLflow"),
@@ -288,7 +290,7 @@ def cache(
 def train_decoder(
     cache_uri: str = typer.Option(..., "--cache", help="teacher cache URI"),
     bundle: str = typer.Option(..., "--bundle", "-b", help="teacher bundle folder (reference VAE decoder)"),
-    preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
+    preset: str = preset_option("toy", "model", MODEL_PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="training override, e.g. --set steps=300"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
@@ -314,7 +316,7 @@ def train_decoder(
 @app.command()
 def pretrain(
     cache_uri: str = typer.Option(..., "--cache", help="teacher cache URI (snapgen cache output)"),
-    preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
+    preset: str = preset_option("toy", "model", MODEL_PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="PretrainConfig override, e.g. --set steps=300 --set kd.combine=weighted"),
     preset_set: list[str] = typer.Option([], "--preset-set", help="preset override, e.g. unet.ffn_ratio=4"),
     resume: str = typer.Option("latest", "--resume", help="latest | none | a state folder"),

@@ -15,10 +15,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_checks import preset_option
+
 console = Console() if sys.stdout.isatty() else Console(width=110)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=110)
 
-PRESET_HELP = "bootstrap preset: toy-smoke (seconds), toy (CPU demo, ~7-9 min), toy-gpu (one GPU, <= 5 min of training)"
+PRESET_HELP = ("toy teacher size: toy-smoke (seconds), toy (CPU demo, ~7-9 min), toy-gpu (one GPU, <= 5 min of "
+               "training), toy-release (the shipped release's recipe, hours on a CPU)")
 SET_HELP = "config override key=value (repeatable), e.g. --set teacher_time_budget_s=120"
 
 
@@ -42,7 +45,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def bootstrap(
-    preset: str = typer.Option("toy", "--preset", "-p", help=PRESET_HELP),
+    preset: str = preset_option("toy", "bootstrap", PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(False, "--force", help="retrain even if storage holds a bundle of this config"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
@@ -64,7 +67,10 @@ def bootstrap(
         err.print(f"bootstrap-teacher {preset} (config {cfg.content_hash()}): AE budget "
                   f"{cfg.ae_time_budget_s:.0f} s / {cfg.ae_steps} steps, teacher budget "
                   f"{cfg.teacher_time_budget_s:.0f} s / {cfg.teacher_steps} steps; progress below")
-    logging.getLogger("prefect").setLevel(logging.INFO)
+    from flows.console import verbosity
+
+    if verbosity() != "quiet":  # the per-phase progress lines are Prefect INFO logs
+        logging.getLogger("prefect").setLevel(logging.INFO)
     try:
         result = bootstrap_teacher_flow(preset=preset, overrides=list(set_), force=force)
     except (ValueError, OSError, FloatingPointError) as exc:  # bad storage root, a diverged loss, a broken bundle

@@ -40,7 +40,7 @@ def _one_line(message: str) -> str:
 # --------------------------------------------------------------------------------------------
 def describe_settings_error(exc: Any) -> str:
     """A pydantic ``ValidationError`` of ``SnapgenSettings`` as one line naming the variable it came from."""
-    from tasks.settings import _STANDARD_ENV_FALLBACKS, ENV_PREFIX, config_file_path
+    from tasks.settings import _STANDARD_ENV_FALLBACKS, ENV_PREFIX, config_file_path, mask_uri
 
     parts = []
     for error in exc.errors():
@@ -62,8 +62,15 @@ def describe_settings_error(exc: Any) -> str:
             source = f"{field} in {path}" if path else env_var
         secret = any(k in field for k in ("secret", "key_id", "token"))
         value = os.environ.get(source) if source in os.environ and not secret else None
-        parts.append(f"{source}={value!r}: {reason}" if value is not None else f"{source}: {reason}")
-    return "; ".join(parts)
+        parts.append(f"{source}={mask_uri(value)!r}: {reason}" if value is not None else f"{source}: {reason}")
+    return mask_uri_in_text("; ".join(parts))
+
+
+def mask_uri_in_text(text: str) -> str:
+    """``text`` with the password of every URI in it masked."""
+    from tasks.settings import mask_uri
+
+    return " ".join(mask_uri(word) if "://" in word else word for word in text.split(" "))
 
 
 def _reason(error: Mapping[str, Any], field: str) -> str:
@@ -217,3 +224,48 @@ class SnapgenGroup(TyperGroup):
             if isinstance(exc, PermanentStorageError):
                 fail(str(exc))
             raise
+
+
+# --------------------------------------------------------------------------------------------
+# presets: one list per kind, from the registries, shown as choices in every command's --help
+# --------------------------------------------------------------------------------------------
+def preset_names(kind: str) -> list[str]:
+    """The preset names of ``kind``: "model" (architectures), "pipeline" (`run`, `demo`, `promote`) or
+    "bootstrap" (the toy teacher's training sizes)."""
+    if kind == "model":
+        from snapgen_model.presets import PRESETS
+    elif kind == "pipeline":
+        from flows.pipeline_config import PRESETS  # type: ignore[no-redef]
+    elif kind == "bootstrap":
+        from snapgen_model.training.bootstrap_config import BOOTSTRAP_PRESETS as PRESETS  # type: ignore[no-redef]
+    else:
+        raise ValueError(f"preset kind {kind!r}: choose model, pipeline or bootstrap")
+    return list(PRESETS)
+
+
+def preset_option(default: Any, kind: str, help: str) -> Any:
+    """``--preset/-p`` as a choice among :func:`preset_names` (``kind``): the same list in every command."""
+    names = preset_names(kind)
+
+    def parse(value: str) -> str:
+        if value not in names:
+            raise typer.BadParameter(f"unknown preset {value!r}; choose from {', '.join(names)}")
+        return value
+
+    return typer.Option(default, "--preset", "-p", parser=parse, metavar="[" + "|".join(names) + "]", help=help,
+                        show_default=default is not None)
+
+
+GPU_PRESETS = ("toy-gpu", "snapgen-1024", "snapgen-in1k-256")
+
+
+def gpu_warning(preset: str) -> str | None:
+    """A warning when ``preset`` is meant for a GPU and this machine has none (None otherwise)."""
+    if preset not in GPU_PRESETS:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (f"preset {preset!r} is sized for a GPU and this machine has none (torch.cuda.is_available() is False): "
+            "it will run on the CPU, far slower than its budget; `--preset toy` is the CPU demo")

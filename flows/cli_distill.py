@@ -22,7 +22,7 @@ def distill(
     cache_uri: str = typer.Option(..., "--cache", help="teacher cache URI (snapgen cache output)"),
     student_uri: str = typer.Option(..., "--student", help="pretrained student folder (snapgen pretrain output: "
                                     "unet_ema.safetensors + conditioner.safetensors)"),
-    bundle_uri: str = typer.Option(..., "--bundle", help="teacher bundle folder (diffusers layout)"),
+    bundle_uri: str = typer.Option(..., "--bundle", "-b", help="teacher bundle folder (diffusers layout)"),
     set_: list[str] = typer.Option([], "--set", help="StepDistillConfig override, e.g. --set sampler_steps=8 "
                                    "--set discriminator.loss=non_saturating"),
     resume: str = typer.Option("latest", "--resume", help="latest | none | a state folder"),

@@ -40,7 +40,7 @@ def results_table(results: dict[str, Any]) -> Table:
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="checkpoint path/URI (UNet .safetensors or a folder with "
                               "unet.safetensors [+ decoder.safetensors]) or models:/name@alias, models:/name/N"),
-    benchmarks: str = typer.Option("geneval,dpg,fid,clip", "--benchmarks", "-b", help="comma-separated subset"),
+    benchmarks: str = typer.Option("geneval,dpg,fid,clip", "--benchmarks", help="comma-separated subset"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps (default: the checkpoint's)"),
     reuse_images: bool = typer.Option(False, "--reuse-images", help="score saved samples only (never generate)"),
     images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="samples per prompt"),

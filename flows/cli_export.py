@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_checks import preset_option
 from snapgen_model.config_base import ConfigError
 
 console = Console() if sys.stdout.isatty() else Console(width=140)
@@ -83,8 +84,7 @@ def export(
                               help="UNet checkpoint file or folder: a path, file:// or s3:// URI "
                                    "(models:/ refs need the registry)"),
     formats: str = typer.Option("onnx", "--formats", "-f", help="comma-separated: onnx, coreml"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p",
-                                         help="preset (default: the one stored with the checkpoint)"),
+    preset: Optional[str] = preset_option(None, "model", "model preset (default: the one stored with the checkpoint)"),
     set_: list[str] = typer.Option([], "--set", help="override key=value; export.* keys go to ExportConfig"),
     palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML weight palettization bits: 4, 6 or 8"),
     parts: str = typer.Option("unet,decoder,text_encoder", "--parts", help="comma-separated parts to export"),

@@ -16,8 +16,12 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+from flows.cli_checks import preset_option
+
 console = Console() if sys.stdout.isatty() else Console(width=120)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
+PIPELINE_PRESET_HELP = ("pipeline preset: toy-smoke (tests, about a minute), toy (the CPU demo), toy-gpu (one GPU), "
+                        "snapgen-1024 (the paper's configuration, GPU nodes)")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -64,7 +68,7 @@ def _run_pipeline(preset: str, overrides: list[str], force: bool) -> dict[str, A
         return snapgen_pipeline(preset=preset, overrides=overrides, force=force)
 
 
-def run(preset: str = typer.Option("toy", "--preset", "-p", help="pipeline preset: toy-smoke, toy, toy-gpu, snapgen-1024"),
+def run(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
         set_: list[str] = typer.Option([], "--set", help="override stage.field=value (repeatable), e.g. "
                                                            "--set pretrain.train.steps=300"),
         force: bool = typer.Option(False, "--force", help="rerun every stage even if its record says it is done"),
@@ -80,11 +84,16 @@ def run(preset: str = typer.Option("toy", "--preset", "-p", help="pipeline prese
     _print_summary(summary)
 
 
-def demo(preset: str = typer.Option("toy", "--preset", "-p", help="toy (the CPU demo) or toy-smoke (seconds)"),
+def demo(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
          set_: list[str] = typer.Option([], "--set", help="override stage.field=value (repeatable)")) -> None:
     """The whole toy pipeline on embedded defaults (no servers to start), then how to open the dashboards."""
+    from flows.cli_checks import gpu_warning
+
     started = time.perf_counter()
     settings = _prepare()
+    warning = gpu_warning(preset)
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {warning}")
     console.rule(f"[bold]snapgen demo: the `{preset}` pipeline on this machine")
     console.print(settings.render_table())
     console.print("stages: teacher bootstrap (cached once trained) -> curate -> cache teacher -> tiny decoder -> "
@@ -108,10 +117,10 @@ def _gates(preset: str, overrides: list[str]):
 
 
 def promote(model: str = typer.Option(..., "--model", "-m", help="models:/NAME/VERSION or models:/NAME@ALIAS"),
-            preset: str = typer.Option("toy", "--preset", help="pipeline preset whose gates apply"),
+            preset: str = preset_option("toy", "pipeline", "pipeline preset whose gates apply"),
             set_: list[str] = typer.Option([], "--set", help="gate overrides, e.g. --set promotion.tolerance=0.05"),
             dry_run: bool = typer.Option(False, "--dry-run", help="print the decision, move nothing"),
-            as_json: bool = typer.Option(False, "--json")) -> None:
+            as_json: bool = typer.Option(False, "--json", help="print the decision (checks, verdict) as JSON")) -> None:
     """Move `champion` to MODEL if the gates pass (thresholds, not worse than the champion, parity, checksums)."""
     _prepare()
     from tasks import registry
@@ -135,7 +144,7 @@ def promote(model: str = typer.Option(..., "--model", "-m", help="models:/NAME/V
 
 
 def rollback(name: str = typer.Option("snapgen", "--name", help="registered model"),
-             as_json: bool = typer.Option(False, "--json")) -> None:
+             as_json: bool = typer.Option(False, "--json", help="print the champion before/after as JSON")) -> None:
     """Restore the previous champion."""
     _prepare()
     from tasks import registry

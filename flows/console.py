@@ -119,8 +119,22 @@ def _showwarning(message: Any, category: type[Warning], filename: str, lineno: i
     _state["showwarning"](message, category, filename, lineno, file, line)
 
 
+def drop_empty_prefect_env() -> None:
+    """Unset ``PREFECT_API_URL`` / ``PREFECT_API_KEY`` when exported empty (``export PREFECT_API_URL=``).
+
+    Prefect reads its settings when it is imported; an empty API URL then makes its events worker
+    stop at the first event, print an ERROR with a traceback for every later one, and lose the task
+    runs (Prefect 3 records them from events): the UI shows empty subflows. Unset means "use the
+    ephemeral server", which is what an empty value meant. Must run before anything imports prefect.
+    """
+    for key in ("PREFECT_API_URL", "PREFECT_API_KEY"):
+        if key in os.environ and not os.environ[key].strip():
+            del os.environ[key]
+
+
 def configure_console(verbosity: Verbosity = "normal") -> None:
     """Set up the console for one command (idempotent)."""
+    drop_empty_prefect_env()
     _state["verbosity"] = verbosity
     snapgen_level = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[verbosity]
     logging.getLogger("snapgen").setLevel(snapgen_level)

@@ -3,18 +3,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _ACTIVE: list = []  # the CLI's rich Progress while a command runs (module state set only by `bar`)
+_PLAIN: list[bool] = []  # inside `bar` without a terminal: True = print plain progress lines
 log = logging.getLogger("snapgen.progress")
 
 
 @contextlib.contextmanager
 def bar() -> Iterator[None]:
-    """Show rich progress bars for the stages run inside this block (used by the CLI)."""
+    """Progress of the stages run inside this block (used by the CLI): live rich bars in a terminal;
+    plain `label: done/total` lines as work happens when the output is a file or a pipe (a rich bar
+    there would only print once, at the end); nothing with --quiet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from flows.console import verbosity
+
+    if verbosity() == "quiet" or not sys.stderr.isatty():
+        _PLAIN.append(verbosity() != "quiet")
+        try:
+            yield
+        finally:
+            _PLAIN.pop()
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=False) as prog:
         _ACTIVE.append(prog)
@@ -36,4 +49,7 @@ def progress(items: Iterable[T], label: str, total: int) -> Iterator[T]:
         if prog:
             prog.update(task_id, completed=done)
         elif done % step == 0 or done == total:
-            log.info("%s: %d/%d", label, done, total)
+            if _PLAIN and _PLAIN[-1]:
+                print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+            else:
+                log.info("%s: %d/%d", label, done, total)

@@ -15,7 +15,11 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from prefect.tasks import exponential_backoff
+if "PREFECT_API_URL" in os.environ and not os.environ["PREFECT_API_URL"].strip():
+    # before prefect is imported (it reads its settings then): see prefect_env_defaults
+    del os.environ["PREFECT_API_URL"]
+
+from prefect.tasks import exponential_backoff  # noqa: E402 - after the environment fix above
 
 __all__ = [
     "IO_BACKOFF_FACTOR",
@@ -136,7 +140,8 @@ def prefect_env_defaults(settings: HasHome | None = None) -> dict[str, str]:
         defaults["PREFECT_HOME"] = str(Path(settings.home).expanduser().resolve() / "prefect")
     if os.environ.get("PREFECT_API_URL", None) == "":
         # an empty (exported but unset) API URL makes Prefect's events worker fail on every event and print
-        # an ERROR with a traceback each time; unset means "use the ephemeral server", which is what it meant
+        # an ERROR with a traceback each time; unset means "use the ephemeral server", which is what it meant.
+        # Prefect reads it when imported: the CLI drops it first (flows.console), and so does this module's import
         del os.environ["PREFECT_API_URL"]
     applied = {key: os.environ.setdefault(key, value) for key, value in defaults.items()}
     if "PREFECT_HOME" in applied:
