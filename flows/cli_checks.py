@@ -263,9 +263,9 @@ def gpu_warning(preset: str) -> str | None:
     """A warning when ``preset`` is meant for a GPU and this machine has none (None otherwise)."""
     if preset not in GPU_PRESETS:
         return None
-    import torch
+    from snapgen_model.device import has_gpu
 
-    if torch.cuda.is_available():
+    if has_gpu():
         return None
     return (f"preset {preset!r} is sized for a GPU and this machine has none (torch.cuda.is_available() is False): "
             "it will run on the CPU, far slower than its budget; `--preset toy` is the CPU demo")
