@@ -127,8 +127,8 @@ def test_champion_loads_as_a_pyfunc_that_follows_prompts(first_run, pipeline_env
     bundle = local_folder(first_run["results"]["teacher"]["bundle_uri"])
     expected = BundleStudentGenerator(local_folder(final["student_uri"]), bundle)(prompts, [7, 8])
     assert np.array_equal(images, expected)
-    assert not np.array_equal(model.predict(prompts[:1], params={"seed": 7})[0],
-                              model.predict(prompts[1:], params={"seed": 7})[0])
+    # (that prompts change the images is tested on a student whose weights depend on them,
+    # tests/integration/test_pyfunc_model.py: a toy-smoke student trained 2 steps from zero init is prompt-blind)
 
 
 def test_rerun_with_unchanged_inputs_is_a_no_op(first_run, pipeline_env):
