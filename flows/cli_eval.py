@@ -44,6 +44,11 @@ def eval_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps (default: the checkpoint's)"),
     reuse_images: bool = typer.Option(False, "--reuse-images", help="score saved samples only (never generate)"),
     images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="samples per prompt"),
+    seed: int = typer.Option(0, "--seed", min=0,
+                             help="base seed: image j of prompt i uses hash(seed, i, j); another seed draws other "
+                                  "images, the same seed reproduces them"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0,
+                                             help="classifier-free guidance scale (default: the checkpoint's)"),
     max_prompts_per_task: int = typer.Option(0, "--max-prompts-per-task",
                                              help="toy: prompts per GenEval task (0 = all)"),
     max_prompts: int = typer.Option(0, "--max-prompts", help="full scale: first N prompts per benchmark (0 = all)"),
@@ -71,6 +76,7 @@ def eval_command(
     try:
         params = EvaluateParams(model=model, benchmarks=parse_benchmarks(benchmarks), steps=steps,
                                 reuse_images=reuse_images, images_per_prompt=images_per_prompt,
+                                base_seed=seed, guidance=guidance,
                                 max_prompts_per_task=max_prompts_per_task, max_prompts=max_prompts,
                                 clip_model=clip_model, detector_model=detector_model, vqa_model=vqa_model,
                                 dpg_csv=dpg_csv, fid_reference=fid_reference, fid_images=fid_images,
