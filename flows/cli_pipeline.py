@@ -40,7 +40,7 @@ def _prepare() -> Any:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from flows.pipeline_report import CPU_NOTE, promotion_line, stage_table, summary_table
+    from flows.pipeline_report import cpu_note, promotion_line, stage_table, summary_table
 
     console.print(stage_table(summary))
     console.print(summary_table(summary))
@@ -50,8 +50,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if rows:
         console.print("exports: " + ", ".join(f"{r['part']} {r['format']} {r['bytes'] / 1e6:.2f} MB" for r in rows))
     console.print(promotion_line(summary))
-    if summary["config"]["scale"] == "toy" and summary["preset"] != "toy-gpu":
-        console.print(f"[yellow]{CPU_NOTE}[/]")
+    note = cpu_note(summary)
+    if note:
+        console.print(f"[yellow]{note}[/]")
     console.print(f"run report: [bold]{summary['report']['html']}[/] (also in MLflow run {summary['mlflow_run_id']})")
 
 
