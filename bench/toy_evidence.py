@@ -1,24 +1,38 @@
-"""Toy-world evidence, through the product's own pipeline: the teacher, the KD ablation at equal steps
-(task loss only / plain weighted KD / timestep-aware scaled KD) and the few-step distillation
-(4-step distilled vs the same pretrained student at 4 steps undistilled and at its full step count),
-each scored with the exact scene parser on seen and held-out prompts (same seeds), beside the
-reference rows. Writes its tables to bench/RESULTS.md.
+"""Toy-world evidence for the paper's two claims, through the product's own pipeline, with 95% CIs.
 
-    python bench/toy_evidence.py                    # toy-gpu on CUDA (the quality run), toy on CPU (mechanics)
-    python bench/toy_evidence.py --preset toy-smoke # a few minutes: checks the script itself
+    python bench/toy_evidence.py                        # the evidence run (CPU: `toy`, from the shipped teacher)
+    python bench/toy_evidence.py --preset toy-smoke     # minutes: checks the script itself
+    python bench/toy_evidence.py --status               # what is finished, what is left (computes nothing)
 
-The three ablation runs share every stage before pretraining (same stage keys: teacher, dataset and
-cache are built once); only `pretrain.train.kd.combine` differs. Targets (SPEC / issue): scaled KD beats
-task-only on seen and held-out prompts; the 4-step student reaches >= 90% of the full-step score and
-beats undistilled 4-step sampling. The script states which held.
+Claims (SNAPGEN_SPEC.md sections 5-6; issue 15):
+1. Multi-level KD with timestep-aware scaling beats task-only training. Three students per seed at equal
+   steps, on the same data and teacher cache: task-only (`kd.combine=task_only`), output + feature KD with
+   fixed weights (`weighted`) and the same KD with the timestep-aware scaling (`scaled`). Only
+   `pretrain.train.kd.combine` and `pretrain.train.seed` differ between runs; every stage before
+   pretraining is shared (same stage keys).
+2. Adversarial step distillation keeps quality at 4 steps. Each scaled-KD student is distilled to 4 steps;
+   beside it the undistilled student is sampled at 4 steps with the same sampler (`few_step`) and the same
+   guidance, and at its full step count (Euler). Each is swept over guidance 1, 2, 4.
+
+Scoring: every toy prompt x --images images, the exact scene parser, GenEval's official rules and the
+exact-object-count diagnostic, seen and held-out prompts apart. Every evaluation uses the same base seed
+(`snapgen eval --seed`), so image j of a prompt has the same initial noise for every model; intervals are
+two-level bootstrap intervals over prompts and images (`evaluation.stats`); a model's rows from several
+training seeds are pooled as more images per prompt. Comparisons are paired (same prompts and seeds).
+
+Resumable: every pipeline run and every evaluation is recorded in `<home>/evidence/ledger.json` when it
+finishes; a rerun with the same home reuses every recorded result, and an interrupted pipeline resumes
+from its stage records and pretraining checkpoints. Keep `--home` (default `<repo>/.evidence`) between
+sessions. Writes the section below into bench/RESULTS.md, the figures into --json
+(default bench/toy_evidence.json) and a sample grid into bench/evidence/.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,35 +44,115 @@ from bench.common import command_line, device_name, now_utc, replace_section, re
 
 HEADING = "## Toy evidence: teacher, KD ablation, few-step distillation (bench/toy_evidence.py)"
 VARIANTS = ("task_only", "weighted", "scaled")
+LEDGER_VERSION = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="auto", help="auto (toy-gpu on CUDA, else toy), toy-smoke, toy, toy-gpu")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override path=value")
-    p.add_argument("--home", default=None, help="SNAPGEN_HOME (default: a temporary folder)")
+    p.add_argument("--seeds", default="0,1", help="training seeds of every student (comma-separated)")
+    p.add_argument("--guidances", default="1,2,4", help="guidance sweep of the students (comma-separated)")
+    p.add_argument("--few-steps", type=int, default=4, help="sampler steps of the distilled student")
+    p.add_argument("--images", type=int, default=4, help="images per prompt of every evaluation")
+    p.add_argument("--eval-seed", type=int, default=0, help="base seed of every evaluation (snapgen eval --seed)")
+    p.add_argument("--max-prompts-per-task", type=int, default=0, help="prompts per GenEval task (0 = all)")
+    p.add_argument("--replicates", type=int, default=4000, help="bootstrap replicates per interval")
+    p.add_argument("--home", default=str(ROOT / ".evidence"), help="SNAPGEN_HOME of the run (keep it to resume)")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"), help="results file (section replaced)")
-    p.add_argument("--json", dest="json_out", default=None, help="also write the raw figures as JSON here")
-    return p.parse_args(argv)
+    p.add_argument("--json", dest="json_out", default=str(ROOT / "bench" / "toy_evidence.json"),
+                   help="the figures as JSON ('' = none)")
+    p.add_argument("--grid", default=str(ROOT / "bench" / "evidence" / "toy_evidence_grid.png"),
+                   help="the sample grid PNG ('' = none)")
+    p.add_argument("--status", action="store_true", help="list finished and missing work, compute nothing")
+    args = p.parse_args(argv)
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+        args.guidance_list = [float(g) for g in args.guidances.split(",") if g.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r} / --guidances {args.guidances!r}: expected comma-separated numbers")
+    if not args.seed_list or not args.guidance_list or min(args.guidance_list) < 1:
+        p.error("--seeds needs at least one seed; --guidances at least one scale, each >= 1")
+    return args
 
 
-def _geneval(result: dict[str, Any]) -> dict[str, Any]:
-    g = (result.get("benchmarks") or {}).get("geneval") or {}
-    splits = g.get("splits") or {}
-    return {"overall": g.get("overall"), "exact": (g.get("exact_count") or {}).get("overall"),
-            "seen": splits.get("seen", splits.get("train")), "heldout": splits.get("heldout"),
-            "dpg": ((result.get("benchmarks") or {}).get("dpg") or {}).get("overall")}
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _row(name: str, steps: Any, s: dict[str, Any]) -> str:
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    return f"| {name} | {steps} | {f(s['overall'])} | {f(s['seen'])} | {f(s['heldout'])} | {f(s['exact'])} | {f(s['dpg'])} |"
+class Ledger:
+    """Finished work of an evidence run, by key; written after each piece finishes (atomic replace)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, Any] = {}
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("version") == LEDGER_VERSION:
+                self.entries = data["entries"]
+        self.computed: list[str] = []  # what this invocation computed (a finished rerun: empty)
+        self.reused: list[str] = []
+
+    def get(self, key: str, label: str) -> Any:
+        if key in self.entries:
+            self.reused.append(label)
+            return self.entries[key]
+        return None
+
+    def put(self, key: str, label: str, value: Any) -> Any:
+        self.entries[key] = value
+        self.computed.append(label)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": LEDGER_VERSION, "entries": self.entries}, default=str))
+        tmp.replace(self.path)
+        return value
 
 
-def _kd_levels(result: dict[str, Any]) -> str:
-    """The KD levels the variant's pretraining actually trained (its MLflow tag `snapgen.kd_levels`:
-    "output+feature" when the cache holds teacher features, "output" when not, "none" for task-only)."""
-    run_id = ((result.get("results") or {}).get("pretrain") or {}).get("mlflow_run_id")
+# ----------------------------------------------------------------------------- work items
+
+def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
+    """The pipeline run of one student: the shared overrides, then what differs (KD combine, seed)."""
+    evaluate = {"images_per_prompt": args.images, "max_prompts_per_task": args.max_prompts_per_task,
+                "base_seed": args.eval_seed, "reference_rows": True}
+    out = list(args.overrides) + [
+        "evaluate.benchmarks=[\"geneval\"]", f"evaluate.options={json.dumps(evaluate)}",
+        "export.enabled=false", "promotion.enabled=false",
+        f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}"]
+    if variant == "scaled":
+        out += [f"distill.train.sampler_steps={args.few_steps}", f"distill.train.seed={seed}",
+                "evaluate.models=[\"teacher\", \"pretrained\", \"distilled\"]"]
+    else:
+        out += ["distill.enabled=false", "evaluate.models=[\"teacher\", \"pretrained\"]"]
+    return out
+
+
+def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:
+    overrides = pipeline_overrides(args, variant, seed)
+    key, label = _key(["pipeline", preset, overrides]), f"pipeline {variant} seed {seed}"
+    done = ledger.get(key, label)
+    if done is not None:
+        return done
+    from flows.pipeline import snapgen_pipeline
+
+    started = time.perf_counter()
+    summary = snapgen_pipeline(preset=preset, overrides=overrides)
+    res = summary["results"]
+    pre = res.get("pretrain") or {}
+    record = {"variant": variant, "seed": seed, "wall_s": round(time.perf_counter() - started, 1),
+              "teacher": (res.get("teacher") or {}).get("bundle_uri"), "pretrained": pre.get("student_uri"),
+              "distilled": (res.get("distill_steps") or {}).get("student_uri"),
+              "distilled_sampler": (res.get("distill_steps") or {}).get("sampler"),
+              "kd_levels": pre.get("kd_levels") or _kd_levels_tag(pre.get("mlflow_run_id")),
+              "pretrain_steps": pre.get("step"), "mlflow_run_id": summary.get("mlflow_run_id"),
+              "stages": {r["name"]: r["status"] for r in summary["stages"]}}
+    print(f"{label}: {record['wall_s']:.0f} s ({', '.join(f'{k} {v}' for k, v in record['stages'].items())})",
+          flush=True)
+    return ledger.put(key, label, record)
+
+
+def _kd_levels_tag(run_id: str | None) -> str:
+    """The KD levels a pretraining run trained (its MLflow tag `snapgen.kd_levels`)."""
     if not run_id:
         return "?"
     try:
@@ -73,92 +167,280 @@ def _kd_levels(result: dict[str, Any]) -> str:
         return f"? ({type(exc).__name__})"
 
 
-HEADER = ["| model | steps | GenEval | seen | held-out | exact count | DPG |", "|---|---|---|---|---|---|---|"]
+def evaluate(args: argparse.Namespace, ledger: Ledger, model: str, label: str, *, steps: int | None = None,
+             guidance: float | None = None, sampler: str | None = None) -> dict[str, Any]:
+    """One evaluation (GenEval toy rows + summary), recorded; the samples folder is the product's."""
+    key = _key(["eval", model, steps, guidance, sampler, args.images, args.eval_seed, args.max_prompts_per_task])
+    done = ledger.get(key, label)
+    if done is not None:
+        return done
+    from flows.evaluate import EvaluateParams, evaluate_flow
+    from snapgen_model.evaluation.geneval import read_results
+
+    started = time.perf_counter()
+    result = evaluate_flow(EvaluateParams(
+        model=model, benchmarks=["geneval"], steps=steps, guidance=guidance, sampler=sampler,
+        images_per_prompt=args.images, base_seed=args.eval_seed, max_prompts_per_task=args.max_prompts_per_task,
+        reference_rows=False))
+    folder = result["folders"]["shapes"]
+    g = result["benchmarks"]["geneval"]
+    record = {"label": label, "model": model, "folder": folder, "sampler": result["generation"].get("sampler"),
+              "overall": g.get("overall"), "splits": g.get("splits"), "exact": (g.get("exact_count") or {}).get("overall"),
+              "tasks": g.get("tasks"), "rows": read_results(Path(folder) / "results.jsonl"),
+              "seconds": round(time.perf_counter() - started, 1)}
+    print(f"{label}: toy-GenEval {record['overall']:.3f} ({record['seconds']:.0f} s)", flush=True)
+    return ledger.put(key, label, record)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def pooled(records: list[dict[str, Any]], images: int) -> list[dict[str, Any]]:
+    """Rows of several training seeds as one set: seed s's image j becomes image s * images + j, so the
+    bootstrap resamples over both, and paired comparisons pair image j of seed s with image j of seed s."""
+    from snapgen_model.evaluation.stats import _image_index
+
+    out = []
+    for s, rec in enumerate(records):
+        for i, row in enumerate(rec["rows"]):
+            j = _image_index(row, i) + s * images
+            out.append(dict(row) | {"filename": f"seed{s}/{j:04d}.png"})
+    return out
+
+
+def interval(rows: list[dict[str, Any]], args: argparse.Namespace, verdict=None) -> dict[str, float] | None:
+    from snapgen_model.evaluation.stats import geneval_ci
+
+    if not rows:
+        return None
+    kwargs = {"verdict": verdict} if verdict else {}
+    return geneval_ci(rows, replicates=args.replicates, **kwargs).to_dict()
+
+
+def difference(a: list[dict[str, Any]], b: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float] | None:
+    from snapgen_model.evaluation.stats import paired_difference_ci
+
+    if not a or not b:
+        return None
+    return paired_difference_ci(a, b, replicates=args.replicates).to_dict()
+
+
+def split(rows: list[dict[str, Any]], splits: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    from snapgen_model.evaluation.stats import split_rows
+
+    return split_rows(rows, splits)
+
+
+def summarise(rows: list[dict[str, Any]], splits: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """overall / seen / held-out / exact-count intervals of one (pooled) row set."""
+    from snapgen_model.evaluation.geneval import exact_count
+
+    parts = split(rows, splits)
+    return {"overall": interval(rows, args), "seen": interval(parts.get("seen", []), args),
+            "heldout": interval(parts.get("heldout", []), args),
+            "exact": interval(rows, args, verdict=exact_count), "images": len(rows)}
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def grid_picture(columns: list[tuple[str, dict[str, Any]]], path: Path, per_task: int = 2) -> Path:
+    """Rows = models (teacher first), columns = prompts (`per_task` per GenEval task); image 0 of each
+    prompt, the caption under each column and the model's name left of each row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from snapgen_model.evaluation.geneval import iter_prompt_folders
+
+    first = {i: (m, paths) for i, m, paths in iter_prompt_folders(columns[0][1]["folder"])}
+    chosen, seen_tasks = [], {}
+    for index, (meta, _) in sorted(first.items()):
+        tag = str(meta.get("tag"))
+        if seen_tasks.get(tag, 0) < per_task:
+            seen_tasks[tag] = seen_tasks.get(tag, 0) + 1
+            chosen.append((index, meta))
+    size, label_w, caption_h = 96, 150, 54
+    font = ImageFont.load_default()
+    img = Image.new("RGB", (label_w + size * len(chosen), (size + 4) * len(columns) + caption_h), "white")
+    draw = ImageDraw.Draw(img)
+    for r, (name, rec) in enumerate(columns):
+        folders = {i: paths for i, _, paths in iter_prompt_folders(rec["folder"])}
+        y = r * (size + 4)
+        draw.text((4, y + size // 2 - 14), _wrap(name, 22), fill="black", font=font)
+        for c, (index, _) in enumerate(chosen):
+            paths = folders.get(index) or []
+            if paths:
+                img.paste(Image.open(paths[0]).convert("RGB").resize((size, size), Image.NEAREST),
+                          (label_w + c * size, y))
+    y = len(columns) * (size + 4)
+    for c, (_, meta) in enumerate(chosen):
+        draw.text((label_w + c * size + 2, y + 2), _wrap(str(meta.get("prompt", "")), 15), fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(ci: dict[str, float] | None) -> str:
+    return "-" if not ci else f"{ci['value']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
+
+
+def table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    out = ["| model | sampling | toy-GenEval [95% CI] | seen | held-out | exact count | images |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {name} | {how} | {fmt(s['overall'])} | {fmt(s['seen'])} | {fmt(s['heldout'])} | {fmt(s['exact'])} | "
+            f"{s['images']} |" for name, how, s in rows]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device("auto")
     preset = args.preset if args.preset != "auto" else ("toy-gpu" if device.type == "cuda" else "toy")
-    os.environ.setdefault("SNAPGEN_HOME", args.home or tempfile.mkdtemp(prefix="snapgen-evidence-"))
+    home = Path(args.home).resolve()
+    os.environ["SNAPGEN_HOME"] = str(home)
+    ledger = Ledger(home / "evidence" / f"ledger-{preset}.json")
+    plan = [(v, s) for s in args.seed_list for v in VARIANTS]
+    if args.status:
+        for v, s in plan:
+            key = _key(["pipeline", preset, pipeline_overrides(args, v, s)])
+            print(f"pipeline {v} seed {s}: {'finished' if key in ledger.entries else 'to do'}")
+        print(f"{len(ledger.entries)} finished pieces recorded in {ledger.path}")
+        return {}
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.evaluate import EvaluateParams, evaluate_flow
-    from flows.pipeline import snapgen_pipeline
-    from flows.pipeline_config import build_config
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
     prefect_env_defaults(get_settings())
     started = time.perf_counter()
-    runs: dict[str, dict[str, Any]] = {}
-    for variant in VARIANTS:
-        extra = [f"pretrain.train.kd.combine={variant}"]
-        if variant != "scaled":  # only the scaled student goes on to distillation, export and the registry
-            extra += ["distill.enabled=false", "export.enabled=false", "promotion.enabled=false"]
-        t0 = time.perf_counter()
-        runs[variant] = snapgen_pipeline(preset=preset, overrides=list(args.overrides) + extra)
-        runs[variant]["wall_s"] = time.perf_counter() - t0
-        print(f"{variant}: {runs[variant]['wall_s']:.0f} s", flush=True)
-    scaled = runs["scaled"]
-    models = scaled["results"]["evaluate"]["models"]
-    distilled_steps = (scaled["results"].get("distill_steps") or {}).get("sampler", {}).get("steps")
-    cfg = build_config(preset, list(args.overrides))
-    options = dict(cfg.evaluate.options) | {"steps": distilled_steps or 4, "reference_rows": False}
-    undistilled = evaluate_flow(EvaluateParams(model=scaled["results"]["pretrain"]["student_uri"],
-                                               benchmarks=cfg.evaluate.benchmarks, **options))
+    runs = {(v, s): run_pipeline(args, ledger, preset, v, s) for v, s in plan}
+
+    # evaluations: the teacher; every student at its own sampler; the scaled students swept
+    teacher_uri = runs[plan[0]]["teacher"]
+    evals: dict[str, Any] = {"teacher": evaluate(args, ledger, teacher_uri, "teacher")}
+    few = args.few_steps
+    for (v, s), run in runs.items():
+        evals[f"{v}/{s}/full"] = evaluate(args, ledger, run["pretrained"], f"{v} seed {s}, full steps")
+        if v != "scaled":
+            continue
+        for g in args.guidance_list:
+            evals[f"scaled/{s}/full/g{g:g}"] = evaluate(args, ledger, run["pretrained"],
+                                                        f"scaled seed {s}, full steps, guidance {g:g}", guidance=g)
+            evals[f"scaled/{s}/undistilled{few}/g{g:g}"] = evaluate(
+                args, ledger, run["pretrained"], f"scaled seed {s}, undistilled {few}-step few_step, guidance {g:g}",
+                steps=few, guidance=g, sampler="few_step")
+            if run.get("distilled"):
+                evals[f"scaled/{s}/distilled/g{g:g}"] = evaluate(
+                    args, ledger, run["distilled"], f"scaled seed {s}, distilled {few}-step, guidance {g:g}",
+                    steps=few, guidance=g, sampler="few_step")
+
+    from tasks.evaluate import resolve_model, toy_world
+    from snapgen_model.evaluation.toy_reference import prompt_splits
+
+    splits = prompt_splits(toy_world(resolve_model(teacher_uri), {}))
+    seeds = args.seed_list
+
+    def pool(fmt_key: str) -> list[dict[str, Any]]:
+        recs = [evals.get(fmt_key.format(s=s)) for s in seeds]
+        return pooled([r for r in recs if r], args.images) if all(recs) else []
+
+    ablation = {v: pool(f"{v}/{{s}}/full") for v in VARIANTS}
+    stats: dict[str, Any] = {"teacher": summarise(evals["teacher"]["rows"], splits, args),
+                             "ablation": {v: summarise(r, splits, args) for v, r in ablation.items()}}
+    parts = {v: split(r, splits) for v, r in ablation.items()}
+    stats["scaled_minus_task_only"] = {
+        "overall": difference(ablation["scaled"], ablation["task_only"], args),
+        "seen": difference(parts["scaled"].get("seen", []), parts["task_only"].get("seen", []), args),
+        "heldout": difference(parts["scaled"].get("heldout", []), parts["task_only"].get("heldout", []), args)}
+    stats["weighted_minus_task_only"] = {"overall": difference(ablation["weighted"], ablation["task_only"], args)}
+    sweep: dict[str, dict[str, Any]] = {}
+    for g in args.guidance_list:
+        for kind in ("full", f"undistilled{few}", "distilled"):
+            rows = pool(f"scaled/{{s}}/{kind}/g{g:g}")
+            if rows:
+                sweep.setdefault(kind, {})[f"{g:g}"] = {"rows": rows, "stats": summarise(rows, splits, args)}
+    stats["sweep"] = {k: {g: d["stats"] for g, d in v.items()} for k, v in sweep.items()}
+
+    def best(kind: str) -> tuple[str, dict[str, Any]] | None:
+        if kind not in sweep:
+            return None
+        g = max(sweep[kind], key=lambda k: sweep[kind][k]["stats"]["overall"]["value"])
+        return g, sweep[kind][g]
+
+    b_full, b_und, b_dis = best("full"), best(f"undistilled{few}"), best("distilled")
+    verdicts = []
+    d = stats["scaled_minus_task_only"]
+    wins = {k: bool(d[k] and d[k]["lo"] > 0) for k in ("seen", "heldout")}
+    verdicts.append(f"scaled KD - task-only: seen {fmt(d['seen'])}, held-out {fmt(d['heldout'])}: "
+                    f"{'beats it beyond the CI on both' if all(wins.values()) else 'not shown on ' + ', '.join(k for k, w in wins.items() if not w)}")
+    kd_score = stats["ablation"]["scaled"]["overall"]["value"] if stats["ablation"]["scaled"]["overall"] else 0.0
+    verdicts.append(f"scaled-KD student toy-GenEval {kd_score:.3f} (target >= 0.5): {'met' if kd_score >= 0.5 else 'not met'}")
+    if b_full and b_dis:
+        ratio = b_dis[1]["stats"]["overall"]["value"] / max(1e-9, b_full[1]["stats"]["overall"]["value"])
+        stats["distilled_over_full"] = ratio
+        verdicts.append(f"distilled {few}-step (guidance {b_dis[0]}) / full-step (guidance {b_full[0]}): {ratio:.2f} "
+                        f"(target >= 0.90): {'met' if ratio >= 0.9 else 'not met'}")
+    if b_dis and b_und:
+        g = b_dis[0]
+        und_same = sweep[f"undistilled{few}"].get(g)
+        diff = difference(b_dis[1]["rows"], und_same["rows"], args) if und_same else None
+        stats["distilled_minus_undistilled"] = {"guidance": g, "difference": diff}
+        verdicts.append(f"distilled - undistilled {few}-step, both few_step at guidance {g}: {fmt(diff)}: "
+                        f"{'beats it beyond the CI' if diff and diff['lo'] > 0 else 'not shown'}")
     wall = time.perf_counter() - started
 
-    ablation = {v: _geneval(runs[v]["results"]["evaluate"]["models"]["pretrained"]) for v in VARIANTS}
-    kd_levels = {v: _kd_levels(runs[v]) for v in VARIANTS}
-    teacher = _geneval(models["teacher"]) if "teacher" in models else None
-    full = ablation["scaled"]
-    few = _geneval(models["distilled"]) if "distilled" in models else None
-    four = _geneval(undistilled)
-    ref_rows = models["teacher"].get("reference_rows") or {} if "teacher" in models else {}
-    refs = {k: _geneval({"benchmarks": {"geneval": v.get("geneval"), "dpg": v.get("dpg")}}) for k, v in ref_rows.items()}
-    steps_full = (models["pretrained"].get("generation") or {}).get("sampler", {}).get("steps")
-
-    def beats(a, b, key):
-        return a[key] is not None and b[key] is not None and a[key] > b[key]
-
-    verdicts = [
-        f"scaled KD > task-only on seen prompts: {beats(full, ablation['task_only'], 'seen')}; on held-out prompts: "
-        f"{beats(full, ablation['task_only'], 'heldout')}",
-    ]
-    if few is not None and full["overall"]:
-        ratio = few["overall"] / full["overall"] if full["overall"] else float("nan")
-        verdicts.append(f"4-step distilled / full-step: {ratio:.2f} (target >= 0.90); distilled > undistilled 4-step: "
-                        f"{beats(few, four, 'overall')}")
     lines = [f"Measured {now_utc()} with `{command_line()}` on {device_name(device)}; preset `{preset}`; "
-             f"wall time {wall:.0f} s (per ablation run: " +
-             ", ".join(f"{v} {runs[v]['wall_s']:.0f} s" for v in VARIANTS) + ").", "",
-             "KD ablation at equal steps (the same student, data, seeds and prompts; only `kd.combine` differs). "
-             "KD levels trained (the runs' `snapgen.kd_levels` tags): " +
-             ", ".join(f"{v.replace('_', '-')} {kd_levels[v]}" for v in VARIANTS) + ".", "",
-             *HEADER]
-    if teacher:
-        lines.append(_row("teacher", "-", teacher))
-    lines += [_row(f"student, {v.replace('_', '-')}", steps_full, ablation[v]) for v in VARIANTS]
-    lines += [_row(f"ref: {k}", "-", s) for k, s in refs.items()]
-    lines += ["", "Few-step distillation (the scaled-KD student):", "", *HEADER,
-              _row("pretrained, full steps", steps_full, full),
-              _row("pretrained, undistilled", options["steps"], four)]
-    if few is not None:
-        lines.append(_row("distilled", distilled_steps, few))
-    lines += ["", "Verdicts: " + "; ".join(verdicts) + ".", "",
-              ("On CPU these runs prove the mechanics only: a 2-core CPU cannot train a teacher worth distilling "
-               "from in minutes (TOY_CALIBRATION.md), so the comparisons above are between near-floor models and "
-               "carry no quality claim. The quality evidence is this script on a GPU (`toy-gpu`)."
-               if device.type != "cuda" else
-               "GPU run: the comparisons above are the toy-scale evidence for the paper's claims.")]
-    body = "\n".join(lines)
-    replace_section(Path(args.out), HEADING, body)
-    figures = {"preset": preset, "device": device_name(device), "wall_s": wall, "ablation": ablation, "kd_levels": kd_levels,
-               "teacher": teacher, "distilled": few, "undistilled": four, "reference": refs}
+             f"seeds {seeds}; every toy prompt{'' if not args.max_prompts_per_task else f' (<= {args.max_prompts_per_task} per task)'} "
+             f"x {args.images} images, evaluation base seed {args.eval_seed}; this invocation {wall:.0f} s, "
+             f"computed {len(ledger.computed)} pieces, reused {len(ledger.reused)}.", "",
+             "Brackets: 95% two-level bootstrap intervals (prompts, then images; training seeds pooled as images), "
+             f"{args.replicates} replicates. KD levels trained (the runs' `snapgen.kd_levels`): " +
+             ", ".join(f"{v.replace('_', '-')} {runs[(v, seeds[0])]['kd_levels']}" for v in VARIANTS) + ".", "",
+             "KD ablation at equal steps (same student, data, cache and prompts; only `kd.combine` and the seed differ):",
+             "", *table([("teacher", "Euler, its release guidance", stats["teacher"])] +
+                        [(f"student, {v.replace('_', '-')}", "Euler, full steps", stats["ablation"][v]) for v in VARIANTS]),
+             "", f"Scaled KD minus task-only (paired): overall {fmt(d['overall'])}, seen {fmt(d['seen'])}, held-out "
+             f"{fmt(d['heldout'])}. Weighted minus task-only: {fmt(stats['weighted_minus_task_only']['overall'])}.", "",
+             f"Few-step distillation of the scaled-KD students, guidance sweep ({few} steps: the `few_step` sampler for "
+             "both the distilled and the undistilled student):", ""]
+    sweep_rows = []
+    names = {"full": "scaled-KD student", f"undistilled{few}": "scaled-KD student, undistilled", "distilled": "distilled"}
+    for kind, per_g in sweep.items():
+        how = "Euler, full steps" if kind == "full" else f"few_step, {few} steps"
+        sweep_rows += [(names[kind], f"{how}, guidance {g}", d2["stats"]) for g, d2 in per_g.items()]
+    lines += table(sweep_rows) if sweep_rows else ["(no few-step rows)"]
+    lines += ["", "Verdicts:", "", *[f"- {v}" for v in verdicts], ""]
+    if args.grid:
+        cols = [("teacher", evals["teacher"])] + [(f"{v.replace('_', '-')} (seed {seeds[0]})", evals[f"{v}/{seeds[0]}/full"])
+                                                  for v in VARIANTS]
+        if b_und:
+            cols.append((f"undistilled {few}-step g{b_und[0]}", evals[f"scaled/{seeds[0]}/undistilled{few}/g{b_und[0]}"]))
+        if b_dis:
+            cols.append((f"distilled {few}-step g{b_dis[0]}", evals[f"scaled/{seeds[0]}/distilled/g{b_dis[0]}"]))
+        grid = grid_picture(cols, Path(args.grid))
+        rel = os.path.relpath(grid, Path(args.out).parent)
+        lines += [f"![teacher above the students, caption under each column]({rel})", "",
+                  "Rows: teacher, the three students (first seed), the undistilled and distilled few-step samples at "
+                  "their best guidance; columns: two prompts per GenEval task, image 0 of each.", ""]
+    replace_section(Path(args.out), HEADING, "\n".join(lines))
+    figures = {"preset": preset, "device": device_name(device), "seeds": seeds, "images": args.images,
+               "eval_seed": args.eval_seed, "wall_s": wall, "computed": ledger.computed, "reused": ledger.reused,
+               "runs": {f"{v}/{s}": r for (v, s), r in runs.items()},
+               "scores": {k: {kk: vv for kk, vv in e.items() if kk != "rows"} for k, e in evals.items()},
+               "stats": stats, "verdicts": verdicts}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2, default=str))
-    print(body)
+    print("\n".join(lines))
     return figures
 
 

@@ -49,6 +49,9 @@ def eval_command(
                                   "images, the same seed reproduces them"),
     guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0,
                                              help="classifier-free guidance scale (default: the checkpoint's)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler",
+                                          help="euler or few_step (default: the checkpoint's); few_step samples an "
+                                               "undistilled student the way a distilled one is"),
     max_prompts_per_task: int = typer.Option(0, "--max-prompts-per-task",
                                              help="toy: prompts per GenEval task (0 = all)"),
     max_prompts: int = typer.Option(0, "--max-prompts", help="full scale: first N prompts per benchmark (0 = all)"),
@@ -76,7 +79,7 @@ def eval_command(
     try:
         params = EvaluateParams(model=model, benchmarks=parse_benchmarks(benchmarks), steps=steps,
                                 reuse_images=reuse_images, images_per_prompt=images_per_prompt,
-                                base_seed=seed, guidance=guidance,
+                                base_seed=seed, guidance=guidance, sampler=sampler,
                                 max_prompts_per_task=max_prompts_per_task, max_prompts=max_prompts,
                                 clip_model=clip_model, detector_model=detector_model, vqa_model=vqa_model,
                                 dpg_csv=dpg_csv, fid_reference=fid_reference, fid_images=fid_images,

@@ -51,6 +51,9 @@ class EvaluateParams(BaseModel):
                                   description="subset of geneval, dpg, fid, clip")
     steps: int | None = Field(None, ge=1, description="sampler steps (default: the checkpoint's)")
     guidance: float | None = Field(None, ge=1.0, description="CFG scale (default: the checkpoint's)")
+    sampler: Literal["euler", "few_step"] | None = Field(
+        None, description="sampler kind (default: the checkpoint's; few_step samples an undistilled student the way a "
+                          "distilled one is)")
     images_per_prompt: int = Field(4, ge=1, le=16, description="samples per prompt (benchmarks use 4)")
     base_seed: int = Field(0, ge=0, description="seed of image j of prompt i = hash(base_seed, i, j)")
     batch_prompts: int = Field(8, ge=1, description="prompts per generator call (fixed groups: part of the key)")
@@ -136,7 +139,7 @@ def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
 def _evaluate(params: EvaluateParams, started: float) -> tuple[dict[str, Any], dict[str, str]]:
     model = resolve_model(params.model)
     scale = _scale(params, model)
-    sampler = {"steps": params.steps, "guidance": params.guidance}
+    sampler = {"steps": params.steps, "guidance": params.guidance, "kind": params.sampler}
     gen = GenerationConfig(images_per_prompt=params.images_per_prompt, base_seed=params.base_seed,
                            batch_prompts=params.batch_prompts, chunk_size=params.chunk_size)
     sets = build_prompt_sets(scale, model, params.world, params.benchmarks, params.max_prompts_per_task,

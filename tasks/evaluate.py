@@ -216,13 +216,14 @@ def build_prompt_sets(scale: str, model: dict[str, Any], world: dict[str, Any], 
 
 @functools.lru_cache(maxsize=4)
 def _generator(kind: str, unet: str | None, decoder: str | None, folder: str | None, bundle: str | None,
-               steps: int | None, guidance: float | None) -> Any:
+               steps: int | None, guidance: float | None, sampler_kind: str | None = None) -> Any:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # images do not depend on it beyond float noise
     if kind == "student":
-        return BundleStudentGenerator(folder, bundle, steps=steps, guidance=guidance, device=device)
+        return BundleStudentGenerator(folder, bundle, steps=steps, guidance=guidance, kind=sampler_kind, device=device)
     if kind == "teacher":
-        return BundleTeacherGenerator(bundle, steps=steps, guidance=guidance, device=device)
-    return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance, device=device)
+        return BundleTeacherGenerator(bundle, steps=steps, guidance=guidance, kind=sampler_kind, device=device)
+    return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance, device=device,
+                               kind=sampler_kind)
 
 
 _GENERATOR_LOCK = threading.Lock()  # generation tasks run in threads; loading is not thread-safe
@@ -232,7 +233,7 @@ def generator_for(model: dict[str, Any], sampler: dict[str, Any]) -> Any:
     """The ImageGenerator of a resolved model (checkpoint, bundle student or bundle teacher)."""
     with _GENERATOR_LOCK:
         return _generator(model.get("kind", "checkpoint"), model.get("unet"), model.get("decoder"), model.get("folder"),
-                      model.get("bundle"), sampler.get("steps"), sampler.get("guidance"))
+                      model.get("bundle"), sampler.get("steps"), sampler.get("guidance"), sampler.get("kind"))
 
 
 def set_folder(root: str, model: dict[str, Any], sampler: dict[str, Any], gen: GenerationConfig, name: str,

@@ -73,7 +73,7 @@ class BundleStudentGenerator:
     """A student folder + the (local) teacher bundle it was trained against, as an ImageGenerator."""
 
     def __init__(self, student_folder: str | Path, bundle_folder: str | Path, *, steps: int | None = None,
-                 guidance: float | None = None, device: str = "cpu") -> None:
+                 guidance: float | None = None, kind: str | None = None, device: str = "cpu") -> None:
         from snapgen_model.distill.vae import VAEAdapter, VAEConfig
         from snapgen_model.training.pretrain import load_conditioner
 
@@ -83,8 +83,8 @@ class BundleStudentGenerator:
         preset = read_preset(unet_path)
         if preset is None:
             raise ValueError(f"{unet_path}: the student checkpoint carries no preset (sampler settings)")
-        sampler = dataclasses.replace(preset.sampler, **{k: v for k, v in {"steps": steps, "guidance": guidance}.items()
-                                                         if v is not None})
+        sampler = dataclasses.replace(preset.sampler, **{k: v for k, v in {"steps": steps, "guidance": guidance,
+                                                                           "kind": kind}.items() if v is not None})
         self.preset = dataclasses.replace(preset, sampler=sampler)
         self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
         self.conditioner = load_conditioner(folder / "conditioner.safetensors").to(device).eval()
@@ -126,9 +126,12 @@ class BundleTeacherGenerator:
     """The toy teacher bundle (SD3 transformer + VAE + text encoder) as an ImageGenerator."""
 
     def __init__(self, bundle_folder: str | Path, *, steps: int | None = None, guidance: float | None = None,
-                 device: str = "cpu") -> None:
+                 kind: str | None = None, device: str = "cpu") -> None:
         from snapgen_model.training.bootstrap_bundle import load_bundle
 
+        if kind not in (None, "euler"):
+            raise ValueError(f"sampler {kind!r}: the toy teacher samples with Euler only (few_step is for distilled "
+                             "students)")
         self.bundle = load_bundle(bundle_folder, device)
         cfg = self.bundle.config
         self.steps = steps or cfg.eval_steps

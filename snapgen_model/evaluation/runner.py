@@ -252,12 +252,12 @@ class CheckpointGenerator:
     def __init__(self, unet_path: str | os.PathLike, *, decoder_path: str | os.PathLike | None = None,
                  encode_text: TextEncoder | None = None, text_identity: str = "", steps: int | None = None,
                  guidance: float | None = None, device: str = "cpu",
-                 conditioner: torch.nn.Module | str | os.PathLike | None = None) -> None:
+                 conditioner: torch.nn.Module | str | os.PathLike | None = None, kind: str | None = None) -> None:
         self.preset = read_preset(unet_path)
         if self.preset is None:
             raise ValueError(f"{unet_path}: checkpoint has no preset metadata (save it with save_model(preset=...))")
         sampler = dataclasses.replace(self.preset.sampler, **{k: v for k, v in
-                                      {"steps": steps, "guidance": guidance}.items() if v is not None})
+                                      {"steps": steps, "guidance": guidance, "kind": kind}.items() if v is not None})
         self.preset = dataclasses.replace(self.preset, sampler=sampler)
         self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
         self.decoder, decoder_id = self._decoder(decoder_path, device)

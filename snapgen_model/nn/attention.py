@@ -125,9 +125,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
         kv = self.to_kv(context).view(b, m, 2, self.kv_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, M, D) each
-        q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if not isinstance(self.norm_q, nn.Identity):  # QK norm in fp32 (a no-op cast unless autocast made q/k bf16)
+            q, k = self.norm_q(q.float()).to(q.dtype), self.norm_k(k.float()).to(k.dtype)
+        if rope is not None:  # fp32 tables; under autocast q/k stay in their half precision
+            q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)  # (B, H, M, D)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)

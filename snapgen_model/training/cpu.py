@@ -1,10 +1,10 @@
 """CPU training set-up that changes speed, never results.
 
 `tune_allocator()` keeps glibc malloc from returning memory to the kernel between training steps.
-By default every tensor above a dynamic threshold gets fresh `mmap` pages, which the kernel must
-zero and fault in on first touch: a toy UNet step took 4,866 page faults; with the settings below,
-363, and the toy teacher's attention backward ran up to 10x faster in isolation (bench/RESULTS.md
-"Teacher step on CPU"). The settings are the ones PyTorch's CPU performance guide reaches with
+By default glibc serves large blocks with fresh `mmap` pages and trims the heap top after frees, so
+the next step's activations must be zeroed and faulted in by the kernel again. Kept, the toy
+teacher's step at batch 256 went from 1.906 s to 1.318 s (bench/RESULTS.md "Teacher step on CPU").
+The settings are the ones PyTorch's CPU performance guide reaches with
 jemalloc/tcmalloc, applied to the allocator already loaded:
 
 * M_MMAP_THRESHOLD = 32 MiB (the glibc maximum on 64-bit): tensors below it come from the heap;

@@ -65,6 +65,8 @@ from snapgen_model.distill.adversarial import (
 from snapgen_model.distill.cache import CacheConfig, draw_pair
 from snapgen_model.distill.losses import DistillationObjective, KDConfig, OutputKDLoss, TaskLoss
 from snapgen_model.distill.text import Encoded, TextConditioner, sd3_teacher_condition
+from snapgen_model.nn.attention import use_fast_attention
+from snapgen_model.training.cpu import tune_allocator
 from snapgen_model.training.data import CachedData
 from snapgen_model.training.ema import ModuleEMA, decay_for_run, relative_change
 from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
@@ -531,6 +533,11 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: 
             module.data.skipped = summed_stats(module.resume_position["ranks"])
         return {"step": start, "state": str(start_path), "resumed_from": str(start_path), "nonfinite_total": None,
                 "module": module, "data_skipped": module.data_skipped(), "metrics": module.summary()}
+    if cfg.accelerator == "cpu" or not torch.cuda.is_available():
+        tune_allocator()  # keep freed heap memory for the next step (training/cpu.py): speed only
+        transformer = getattr(teacher, "transformer", None)
+        if cfg.precision == "bf16-mixed" and hasattr(transformer, "set_attn_processor"):
+            use_fast_attention(transformer)  # bf16 attention on CPU: the explicit form (nn/attention.py)
     trainer = pl.Trainer(
         max_epochs=1, max_steps=-1, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
         logger=loggers or False, enable_checkpointing=False, enable_progress_bar=progress_bar,

@@ -39,6 +39,7 @@ from snapgen_model.distill.losses import (
 )
 from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
 from snapgen_model.nn.unet import SnapGenUNet
+from snapgen_model.training.cpu import tune_allocator
 from snapgen_model.training.data import CachedData
 from snapgen_model.training.ema import ModuleEMA, decay_for_run
 from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
@@ -76,12 +77,13 @@ class PretrainConfig(ConfigBase):
     checkpoint_every: int = 100  # steps between full-state checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # retention
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
-    precision: Literal["32-true", "bf16-mixed"] = "32-true"  # bf16 autocast on GPU
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"  # bf16 autocast (GPU, and CPU: bench/student_speed.py)
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"  # Lightning strategy
     devices: int = 1  # devices per node
     num_nodes: int = 1  # nodes
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     compile: bool = False  # torch.compile the student
+    channels_last: bool = False  # the student's conv weights (and so its activations) in channels_last memory format
     log_every: int = 10  # metric logging interval
     sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
     # training data: the whole cache in memory (toy scale), or its shards streamed (training/stream.py)
@@ -472,9 +474,15 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
         enable_checkpointing=False, gradient_clip_val=cfg.grad_clip or None, enable_progress_bar=progress_bar,
         enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=cfg.log_every,
     )
+    if cfg.accelerator == "cpu" or not torch.cuda.is_available():
+        tune_allocator()  # keep freed heap memory for the next step (training/cpu.py): speed only
+    if cfg.channels_last:
+        module.student = module.student.to(memory_format=torch.channels_last)
     if cfg.compile:
         module.student = torch.compile(module.student)
     trainer.fit(module)
+    if cfg.channels_last:  # saved weights in the standard layout (safetensors stores contiguous tensors)
+        module.student.to(memory_format=torch.contiguous_format)
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,

@@ -176,6 +176,14 @@ def dump(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def precision_line(cfg: Mapping[str, Any]) -> str:
+    """The card's sentence on the arithmetic of training."""
+    if cfg.get("mixed_precision") == "bf16":
+        return ("bf16 autocast of transformer and text encoder, fp32 master weights and optimiser state "
+                "(bench/RESULTS.md \"Teacher step on CPU\": within the fp32 run-to-run spread).")
+    return "fp32 throughout."
+
+
 def card_markdown(name: str, record: Mapping[str, Any], report: Mapping[str, Any], rebuild: str,
                   world_note: str = "") -> str:
     """MODEL_CARD.md of a release: what it is, how to load it, how it was trained, how it scores."""
@@ -223,6 +231,7 @@ pipeline load this folder through the production `from_pretrained` path instead 
 Init: adaLN-Zero (every adaLN modulation, norm_out and proj_out start at zero). Caption dropout
 {cfg['cfg_dropout']} to the empty caption (the CFG null). Logit-normal timesteps ({cfg['logit_mean']}, {cfg['logit_std']}).
 Fresh (t, noise) every step over a pool of {cfg['pool_size']} train-split scenes.
+{precision_line(cfg)}
 
 ![loss curves](card/loss_curves.png)
 

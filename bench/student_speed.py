@@ -1,0 +1,227 @@
+"""Toy student training step on CPU: each speed lever alone, and whether the adopted ones change what is learnt.
+
+    python bench/student_speed.py [--preset toy] [--batch 32] [--steps 20] [--warmup 5]
+                                  [--tolerance-steps 600] [--skip-tolerance] [--only NAME] [--out bench/RESULTS.md]
+
+1. Step time. The product's pretraining entry point (`training.pretrain.fit`, Lightning, `kd.combine=scaled`:
+   task + output KD + feature KD, the multi-level KD of the toy pipeline) on the preset's student, from an
+   in-memory cache of the toy teacher's shapes (per sample: a 16 x 16 x 16 latent, 16 CLIP token states
+   of width 128, pooled 128, mask; K=8 cached (t, v) pairs and the teacher's last-block image tokens,
+   64 x 128, per pair; random values: speed does not depend on them). A callback stamps the end of
+   every optimiser step; step time = the median of the step-to-step intervals after --warmup steps.
+   Each variant runs in its own process (the allocator setting and thread count are process-wide).
+   Variants: the setting of the 2026-11-26 measurement (fp32, 1 thread, batch 16), the fp32
+   baseline at 2 threads, then the levers added one at a time (allocator, bf16 autocast, channels_last,
+   torch.compile), and the adopted product setting with each lever taken out again.
+2. Tolerance. `fit` itself for --tolerance-steps steps on a cache with learnable structure (targets
+   are a fixed function of the latent, so the loss falls): fp32 seed 0, fp32 seed 1 (the run-to-run
+   spread) and the product setting seed 0. The product setting passes when its mean loss over the last
+   quarter differs from fp32 seed 0 by no more than the two seeds differ, or by 2%, whichever is larger.
+
+The section `## Student step on CPU (bench/student_speed.py)` of --out is written (or replaced).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SECTION = "## Student step on CPU (bench/student_speed.py)"
+# name -> settings: threads, batch, allocator, precision, channels_last, compile
+BEFORE = {"threads": 1, "batch": 16, "allocator": False, "precision": "32-true", "channels_last": False, "compile": False}
+BASE = BEFORE | {"threads": 2, "batch": 0}  # batch 0 = --batch
+PRODUCT = BASE | {"allocator": True, "precision": "bf16-mixed"}
+VARIANTS = {
+    "fp32, 1 thread, batch 16 (the 2026-11-26 setting)": BEFORE,
+    "fp32, 2 threads (baseline)": BASE,
+    "+ allocator": BASE | {"allocator": True},
+    "+ allocator + bf16 autocast (product)": PRODUCT,
+    "product + channels_last": PRODUCT | {"channels_last": True},
+    "product + torch.compile": PRODUCT | {"compile": True},
+    "product without the allocator": PRODUCT | {"allocator": False},
+    "allocator + channels_last, fp32": BASE | {"allocator": True, "channels_last": True},
+}
+
+LATENT, TOKENS, WIDTH, POOLED, K, FEAT_TOKENS, FEAT_DIM = 16, 16, 128, 128, 8, 64, 128
+
+
+def make_cache(samples: int, learnable: bool = False, seed: int = 0):
+    """An in-memory `CachedData` of the toy teacher's shapes. `learnable`: the velocity targets and
+    features are fixed functions of the latent and caption, so a student can fit them."""
+    import torch
+
+    from snapgen_model.training.data import CachedData
+
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(samples, 16, LATENT, LATENT, generator=g)
+    tokens = torch.randn(samples, TOKENS, WIDTH, generator=g)
+    pooled = tokens.mean(1) if learnable else torch.randn(samples, POOLED, generator=g)
+    t = torch.rand(samples, K, generator=g) * 0.9 + 0.05
+    if learnable:  # the teacher's velocity: noise - x0 for a fixed per-(sample, pair) noise, as flow matching
+        noise = torch.randn(samples, K, 16, LATENT, LATENT, generator=g)
+        v = noise - latent[:, None]
+        patches = latent.reshape(samples, 16, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(samples, FEAT_TOKENS, 64)
+        weight = torch.randn(64, FEAT_DIM, generator=g) / 8
+        feats = (patches @ weight)[:, None].expand(samples, K, FEAT_TOKENS, FEAT_DIM)
+    else:
+        v = torch.randn(samples, K, 16, LATENT, LATENT, generator=g)
+        feats = torch.randn(samples, K, FEAT_TOKENS, FEAT_DIM, generator=g)
+    return CachedData(keys=[f"k{i:06d}" for i in range(samples)], latent=latent, tokens={"clip": tokens},
+                      pooled={"clip": pooled}, mask={"clip": torch.ones(samples, TOKENS)}, t=t, v=v,
+                      features={"block5": feats.contiguous()})
+
+
+def _clock():
+    import lightning.pytorch as pl
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.stamps.append(time.perf_counter())
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(float(loss))
+
+    return Clock()
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - configures its loggers on import: quiet them after that
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed: int = 0) -> list:
+    """`fit` under one variant's settings; the Clock callback (stamps and losses per step)."""
+    import torch
+
+    from snapgen_model.distill.cache import CacheConfig
+    from snapgen_model.presets import get_preset
+    from snapgen_model.training import cpu
+    from snapgen_model.training.pretrain import PretrainConfig, fit
+
+    if not settings["allocator"]:
+        cpu._tuned = False  # the bench's "off" switch: tune_allocator() then reports False and changes nothing
+    torch.set_num_threads(settings["threads"])
+    _quiet()
+    cfg = PretrainConfig.from_dict({
+        "steps": steps, "batch_size": batch, "checkpoint_every": 0, "log_every": 10_000, "accelerator": "cpu",
+        "precision": settings["precision"], "channels_last": settings["channels_last"],
+        "compile": settings["compile"], "seed": seed, "warmup_steps": min(50, steps // 10),
+        "kd": {"combine": "scaled", "feature_kd": True}})
+    clock = _clock()
+    with tempfile.TemporaryDirectory(prefix="student-speed-") as root:
+        fit(get_preset(preset_name), cfg, data, CacheConfig(targets_per_sample=K, store_features=True), root,
+            callbacks=[clock])
+    return clock
+
+
+def time_variant(args: argparse.Namespace, settings: dict) -> dict:
+    batch = settings["batch"] or args.batch
+    clock = run_fit(args.preset, settings, args.warmup + args.steps, batch, make_cache(512))
+    stamps = clock.stamps
+    intervals = sorted(b - a for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:]))
+    median = intervals[len(intervals) // 2]
+    return {"median_s": median, "images_per_s": batch / median, "batch": batch, "threads": settings["threads"],
+            "spread": (intervals[-1] - intervals[0]) / median, "timed": len(intervals)}
+
+
+def tolerance(args: argparse.Namespace) -> dict:
+    data = make_cache(2048, learnable=True)
+    runs = {}
+    for name, settings, seed in (("fp32 seed 0", BASE, 0), ("fp32 seed 1", BASE, 1), ("product seed 0", PRODUCT, 0)):
+        started = time.perf_counter()
+        clock = run_fit(args.preset, settings, args.tolerance_steps, args.batch, data, seed=seed)
+        tail = clock.losses[len(clock.losses) * 3 // 4:]
+        runs[name] = {"tail_loss": sum(tail) / len(tail), "first_loss": clock.losses[0],
+                      "seconds": time.perf_counter() - started}
+    ref = runs["fp32 seed 0"]["tail_loss"]
+    seed_gap = abs(runs["fp32 seed 1"]["tail_loss"] - ref) / ref
+    gap = abs(runs["product seed 0"]["tail_loss"] - ref) / ref
+    allowed = max(seed_gap, 0.02)
+    return {"runs": runs, "seed_gap": seed_gap, "gap": gap, "allowed": allowed, "passed": gap <= allowed,
+            "steps": args.tolerance_steps, "batch": args.batch}
+
+
+def child(args: argparse.Namespace) -> None:
+    out = tolerance(args) if args.child == "tolerance" else time_variant(args, VARIANTS[args.child])
+    print("RESULT " + json.dumps(out))
+
+
+def run_child(args: argparse.Namespace, name: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--preset", args.preset, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--tolerance-steps", str(args.tolerance_steps)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(VARIANTS.get(name, BASE)["threads"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"variant {name!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="toy")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--tolerance-steps", type=int, default=600)
+    parser.add_argument("--skip-tolerance", action="store_true")
+    parser.add_argument("--only", action="append", default=[], help="time only these variants (repeatable)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    from bench.common import command_line, environment_line, markdown_table, now_utc, replace_section
+
+    timings = {}
+    for name in args.only or VARIANTS:
+        timings[name] = t = run_child(args, name)
+        print(f"{name:52s} {t['median_s'] * 1000:7.1f} ms/step  {t['images_per_s']:6.0f} img/s (batch {t['batch']})",
+              flush=True)
+    base = timings.get("fp32, 2 threads (baseline)", next(iter(timings.values())))["images_per_s"]
+    rows = [[name, str(t["threads"]), str(t["batch"]), f"{t['median_s'] * 1000:.1f}", f"{t['images_per_s']:.0f}",
+             f"{t['images_per_s'] / base:.2f}x", f"{t['spread']:.2f}"] for name, t in timings.items()]
+    lines = [f"{now_utc()}; {environment_line(torch.device('cpu'))}; `{command_line()}`", "",
+             f"Preset `{args.preset}`: one pretraining step through `training.pretrain.fit` (Lightning; task + output KD "
+             f"+ feature KD, timestep-aware scaling; AdamW, gradient clip, EMA of UNet + conditioner), median of "
+             f"{args.steps} step intervals after {args.warmup} untimed steps; each variant in its own process; "
+             "speed-up against the fp32 2-thread baseline.", "",
+             markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up", "spread"], rows), ""]
+    if not args.skip_tolerance:
+        tol = run_child(args, "tolerance")
+        print(f"tolerance: product gap {tol['gap']:.2%}, seed gap {tol['seed_gap']:.2%}, allowed {tol['allowed']:.2%}: "
+              f"{'pass' if tol['passed'] else 'FAIL'}")
+        lines += [f"Tolerance (`fit`, {tol['steps']} steps at batch {tol['batch']} on a learnable cache, mean loss of "
+                  "the last quarter):", "",
+                  markdown_table(["run", "first loss", "tail loss", "seconds"],
+                                 [[n, f"{r['first_loss']:.4f}", f"{r['tail_loss']:.4f}", f"{r['seconds']:.0f}"]
+                                  for n, r in tol["runs"].items()]), "",
+                  f"The product setting differs from fp32 by {tol['gap']:.2%}; two fp32 seeds differ by "
+                  f"{tol['seed_gap']:.2%}; allowed {tol['allowed']:.2%}: "
+                  f"**{'within tolerance' if tol['passed'] else 'OUTSIDE tolerance'}**.", ""]
+    replace_section(args.out, SECTION, "\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
