@@ -248,8 +248,8 @@ def preset_option(default: Any, kind: str, help: str) -> Any:
     names = preset_names(kind)
 
     def parse(value: str) -> str:
-        if value not in names:
-            raise typer.BadParameter(f"unknown preset {value!r}; choose from {', '.join(names)}")
+        if value not in names:  # one line, like every other bad input (not click's boxed usage error)
+            fail(f"--preset {value!r}: unknown {kind} preset; choose from {', '.join(names)}")
         return value
 
     return typer.Option(default, "--preset", "-p", parser=parse, metavar="[" + "|".join(names) + "]", help=help,

@@ -57,3 +57,11 @@ def test_run_bad_override_exits_2_naming_the_field():
 def test_run_unknown_preset_lists_choices():
     result = runner.invoke(app, ["run", "--preset", "huge"])
     assert result.exit_code == 2 and "toy-smoke, toy, toy-gpu, snapgen-1024" in result.output
+
+
+@pytest.mark.parametrize("command", [["run"], ["inspect"], ["demo"], ["bootstrap-teacher"]])
+def test_unknown_preset_is_one_line_naming_the_option(command):
+    result = runner.invoke(app, [*command, "--preset", "huge"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: --preset 'huge': unknown") and "toy-smoke" in lines[0]
