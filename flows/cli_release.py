@@ -21,7 +21,9 @@ err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, widt
 def release_teacher(
     bundle: Path = typer.Option(..., "--bundle", help="finished bundle folder (bundle.json written)"),
     name: str = typer.Option(..., "--name", help="release name, e.g. toy-teacher/v1 (immutable)"),
-    state: Path = typer.Option(None, "--state", help="the run's teacher_state.pt: also score the raw weights"),
+    state: Path = typer.Option(None, "--state", help="the run's teacher_state.pt: also score its other weights"),
+    ship: str = typer.Option("ema", "--ship", help="which weights of the run the release holds: ema (the bundle's) "
+                             "or raw (the last step's, from --state); the other is scored beside it with --state"),
     guidances: str = typer.Option("1,2,3,4,5", "--guidances", help="comma-separated CFG scales to sweep"),
     images: int = typer.Option(4, "--images", min=1, help="images per prompt for the final scores"),
     rebuild: str = typer.Option("snapgen bootstrap-teacher --preset toy-release", "--rebuild",
@@ -45,12 +47,26 @@ def release_teacher(
     if (rel.RELEASES_DIR / name).exists() and not dry_run:
         err.print(f"[bold red]error:[/] release {name} already exists under {rel.RELEASES_DIR}; pick a new version")
         raise typer.Exit(2)
+    if ship not in ("ema", "raw") or (ship == "raw" and state is None):
+        err.print(f"[bold red]error:[/] --ship {ship!r}: choose ema, or raw together with --state (the raw weights "
+                  "live in the run's checkpoint)")
+        raise typer.Exit(2)
     work = Path(tempfile.mkdtemp(prefix="snapgen-release-"))
-    raw = None
+    other = None
+    source = bundle
     if state is not None:
-        raw_folder = rc.bundle_from_checkpoint(loaded.config, bundle / "vae", state, work / "raw", weights="raw")
-        raw = bs.load_bundle(raw_folder)
-    report = rc.release_report(loaded, guidances=scales, images_per_prompt=images, raw_bundle=raw,
+        try:
+            if ship == "raw":  # the raw pair becomes the release, with the finished bundle's AE and figures
+                source = rc.bundle_from_checkpoint(loaded.config, bundle / "vae", state, work / "raw", weights="raw",
+                                                   base_metrics=loaded.record.get("metrics"))
+                other, loaded = loaded, bs.load_bundle(source)
+            else:
+                other = bs.load_bundle(rc.bundle_from_checkpoint(loaded.config, bundle / "vae", state, work / "raw",
+                                                                 weights="raw"))
+        except (ValueError, OSError) as exc:
+            err.print(f"[bold red]error:[/] --state {state}: {exc}")
+            raise typer.Exit(2)
+    report = rc.release_report(loaded, guidances=scales, images_per_prompt=images, other_bundle=other,
                                log=lambda line: err.print(line))
     report["sweep_images"] = 1
     best = rc.with_eval(loaded, eval_guidance=report["guidance"], eval_images_per_prompt=images)
@@ -72,9 +88,9 @@ def release_teacher(
         (work / "MODEL_CARD.md").write_text(card)
         err.print(f"dry run: card and pictures in {work}")
         return
-    out = rel.package_release(bundle, name, card=card, card_files=pictures,
+    out = rel.package_release(source, name, card=card, card_files=pictures,
                               extra_record={"config": record["config"], "evaluation": report["evaluation"],
-                                            "guidance_sweep": report["sweep"], "raw_weights": report.get("raw")})
+                                            "guidance_sweep": report["sweep"], "other_weights": report.get("other")})
     err.print(f"release {name} written to {out} "
               f"({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 2**20:.1f} MB); "
               f"toy-GenEval {report['headline']['overall']:.3f} at guidance {report['guidance']:g}")

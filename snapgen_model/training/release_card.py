@@ -29,9 +29,10 @@ REFERENCE_ORDER = ("clean", "ae", "floor", "noise")
 
 
 def bundle_from_checkpoint(cfg: bs.ToyBootstrapConfig, vae_folder: str | Path, state_path: str | Path,
-                           out: str | Path, weights: str = "ema") -> Path:
+                           out: str | Path, weights: str = "ema", base_metrics: Mapping[str, Any] | None = None) -> Path:
     """Write a bundle folder from a teacher checkpoint (`bootstrap.TEACHER_STATE`) and the AE beside it:
-    the `weights` ("ema" or "raw") transformer and text encoder, the run's curve so far."""
+    the `weights` ("ema" or "raw") transformer and text encoder, the run's curve so far. `base_metrics`
+    (the finished bundle's record metrics: AE figures, sizes) are kept beside the checkpoint's."""
     from diffusers import AutoencoderKL
 
     if weights not in ("ema", "raw"):
@@ -48,8 +49,9 @@ def bundle_from_checkpoint(cfg: bs.ToyBootstrapConfig, vae_folder: str | Path, s
     transformer.load_state_dict(src["transformer"])
     text_model.load_state_dict(src["text_model"])
     vae = AutoencoderKL.from_pretrained(str(vae_folder))
-    metrics = {"teacher_steps": int(state["step"]), "teacher_seconds": round(float(state["elapsed_s"]), 2),
-               "teacher_weights": weights}
+    metrics = dict(base_metrics or {}) | {"teacher_steps": int(state["step"]),
+                                          "teacher_seconds": round(float(state["elapsed_s"]), 2),
+                                          "teacher_weights": weights}
     return bs.save_bundle(out, cfg, vae, transformer.eval(), text_model.eval(), tokenizer, metrics,
                           {"teacher": list(state["curve"])})
 
@@ -141,11 +143,20 @@ def task_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def weights_of(record: Mapping[str, Any]) -> str:
+    """Which weights of its run a bundle holds: "ema" (the default of a bootstrap) or "raw"."""
+    return str((record.get("metrics") or {}).get("teacher_weights") or "ema")
+
+
+WEIGHT_LABELS = {"ema": "EMA", "raw": "raw weights"}
+
+
 def release_report(bundle: TeacherBundle, *, guidances: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 5.0),
-                   images_per_prompt: int = 4, sweep_images: int = 1, raw_bundle: TeacherBundle | None = None,
+                   images_per_prompt: int = 4, sweep_images: int = 1, other_bundle: TeacherBundle | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Sweep guidance (every prompt x `sweep_images`), then score every toy prompt x `images_per_prompt`
-    at the best guidance with the reference rows, and the raw weights beside the EMA when given."""
+    at the best guidance with the reference rows, and the run's other weights (raw beside EMA, or EMA
+    beside raw) when given."""
     started = time.monotonic()
     sweep = guidance_sweep(bundle, guidances, sweep_images, log)
     best = max(sweep, key=lambda g: (sweep[g]["overall"], sweep[g]["exact_count"]))
@@ -154,12 +165,13 @@ def release_report(bundle: TeacherBundle, *, guidances: Sequence[float] = (1.0, 
     full = evaluate_bundle(chosen)
     out: dict[str, Any] = {"guidance": float(best), "sweep": sweep, "evaluation": full, "headline": headline(full),
                            "reference": {k: full["reference"][k] for k in REFERENCE_ORDER if k in full["reference"]}}
-    if raw_bundle is not None:
-        raw = evaluate_bundle_without_reference(with_eval(raw_bundle, eval_guidance=float(best),
-                                                          eval_images_per_prompt=images_per_prompt))
-        out["raw"] = headline(raw)
-        log(f"raw weights at guidance {best}: toy-GenEval {out['raw']['overall']:.3f} "
-            f"(EMA {out['headline']['overall']:.3f})")
+    if other_bundle is not None:
+        other = evaluate_bundle_without_reference(with_eval(other_bundle, eval_guidance=float(best),
+                                                            eval_images_per_prompt=images_per_prompt))
+        w, shipped = weights_of(other_bundle.record), weights_of(bundle.record)
+        out["other"] = headline(other) | {"weights": w}
+        log(f"{WEIGHT_LABELS.get(w, w)} at guidance {best}: toy-GenEval {out['other']['overall']:.3f} "
+            f"({WEIGHT_LABELS.get(shipped, shipped)} {out['headline']['overall']:.3f})")
     out["seconds"] = round(time.monotonic() - started, 1)
     return out
 
@@ -189,9 +201,11 @@ def card_markdown(name: str, record: Mapping[str, Any], report: Mapping[str, Any
     """MODEL_CARD.md of a release: what it is, how to load it, how it was trained, how it scores."""
     m, h = record.get("metrics", {}), report["headline"]
     cfg = record["config"]
-    rows = {f"teacher (EMA, guidance {report['guidance']:g})": h}
-    if "raw" in report:
-        rows[f"teacher (raw weights, guidance {report['guidance']:g})"] = report["raw"]
+    shipped = weights_of(record)
+    rows = {f"teacher ({WEIGHT_LABELS.get(shipped, shipped)}, shipped, guidance {report['guidance']:g})": h}
+    if "other" in report:
+        w = report["other"]["weights"]
+        rows[f"teacher ({WEIGHT_LABELS.get(w, w)} of the same run, guidance {report['guidance']:g})"] = report["other"]
     labels = {"clean": "clean renders (scorer ceiling)", "ae": "AE reconstructions (latent ceiling)",
               "floor": "prompt-blind floor", "noise": "uniform noise"}
     rows |= {labels.get(k, k): v for k, v in report["reference"].items()}

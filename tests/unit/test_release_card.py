@@ -56,7 +56,7 @@ def test_report_sweeps_guidance_then_scores_every_prompt_with_the_reference_rows
     loaded = bs.load_bundle(bundle)
     raw = bs.load_bundle(rc.bundle_from_checkpoint(cfg, bundle / "vae", state, tmp_path / "raw", weights="raw"))
     lines: list[str] = []
-    report = rc.release_report(loaded, guidances=(1.0, 3.0), images_per_prompt=2, raw_bundle=raw, log=lines.append)
+    report = rc.release_report(loaded, guidances=(1.0, 3.0), images_per_prompt=2, other_bundle=raw, log=lines.append)
     assert set(report["sweep"]) == {"1", "3"}
     best = max(report["sweep"], key=lambda g: (report["sweep"][g]["overall"], report["sweep"][g]["exact_count"]))
     assert report["guidance"] == float(best) and report["evaluation"]["guidance"] == float(best)
@@ -65,7 +65,8 @@ def test_report_sweeps_guidance_then_scores_every_prompt_with_the_reference_rows
     assert set(report["headline"]["splits"]) == {"seen", "heldout"}  # seen and held-out apart
     assert set(report["headline"]["tasks"]) == set(rc.TASK_ORDER)
     assert list(report["reference"]) == [k for k in rc.REFERENCE_ORDER if k in report["evaluation"]["reference"]]
-    assert "floor" in report["reference"] and report["raw"]["images"] == 2 * prompts
+    assert "floor" in report["reference"] and report["other"]["images"] == 2 * prompts
+    assert report["other"]["weights"] == "raw"
     assert any("raw weights" in line for line in lines) and any(line.startswith("guidance 3") for line in lines)
 
 
@@ -88,7 +89,7 @@ def test_task_table_curves_grid_and_card(trained, tmp_path):
     assert "# Toy teacher release `toy-teacher/v7`" in card and loaded.record["config_hash"] in card
     assert "`snapgen bootstrap-teacher --preset toy-smoke`" in card
     assert 'load_release("toy-teacher/v7")' in card and "card/loss_curves.png" in card
-    assert "| prompt-blind floor |" in card and "teacher (EMA, guidance 2)" in card
+    assert "| prompt-blind floor |" in card and "teacher (EMA, shipped, guidance 2)" in card
     assert "| 2 | " in card  # the sweep table
 
 
@@ -110,9 +111,20 @@ def test_release_teacher_cli_dry_run_then_writes_a_verified_release(trained, tmp
     folder = rel.verify_release("toy-teacher/v8", releases)
     record = json.loads((folder / "bundle.json").read_text())
     assert {"card/loss_curves.png", "card/samples_per_task.png", "MODEL_CARD.md"} <= set(record["files"])
-    assert set(record["guidance_sweep"]) == {"1", "2"} and record["raw_weights"]["images"] > 0
+    assert set(record["guidance_sweep"]) == {"1", "2"} and record["other_weights"]["images"] > 0
     assert record["config"]["eval_guidance"] == record["evaluation"]["guidance"]
     assert "toy-teacher/v8" in (folder / "MODEL_CARD.md").read_text()
+    assert record["metrics"]["teacher_weights"] == "ema" and record["other_weights"]["weights"] == "raw"
+    bad = CliRunner().invoke(app, [*args[:4], "toy-teacher/v9", *args[5:], "--ship", "raw"])
+    assert bad.exit_code == 2 and "--ship 'raw'" in bad.output and "--state" in bad.output
+    raw = CliRunner().invoke(app, [*args[:4], "toy-teacher/v9", *args[5:], "--ship", "raw", "--state", str(state)])
+    assert raw.exit_code == 0, raw.output
+    raw_record = json.loads((rel.verify_release("toy-teacher/v9", releases) / "bundle.json").read_text())
+    assert raw_record["metrics"]["teacher_weights"] == "raw" and raw_record["other_weights"]["weights"] == "ema"
+    assert raw_record["metrics"]["ae_psnr_heldout"] == record["metrics"]["ae_psnr_heldout"]  # the run's AE figures
+    shipped = _weights(folder, "transformer")
+    assert any(not torch.equal(shipped[k], v) for k, v in _weights(folder.parent / "v9", "transformer").items())
+    assert "raw weights, shipped" in (folder.parent / "v9" / "MODEL_CARD.md").read_text()
     again = CliRunner().invoke(app, args)  # releases are immutable: a second write is refused
     assert again.exit_code == 2 and "already exists" in again.output
     bad = CliRunner().invoke(app, ["release-teacher", "--bundle", str(tmp_path / "nowhere"), "--name", "x/v1"])
