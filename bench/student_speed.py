@@ -12,7 +12,7 @@
    Each variant runs in its own process (the allocator setting and thread count are process-wide).
    Variants: the setting of the 2026-11-26 measurement (fp32, 1 thread, batch 16), the fp32
    baseline at 2 threads, then the levers added one at a time (allocator, bf16 autocast, channels_last,
-   torch.compile), and the adopted product setting with each lever taken out again.
+   fused AdamW, torch.compile), and the adopted product setting with each lever taken out again.
 2. Tolerance. `fit` itself for --tolerance-steps steps on a cache with learnable structure (targets
    are a fixed function of the latent, so the loss falls): fp32 seed 0, fp32 seed 1 (the run-to-run
    spread) and the product setting seed 0. The product setting passes when its mean loss over the last
@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SECTION = "## Student step on CPU (bench/student_speed.py)"
-# name -> settings: threads, batch, allocator, precision, channels_last, compile
-BEFORE = {"threads": 1, "batch": 16, "allocator": False, "precision": "32-true", "channels_last": False, "compile": False}
+# name -> settings: threads, batch, allocator, precision, channels_last, fused AdamW, compile
+BEFORE = {"threads": 1, "batch": 16, "allocator": False, "precision": "32-true", "channels_last": False,
+          "fused": False, "compile": False}
 BASE = BEFORE | {"threads": 2, "batch": 0}  # batch 0 = --batch
 PRODUCT = BASE | {"allocator": True, "precision": "bf16-mixed"}
 VARIANTS = {
@@ -45,6 +46,7 @@ VARIANTS = {
     "+ allocator": BASE | {"allocator": True},
     "+ allocator + bf16 autocast (product)": PRODUCT,
     "product + channels_last": PRODUCT | {"channels_last": True},
+    "product + fused AdamW": PRODUCT | {"fused": True},
     "product + torch.compile": PRODUCT | {"compile": True},
     "product without the allocator": PRODUCT | {"allocator": False},
     "allocator + channels_last, fp32": BASE | {"allocator": True, "channels_last": True},
@@ -122,7 +124,7 @@ def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed
     cfg = PretrainConfig.from_dict({
         "steps": steps, "batch_size": batch, "checkpoint_every": 0, "log_every": 10_000, "accelerator": "cpu",
         "precision": settings["precision"], "channels_last": settings["channels_last"],
-        "compile": settings["compile"], "seed": seed, "warmup_steps": min(50, steps // 10),
+        "compile": settings["compile"], "fused_optimizer": settings["fused"], "seed": seed, "warmup_steps": min(50, steps // 10),
         "kd": {"combine": "scaled", "feature_kd": True}})
     clock = _clock()
     with tempfile.TemporaryDirectory(prefix="student-speed-") as root:
@@ -205,7 +207,8 @@ def main() -> None:
              f"Preset `{args.preset}`: one pretraining step through `training.pretrain.fit` (Lightning; task + output KD "
              f"+ feature KD, timestep-aware scaling; AdamW, gradient clip, EMA of UNet + conditioner), median of "
              f"{args.steps} step intervals after {args.warmup} untimed steps; each variant in its own process; "
-             "speed-up against the fp32 2-thread baseline.", "",
+             "speed-up against the fp32 2-thread baseline. Each image is two UNet rows (the cached KD pair and a "
+             "fresh task pair in one batched forward, since issue 14), so rows/s is twice images/s.", "",
              markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up", "spread"], rows), ""]
     if not args.skip_tolerance:
         tol = run_child(args, "tolerance")

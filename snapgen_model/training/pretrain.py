@@ -84,6 +84,7 @@ class PretrainConfig(ConfigBase):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     compile: bool = False  # torch.compile the student
     channels_last: bool = False  # the student's conv weights (and so its activations) in channels_last memory format
+    fused_optimizer: bool = False  # AdamW's fused kernel (one pass over all parameters; same update up to rounding)
     log_every: int = 10  # metric logging interval
     sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
     # training data: the whole cache in memory (toy scale), or its shards streamed (training/stream.py)
@@ -274,7 +275,8 @@ class PretrainModule(DataFeed, pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(("ema_models.", "teacher."))]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                fused=True if self.cfg.fused_optimizer else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
