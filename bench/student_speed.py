@@ -46,7 +46,7 @@ VARIANTS = {
     "+ allocator": BASE | {"allocator": True},
     "+ allocator + bf16 autocast (product)": PRODUCT,
     "product + channels_last": PRODUCT | {"channels_last": True},
-    "product + fused AdamW": PRODUCT | {"fused": True},
+    "allocator + fused AdamW, fp32": BASE | {"allocator": True, "fused": True},  # Lightning: no fused with bf16 + clip
     "product + torch.compile": PRODUCT | {"compile": True},
     "product without the allocator": PRODUCT | {"allocator": False},
     "allocator + channels_last, fp32": BASE | {"allocator": True, "channels_last": True},

@@ -121,6 +121,10 @@ class PretrainConfig(ConfigBase):
         check(self.devices >= 1, "pretrain.devices", "must be >= 1")
         check(self.num_nodes >= 1, "pretrain.num_nodes", "must be >= 1")
         check(self.log_every >= 1, "pretrain.log_every", "must be >= 1")
+        check(not (self.fused_optimizer and self.precision != "32-true" and self.grad_clip > 0),
+              "pretrain.fused_optimizer", f"cannot be combined with precision={self.precision} and gradient clipping "
+              "(Lightning's mixed precision clips unscaled gradients; a fused AdamW unscales inside its step): use "
+              "precision=32-true or grad_clip=0")
 
 
 def ema_decay(cfg: PretrainConfig) -> float:

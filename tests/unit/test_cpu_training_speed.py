@@ -195,3 +195,13 @@ def test_student_fused_adamw_learns_like_the_default(tmp_path):
     a, b = fused["module"].student.state_dict(), plain["module"].student.state_dict()
     worst = max(float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) + 1e-8) for k in a)
     assert worst < 0.05, worst  # 40 steps at lr 1e-2: rounding differences grow, they do not diverge
+
+
+def test_fused_optimizer_with_mixed_precision_and_clipping_is_a_config_error():
+    from snapgen_model.config_base import ConfigError
+    from snapgen_model.training.pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError, match="pretrain.fused_optimizer"):
+        PretrainConfig.from_dict({"fused_optimizer": True, "precision": "bf16-mixed"})
+    PretrainConfig.from_dict({"fused_optimizer": True, "precision": "bf16-mixed", "grad_clip": 0})
+    PretrainConfig.from_dict({"fused_optimizer": True})
