@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override path=value")
     p.add_argument("--seeds", default="0,1", help="training seeds of every student (comma-separated)")
     p.add_argument("--guidances", default="1,2,4", help="guidance sweep of the students (comma-separated)")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="pretraining steps of every student (0 = the preset's; equal for every variant)")
     p.add_argument("--few-steps", type=int, default=4, help="sampler steps of the distilled student")
     p.add_argument("--images", type=int, default=4, help="images per prompt of every evaluation")
     p.add_argument("--eval-seed", type=int, default=0, help="base seed of every evaluation (snapgen eval --seed)")
@@ -119,6 +121,8 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> lis
         "evaluate.benchmarks=[\"geneval\"]", f"evaluate.options={json.dumps(evaluate)}",
         "export.enabled=false", "promotion.enabled=false",
         f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}"]
+    if args.pretrain_steps:
+        out.append(f"pretrain.train.steps={args.pretrain_steps}")
     if variant == "scaled":
         out += [f"distill.train.sampler_steps={args.few_steps}", f"distill.train.seed={seed}",
                 "evaluate.models=[\"teacher\", \"pretrained\", \"distilled\"]"]

@@ -57,6 +57,7 @@ class _Stages:
             self.logger.info("stage %s: finished before with the same inputs (key %s), skipped", stage, key[:12])
             self.rows.append({"name": stage, "seconds": 0.0, "status": "cached", "cache_hit": True,
                               "mlflow_run_id": record["result"].get("mlflow_run_id"),
+                              "producer_flow_run_id": record.get("flow_run_id") or None,
                               "detail": f"key {key[:12]}; took {record.get('seconds', 0):.1f} s when it ran"})
             self.results[stage] = record["result"]
             return record["result"]
@@ -69,7 +70,7 @@ class _Stages:
                               "cache_hit": False, "mlflow_run_id": None, "detail": f"key {key[:12]}"})
             raise
         seconds = time.monotonic() - started
-        record_stage(stage, key, result, outputs(result), seconds)
+        record_stage(stage, key, result, outputs(result), seconds, str(flow_run.get_id() or ""))
         self.rows.append({"name": stage, "seconds": round(seconds, 1), "status": "completed",
                           "cache_hit": bool(result.get("cache_hit")), "mlflow_run_id": result.get("mlflow_run_id"),
                           "detail": f"key {key[:12]}"})

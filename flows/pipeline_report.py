@@ -314,10 +314,13 @@ def run_links(summary: dict[str, Any]) -> list[dict[str, Any]]:
         if name == "evaluate" and models:
             flows = subflows.get("evaluate", [])
             for i, (model, res) in enumerate(models.items()):
+                ran = flows[i] if stage["status"] == "completed" and i < len(flows) else None
                 rows.append({"name": f"evaluate {MODEL_LABELS.get(model, model)}", "mlflow_run_id": res.get("mlflow_run_id"),
-                             "flow_run_id": flows[i] if stage["status"] == "completed" and i < len(flows) else None})
+                             "flow_run_id": ran or stage.get("producer_flow_run_id")})
             continue
         flows = subflows.get(name, []) if stage["status"] == "completed" else []
+        if stage["status"] == "cached" and stage.get("producer_flow_run_id"):
+            flows = [stage["producer_flow_run_id"]]  # the pipeline run that ran it: its Prefect page has the graph
         if stage.get("mlflow_run_id") or flows:
             rows.append({"name": f"{name} ({stage['status']})", "mlflow_run_id": stage.get("mlflow_run_id"),
                          "flow_run_id": flows[0] if flows else None})

@@ -66,10 +66,13 @@ def lookup_stage(stage: str, key: str) -> dict[str, Any] | None:
 
 
 @task(name="record-stage", **io_task_options())
-def record_stage(stage: str, key: str, result: dict[str, Any], outputs: list[str], seconds: float) -> str:
+def record_stage(stage: str, key: str, result: dict[str, Any], outputs: list[str], seconds: float,
+                 flow_run_id: str = "") -> str:
+    """Write the stage's finished record; `flow_run_id`: the pipeline flow run that ran it (a later run
+    that reuses the stage links its report to that run's Prefect page)."""
     uri = record_uri(stage, key)
     storage().write_json(uri, {"stage": stage, "key": key, "result": result, "outputs": outputs,
-                               "seconds": round(seconds, 2), "code": code_hash()})
+                               "seconds": round(seconds, 2), "code": code_hash(), "flow_run_id": flow_run_id})
     return uri
 
 

@@ -138,6 +138,12 @@ def test_rerun_with_unchanged_inputs_is_a_no_op(first_run, pipeline_env):
 
     again = snapgen_pipeline(preset="toy-smoke")
     assert set(_status(again).values()) == {"cached"}
+    from flows.pipeline_report import run_links
+
+    links = run_links(again)  # every reused stage links to the Prefect run that ran it (the first pipeline run)
+    cached = [r for r in links if r["name"].endswith("(cached)") or r["name"].startswith("evaluate ")]
+    assert len(cached) >= 8 and all(r["flow_run_id"] == first_run["flow_run_id"] for r in cached), cached
+    assert all(r["prefect"] and r["prefect"].endswith(first_run["flow_run_id"]) for r in cached)
     assert again["results"]["register"]["version"] == first_run["results"]["register"]["version"]
     versions = MlflowClient(pipeline_env["mlflow"].uri).search_model_versions("name = 'snapgen'")
     assert len(versions) == 1
