@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidances", default="1,2,4", help="guidance sweep of the students (comma-separated)")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="pretraining steps of every student (0 = the preset's; equal for every variant)")
+    p.add_argument("--distill-steps", type=int, default=0, help="step-distillation steps (0 = the preset's)")
     p.add_argument("--few-steps", type=int, default=4, help="sampler steps of the distilled student")
     p.add_argument("--images", type=int, default=4, help="images per prompt of every evaluation")
     p.add_argument("--eval-seed", type=int, default=0, help="base seed of every evaluation (snapgen eval --seed)")
@@ -125,6 +126,7 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> lis
         out.append(f"pretrain.train.steps={args.pretrain_steps}")
     if variant == "scaled":
         out += [f"distill.train.sampler_steps={args.few_steps}", f"distill.train.seed={seed}",
+                *([f"distill.train.steps={args.distill_steps}"] if args.distill_steps else []),
                 "evaluate.models=[\"teacher\", \"pretrained\", \"distilled\"]"]
     else:
         out += ["distill.enabled=false", "evaluate.models=[\"teacher\", \"pretrained\"]"]
