@@ -15,13 +15,16 @@ Claims (SNAPGEN_SPEC.md sections 5-6; issue 15):
    guidance, and at its full step count (Euler). Each is swept over guidance 1, 2, 4.
 
 Scoring: every toy prompt x --images images, the exact scene parser, GenEval's official rules and the
-exact-object-count diagnostic, seen and held-out prompts apart. Every evaluation uses the same base seed
-(`snapgen eval --seed`), so image j of a prompt has the same initial noise for every model; intervals are
-two-level bootstrap intervals over prompts and images (`evaluation.stats`); a model's rows from several
-training seeds are pooled as more images per prompt. Comparisons are paired (same prompts and seeds).
+exact-object-count diagnostic, seen and held-out prompts apart. The models of one training seed share an
+evaluation base seed (`snapgen eval --seed`: --eval-seed + 1000 x (seed's position + 1)), so image j of a
+prompt starts from the same noise for every variant of that seed, and each training seed has its own
+noise. Intervals are two-level bootstrap intervals over prompts and images (`evaluation.stats`); a
+model's rows from its training seeds are pooled as more images per prompt, so the intervals cover
+prompt and image variation, not training-seed variation beyond the seeds run (per-seed scores are
+reported beside them). Comparisons are paired (same prompts and noise).
 
-Resumable: every pipeline run and every evaluation is recorded in `<home>/evidence/ledger.json` when it
-finishes; a rerun with the same home reuses every recorded result, and an interrupted pipeline resumes
+Resumable: every pipeline run and every evaluation is recorded in `<home>/evidence/ledger-<preset>.json`
+when it finishes (with the git commit it was computed at: the report lists them); a rerun with the same home reuses every recorded result, and an interrupted pipeline resumes
 from its stage records and pretraining checkpoints. Keep `--home` (default `<repo>/.evidence`) between
 sessions. Writes the section below into bench/RESULTS.md, the figures into --json
 (default bench/toy_evidence.json) and a sample grid into bench/evidence/.
@@ -79,6 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def code_version() -> str:
+    """The git commit the piece was computed with (+dirty when the tree had changes): recorded with each
+    ledger entry and reported, because a rerun reuses finished pieces across code changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -114,23 +132,31 @@ class Ledger:
 
 # ----------------------------------------------------------------------------- work items
 
+def eval_seed(args: argparse.Namespace, seed: int | None) -> int:
+    """Evaluation base seed of the models of training seed `seed` (None: the teacher): every variant of one
+    training seed shares it (paired comparisons), each training seed has its own (independent images)."""
+    return args.eval_seed + (0 if seed is None else 1000 * (1 + args.seed_list.index(seed)))
+
+
 def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
-    """The pipeline run of one student: the shared overrides, then what differs (KD combine, seed)."""
-    evaluate = {"images_per_prompt": args.images, "max_prompts_per_task": args.max_prompts_per_task,
-                "base_seed": args.eval_seed, "reference_rows": True}
-    out = list(args.overrides) + [
-        "evaluate.benchmarks=[\"geneval\"]", f"evaluate.options={json.dumps(evaluate)}",
-        "export.enabled=false", "promotion.enabled=false",
-        f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}"]
+    """The pipeline run of one student: the shared overrides, what differs (KD combine, seed), then the
+    user's `--set` (last: they win). Promotion is off and the registry is the evidence's own."""
+    options = {"images_per_prompt": args.images, "max_prompts_per_task": args.max_prompts_per_task,
+               "base_seed": eval_seed(args, seed), "reference_rows": True}
+    models = (["teacher"] if seed == args.seed_list[0] else []) + ["pretrained"] + \
+        (["distilled"] if variant == "scaled" else [])
+    out = ["evaluate.benchmarks=[\"geneval\"]", *[f"evaluate.options.{k}={json.dumps(v)}" for k, v in options.items()],
+           f"evaluate.models={json.dumps(models)}", "export.enabled=false", "promotion.enabled=false",
+           "promotion.pyfunc=false", "promotion.model_name=snapgen-evidence",
+           f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}"]
     if args.pretrain_steps:
         out.append(f"pretrain.train.steps={args.pretrain_steps}")
     if variant == "scaled":
         out += [f"distill.train.sampler_steps={args.few_steps}", f"distill.train.seed={seed}",
-                *([f"distill.train.steps={args.distill_steps}"] if args.distill_steps else []),
-                "evaluate.models=[\"teacher\", \"pretrained\", \"distilled\"]"]
+                *([f"distill.train.steps={args.distill_steps}"] if args.distill_steps else [])]
     else:
-        out += ["distill.enabled=false", "evaluate.models=[\"teacher\", \"pretrained\"]"]
-    return out
+        out += ["distill.enabled=false"]
+    return out + list(args.overrides)
 
 
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:
@@ -150,7 +176,7 @@ def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant:
               "distilled": (res.get("distill_steps") or {}).get("student_uri"),
               "distilled_sampler": (res.get("distill_steps") or {}).get("sampler"),
               "kd_levels": pre.get("kd_levels") or _kd_levels_tag(pre.get("mlflow_run_id")),
-              "pretrain_steps": pre.get("step"), "mlflow_run_id": summary.get("mlflow_run_id"),
+              "pretrain_steps": pre.get("step"), "mlflow_run_id": summary.get("mlflow_run_id"), "code": code_version(),
               "stages": {r["name"]: r["status"] for r in summary["stages"]}}
     print(f"{label}: {record['wall_s']:.0f} s ({', '.join(f'{k} {v}' for k, v in record['stages'].items())})",
           flush=True)
@@ -173,10 +199,12 @@ def _kd_levels_tag(run_id: str | None) -> str:
         return f"? ({type(exc).__name__})"
 
 
-def evaluate(args: argparse.Namespace, ledger: Ledger, model: str, label: str, *, steps: int | None = None,
-             guidance: float | None = None, sampler: str | None = None) -> dict[str, Any]:
-    """One evaluation (GenEval toy rows + summary), recorded; the samples folder is the product's."""
-    key = _key(["eval", model, steps, guidance, sampler, args.images, args.eval_seed, args.max_prompts_per_task])
+def evaluate(args: argparse.Namespace, ledger: Ledger, model: str, label: str, *, seed: int | None = None,
+             steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> dict[str, Any]:
+    """One evaluation (GenEval toy rows + summary) of a model of training seed `seed` (None: the teacher),
+    recorded; the samples folder is the product's."""
+    base_seed = eval_seed(args, seed)
+    key = _key(["eval", model, steps, guidance, sampler, args.images, base_seed, args.max_prompts_per_task])
     done = ledger.get(key, label)
     if done is not None:
         return done
@@ -186,14 +214,14 @@ def evaluate(args: argparse.Namespace, ledger: Ledger, model: str, label: str, *
     started = time.perf_counter()
     result = evaluate_flow(EvaluateParams(
         model=model, benchmarks=["geneval"], steps=steps, guidance=guidance, sampler=sampler,
-        images_per_prompt=args.images, base_seed=args.eval_seed, max_prompts_per_task=args.max_prompts_per_task,
+        images_per_prompt=args.images, base_seed=base_seed, max_prompts_per_task=args.max_prompts_per_task,
         reference_rows=False))
     folder = result["folders"]["shapes"]
     g = result["benchmarks"]["geneval"]
     record = {"label": label, "model": model, "folder": folder, "sampler": result["generation"].get("sampler"),
               "overall": g.get("overall"), "splits": g.get("splits"), "exact": (g.get("exact_count") or {}).get("overall"),
               "tasks": g.get("tasks"), "rows": read_results(Path(folder) / "results.jsonl"),
-              "seconds": round(time.perf_counter() - started, 1)}
+              "base_seed": base_seed, "seconds": round(time.perf_counter() - started, 1), "code": code_version()}
     print(f"{label}: toy-GenEval {record['overall']:.3f} ({record['seconds']:.0f} s)", flush=True)
     return ledger.put(key, label, record)
 
@@ -301,10 +329,10 @@ def fmt(ci: dict[str, float] | None) -> str:
 
 
 def table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
-    out = ["| model | sampling | toy-GenEval [95% CI] | seen | held-out | exact count | images |",
-           "|---|---|---|---|---|---|---|"]
-    out += [f"| {name} | {how} | {fmt(s['overall'])} | {fmt(s['seen'])} | {fmt(s['heldout'])} | {fmt(s['exact'])} | "
-            f"{s['images']} |" for name, how, s in rows]
+    out = ["| model | sampling | toy-GenEval [95% CI] | per training seed | seen | held-out | exact count | images |",
+           "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {name} | {how} | {fmt(s['overall'])} | {' / '.join(f'{v:.3f}' for v in s.get('per_seed', [])) or '-'} | "
+            f"{fmt(s['seen'])} | {fmt(s['heldout'])} | {fmt(s['exact'])} | {s['images']} |" for name, how, s in rows]
     return out
 
 
@@ -333,22 +361,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # evaluations: the teacher; every student at its own sampler; the scaled students swept
     teacher_uri = runs[plan[0]]["teacher"]
-    evals: dict[str, Any] = {"teacher": evaluate(args, ledger, teacher_uri, "teacher")}
+    evals: dict[str, Any] = {"teacher": evaluate(args, ledger, teacher_uri, "teacher", seed=args.seed_list[0])}
     few = args.few_steps
     for (v, s), run in runs.items():
-        evals[f"{v}/{s}/full"] = evaluate(args, ledger, run["pretrained"], f"{v} seed {s}, full steps")
+        evals[f"{v}/{s}/full"] = evaluate(args, ledger, run["pretrained"], f"{v} seed {s}, full steps", seed=s)
         if v != "scaled":
             continue
         for g in args.guidance_list:
             evals[f"scaled/{s}/full/g{g:g}"] = evaluate(args, ledger, run["pretrained"],
-                                                        f"scaled seed {s}, full steps, guidance {g:g}", guidance=g)
+                                                        f"scaled seed {s}, full steps, guidance {g:g}", seed=s,
+                                                        guidance=g)
             evals[f"scaled/{s}/undistilled{few}/g{g:g}"] = evaluate(
                 args, ledger, run["pretrained"], f"scaled seed {s}, undistilled {few}-step few_step, guidance {g:g}",
-                steps=few, guidance=g, sampler="few_step")
+                seed=s, steps=few, guidance=g, sampler="few_step")
             if run.get("distilled"):
                 evals[f"scaled/{s}/distilled/g{g:g}"] = evaluate(
                     args, ledger, run["distilled"], f"scaled seed {s}, distilled {few}-step, guidance {g:g}",
-                    steps=few, guidance=g, sampler="few_step")
+                    seed=s, steps=few, guidance=g, sampler="few_step")
 
     from tasks.evaluate import resolve_model, toy_world
     from snapgen_model.evaluation.toy_reference import prompt_splits
@@ -360,9 +389,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recs = [evals.get(fmt_key.format(s=s)) for s in seeds]
         return pooled([r for r in recs if r], args.images) if all(recs) else []
 
+    def per_seed(fmt_key: str) -> list[float]:
+        return [evals[fmt_key.format(s=s)]["overall"] for s in seeds if fmt_key.format(s=s) in evals]
+
     ablation = {v: pool(f"{v}/{{s}}/full") for v in VARIANTS}
     stats: dict[str, Any] = {"teacher": summarise(evals["teacher"]["rows"], splits, args),
-                             "ablation": {v: summarise(r, splits, args) for v, r in ablation.items()}}
+                             "ablation": {v: summarise(r, splits, args) | {"per_seed": per_seed(f"{v}/{{s}}/full")}
+                                          for v, r in ablation.items()}}
     parts = {v: split(r, splits) for v, r in ablation.items()}
     stats["scaled_minus_task_only"] = {
         "overall": difference(ablation["scaled"], ablation["task_only"], args),
@@ -374,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind in ("full", f"undistilled{few}", "distilled"):
             rows = pool(f"scaled/{{s}}/{kind}/g{g:g}")
             if rows:
-                sweep.setdefault(kind, {})[f"{g:g}"] = {"rows": rows, "stats": summarise(rows, splits, args)}
+                sweep.setdefault(kind, {})[f"{g:g}"] = {
+                    "rows": rows, "stats": summarise(rows, splits, args) | {"per_seed": per_seed(f"scaled/{{s}}/{kind}/g{g:g}")}}
     stats["sweep"] = {k: {g: d["stats"] for g, d in v.items()} for k, v in sweep.items()}
 
     def best(kind: str) -> tuple[str, dict[str, Any]] | None:
@@ -408,7 +442,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [f"Measured {now_utc()} with `{command_line()}` on {device_name(device)}; preset `{preset}`; "
              f"seeds {seeds}; every toy prompt{'' if not args.max_prompts_per_task else f' (<= {args.max_prompts_per_task} per task)'} "
              f"x {args.images} images, evaluation base seed {args.eval_seed}; this invocation {wall:.0f} s, "
-             f"computed {len(ledger.computed)} pieces, reused {len(ledger.reused)}.", "",
+             f"computed {len(ledger.computed)} pieces, reused {len(ledger.reused)}; pieces computed at commits "
+             f"{', '.join(sorted({str(e.get('code')) for e in [*runs.values(), *evals.values()]}))}.", "",
              "Brackets: 95% two-level bootstrap intervals (prompts, then images; training seeds pooled as images), "
              f"{args.replicates} replicates. KD levels trained (the runs' `snapgen.kd_levels`): " +
              ", ".join(f"{v.replace('_', '-')} {runs[(v, seeds[0])]['kd_levels']}" for v in VARIANTS) + ".", "",

@@ -58,7 +58,8 @@ def release_teacher(
         try:
             if ship == "raw":  # the raw pair becomes the release, with the finished bundle's AE and figures
                 source = rc.bundle_from_checkpoint(loaded.config, bundle / "vae", state, work / "raw", weights="raw",
-                                                   base_metrics=loaded.record.get("metrics"))
+                                                   base_metrics=loaded.record.get("metrics"),
+                                                   base_curves=loaded.record.get("curves"))
                 other, loaded = loaded, bs.load_bundle(source)
             else:
                 other = bs.load_bundle(rc.bundle_from_checkpoint(loaded.config, bundle / "vae", state, work / "raw",

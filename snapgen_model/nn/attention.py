@@ -82,7 +82,8 @@ class ExplicitJointAttnProcessor:
             q = torch.cat([q, normed(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states)))], dim=2)
             k = torch.cat([k, normed(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states)))], dim=2)
             v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
-        out = attention(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)  # (B, N + M, H*D)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # a QK norm with fp32 weights returns fp32 under autocast
+        out = attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N + M, H*D)
         image, caption = out[:, :n], out[:, n:]
         image = attn.to_out[1](attn.to_out[0](image))  # projection, dropout
         if encoder_hidden_states is None:

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +54,7 @@ from snapgen_model.training.bootstrap_bundle import (  # noqa: F401  (the bundle
 from snapgen_model.training.bootstrap_config import (  # noqa: F401  (re-exported)
     BOOTSTRAP_PRESETS, ToyBootstrapConfig, get_bootstrap_config)
 from snapgen_model.nn.attention import use_fast_attention
-from snapgen_model.training.cpu import tune_allocator
+from snapgen_model.training.cpu import cpu_has_native_bf16, tune_allocator
 from snapgen_model.training.ema import ModuleEMA, decay_for_run
 
 TEACHER_STATE = "teacher_state.pt"  # the teacher loop's checkpoint file inside its checkpoint folder
@@ -343,6 +344,10 @@ def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Mo
         if cfg.mixed_precision == "bf16":  # the explicit attention forms: bf16 on CPU is slow in the fused kernels
             use_fast_attention(transformer)
             text_model.set_attn_implementation("eager")
+            if not cpu_has_native_bf16():
+                warnings.warn("bootstrap.mixed_precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): "
+                              "bf16 is emulated and slower than fp32 here, so the time budget may stop training "
+                              "before teacher_steps; set mixed_precision=no", stacklevel=2)
     params = list(transformer.parameters()) + list(text_model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=cfg.teacher_weight_decay)
     ema = ModuleEMA({"transformer": transformer, "text_model": text_model}, teacher_ema_decay(cfg)) if cfg.teacher_ema else None

@@ -29,10 +29,12 @@ REFERENCE_ORDER = ("clean", "ae", "floor", "noise")
 
 
 def bundle_from_checkpoint(cfg: bs.ToyBootstrapConfig, vae_folder: str | Path, state_path: str | Path,
-                           out: str | Path, weights: str = "ema", base_metrics: Mapping[str, Any] | None = None) -> Path:
+                           out: str | Path, weights: str = "ema", base_metrics: Mapping[str, Any] | None = None,
+                           base_curves: Mapping[str, Any] | None = None) -> Path:
     """Write a bundle folder from a teacher checkpoint (`bootstrap.TEACHER_STATE`) and the AE beside it:
     the `weights` ("ema" or "raw") transformer and text encoder, the run's curve so far. `base_metrics`
-    (the finished bundle's record metrics: AE figures, sizes) are kept beside the checkpoint's."""
+    (the finished bundle's record metrics: AE figures, sizes) and `base_curves` (its AE curve) are kept
+    beside the checkpoint's."""
     from diffusers import AutoencoderKL
 
     if weights not in ("ema", "raw"):
@@ -52,8 +54,8 @@ def bundle_from_checkpoint(cfg: bs.ToyBootstrapConfig, vae_folder: str | Path, s
     metrics = dict(base_metrics or {}) | {"teacher_steps": int(state["step"]),
                                           "teacher_seconds": round(float(state["elapsed_s"]), 2),
                                           "teacher_weights": weights}
-    return bs.save_bundle(out, cfg, vae, transformer.eval(), text_model.eval(), tokenizer, metrics,
-                          {"teacher": list(state["curve"])})
+    curves = {k: v for k, v in (base_curves or {}).items() if k != "teacher"} | {"teacher": list(state["curve"])}
+    return bs.save_bundle(out, cfg, vae, transformer.eval(), text_model.eval(), tokenizer, metrics, curves)
 
 
 def with_eval(bundle: TeacherBundle, **fields: Any) -> TeacherBundle:

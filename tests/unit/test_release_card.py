@@ -122,6 +122,7 @@ def test_release_teacher_cli_dry_run_then_writes_a_verified_release(trained, tmp
     raw_record = json.loads((rel.verify_release("toy-teacher/v9", releases) / "bundle.json").read_text())
     assert raw_record["metrics"]["teacher_weights"] == "raw" and raw_record["other_weights"]["weights"] == "ema"
     assert raw_record["metrics"]["ae_psnr_heldout"] == record["metrics"]["ae_psnr_heldout"]  # the run's AE figures
+    assert raw_record["curves"].keys() == record["curves"].keys()  # and its AE curve
     shipped = _weights(folder, "transformer")
     assert any(not torch.equal(shipped[k], v) for k, v in _weights(folder.parent / "v9", "transformer").items())
     assert "raw weights, shipped" in (folder.parent / "v9" / "MODEL_CARD.md").read_text()
