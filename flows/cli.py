@@ -118,6 +118,9 @@ def sample(
     steps: Optional[int] = typer.Option(None, "--steps", help="sampler steps (default: the model's or preset's)"),
     out: Path = typer.Option(Path(".snapgen/samples/sample.png"), "--out", "-o", help="output PNG (a grid: one "
                              "row per prompt, one column per seed; each image also in <out stem>/)"),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="with --model: vae (default: the decoder "
+                                          "evaluation scores with), tiny (the one a registered version carries) or "
+                                          "a tiny decoder checkpoint, e.g. the pipeline's tiny_decoder.safetensors"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary (model, decoder, images with prompt, "
                                  "seed and path)"),
 ) -> None:
@@ -132,8 +135,10 @@ def sample(
     if steps is not None and steps < 1:
         _fail(f"--steps: must be >= 1, got {steps}")
     if model is not None:
-        _sample_model(model, prompt, checkpoint, seed_list, steps, out, as_json)
+        _sample_model(model, prompt, checkpoint, seed_list, steps, out, as_json, decoder)
         return
+    if decoder is not None:
+        _fail("--decoder needs --model (without it, sample draws a preset's fresh UNet and decoder)")
     if prompt:
         _fail("--prompt needs --model (a student folder, a teacher bundle or models:/NAME@ALIAS): a preset's fresh "
               "UNet has no text conditioner")
@@ -158,7 +163,7 @@ def sample(
 
 
 def _sample_model(model: str, prompts: list[str], checkpoint: Optional[Path], seeds: list[int], steps: Optional[int],
-                  out: Path, as_json: bool) -> None:
+                  out: Path, as_json: bool, decoder: Optional[str] = None) -> None:
     """`sample --model`: the model's own generator (conditioner, text encoders, decoder) on the prompts."""
     from flows.sampling import model_generator
     from snapgen_model.sample_model import sample_prompts
@@ -169,9 +174,9 @@ def _sample_model(model: str, prompts: list[str], checkpoint: Optional[Path], se
         _fail("--prompt: every prompt must be a non-empty string")
     start = time.perf_counter()
     try:
-        loaded = model_generator(model, steps=steps)
+        loaded = model_generator(model, steps=steps, decoder=decoder)
     except (OSError, ValueError, LookupError, RuntimeError) as exc:
-        _fail(str(exc) if str(exc).startswith("--model") else f"--model {model}: {exc}")
+        _fail(str(exc) if str(exc).startswith(("--model", "--decoder")) else f"--model {model}: {exc}")
     if loaded.takes_prompts and not prompts:
         _fail(f"--prompt: {model} is a text-to-image model; say what to draw, e.g. "
               "--prompt \"a red circle left of a blue square\"")

@@ -222,7 +222,11 @@ def _register(cfg: PipelineConfig, run: Any, stages: _Stages, final: dict[str, A
                                     parent_runs=[r["mlflow_run_id"] for r in stages.rows if r.get("mlflow_run_id")])
     source = f"runs:/{run.run_id}/model"
     if cfg.promotion.pyfunc:  # the version loads with mlflow.pyfunc.load_model and turns prompts into images
-        source = mlflow_model.log_pyfunc(run, local_folder(final["student_uri"]), local_folder(teacher["bundle_uri"]))
+        from flows.sampling import local_path
+
+        tiny = (stages.results.get("train_decoder") or {}).get("checkpoint")  # predict(params={"decoder": "tiny"})
+        source = mlflow_model.log_pyfunc(run, local_folder(final["student_uri"]), local_folder(teacher["bundle_uri"]),
+                                         decoder=local_path(tiny) if tiny else None)
     out = registry.register_candidate(cfg.promotion.model_name, source, run_id=run.run_id,
                                       folder_uri=final["student_uri"], files=files, metrics=metrics,
                                       export_uri=export.get("uri"), parity_passed=export.get("parity_passed"),

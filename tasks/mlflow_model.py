@@ -7,10 +7,12 @@ bundle's frozen text encoders and VAE decoder, sampled exactly as the evaluation
 
     artifacts/student/   unet_ema.safetensors, conditioner.safetensors, student.json
     artifacts/bundle/    vae/, the text encoders' folders, bundle.json (no teacher transformer)
+    artifacts/decoder/   tiny_decoder.safetensors, when the pipeline trained SnapGen's tiny decoder
 
 Input: a list of prompts, one prompt, or a DataFrame with a ``prompt`` column. Params: ``seed`` (image i
-uses seed + i; default 0), ``steps`` and ``guidance`` (default: the student's own sampler settings).
-Same prompt and seed, same image.
+uses seed + i; default 0), ``steps`` and ``guidance`` (default: the student's own sampler settings),
+``decoder``: ``vae`` (the bundle VAE's decoder, what evaluation scores; default) or ``tiny`` (the
+phone's tiny decoder, when the version carries one). Same prompt and seed, same image.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ from snapgen_model.evaluation.bundle_generators import STUDENT_CARD, STUDENT_WEI
 
 __all__ = ["SnapgenPyfunc", "package_student", "save_pyfunc", "log_pyfunc", "prompt_inputs"]
 
-STUDENT_ARTIFACT, BUNDLE_ARTIFACT = "student", "bundle"
-_PARAM_DEFAULTS = {"seed": 0, "steps": 0, "guidance": -1.0}  # 0 / -1: the student's own setting
+STUDENT_ARTIFACT, BUNDLE_ARTIFACT, DECODER_ARTIFACT = "student", "bundle", "decoder"
+TINY_DECODER_FILE = "tiny_decoder.safetensors"
+DECODERS = ("vae", "tiny")
+_PARAM_DEFAULTS = {"seed": 0, "steps": 0, "guidance": -1.0, "decoder": "vae"}  # 0 / -1: the student's own setting
 
 
 def prompt_inputs(model_input: Any, seed: int = 0) -> tuple[list[str], list[int]]:
@@ -81,16 +85,24 @@ class SnapgenPyfunc(mlflow.pyfunc.PythonModel):
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._student = context.artifacts[STUDENT_ARTIFACT]
         self._bundle = context.artifacts[BUNDLE_ARTIFACT]
-        self._generators: dict[tuple[int | None, float | None], Any] = {}
-        self._generator(None, None)  # load now: a broken artifact fails at load_model, not at the first predict
+        tiny = context.artifacts.get(DECODER_ARTIFACT)
+        self._tiny = str(Path(tiny) / TINY_DECODER_FILE) if tiny else None
+        self._generators: dict[tuple[int | None, float | None, str], Any] = {}
+        self._generator(None, None, "vae")  # load now: a broken artifact fails at load_model, not at predict
 
-    def _generator(self, steps: int | None, guidance: float | None) -> Any:
+    def _generator(self, steps: int | None, guidance: float | None, decoder: str) -> Any:
         from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator
 
-        key = (steps, guidance)
+        if decoder not in DECODERS:
+            raise ValueError(f"snapgen pyfunc: params decoder={decoder!r}; choose one of {list(DECODERS)}")
+        if decoder == "tiny" and self._tiny is None:
+            raise ValueError("snapgen pyfunc: params decoder='tiny', but this version carries no tiny decoder (the "
+                             "pipeline ran with decoder.enabled=false); use decoder='vae'")
+        key = (steps, guidance, decoder)
         if key not in self._generators:
             self._generators[key] = BundleStudentGenerator(self._student, self._bundle, steps=steps,
-                                                           guidance=guidance, device=self._device)
+                                                           guidance=guidance, device=self._device,
+                                                           decoder_path=self._tiny if decoder == "tiny" else None)
         return self._generators[key]
 
     def predict(self, context, model_input, params=None):
@@ -98,12 +110,15 @@ class SnapgenPyfunc(mlflow.pyfunc.PythonModel):
         prompts, seeds = prompt_inputs(model_input, int(params["seed"]))
         steps = int(params["steps"]) or None
         guidance = float(params["guidance"]) if float(params["guidance"]) >= 0 else None
-        return np.asarray(self._generator(steps, guidance)(prompts, seeds), dtype=np.uint8)
+        generator = self._generator(steps, guidance, str(params["decoder"]))
+        return np.asarray(generator(prompts, seeds), dtype=np.uint8)
 
 
-def package_student(student_folder: str | Path, bundle_folder: str | Path, dst: str | Path) -> dict[str, str]:
-    """Copy what the pyfunc needs into `dst`: the student's weights and card, and the bundle's VAE and
-    text-encoder folders (not its teacher transformer). Returns the artifacts mapping."""
+def package_student(student_folder: str | Path, bundle_folder: str | Path, dst: str | Path,
+                    decoder: str | Path | None = None) -> dict[str, str]:
+    """Copy what the pyfunc needs into `dst`: the student's weights and card, the bundle's VAE and
+    text-encoder folders (not its teacher transformer) and, if given, the trained tiny decoder checkpoint.
+    Returns the artifacts mapping."""
     student, bundle, dst = Path(student_folder), Path(bundle_folder), Path(dst)
     card = read_student_card(student)
     missing = [f for f in STUDENT_WEIGHTS if not (student / f).is_file()]
@@ -120,7 +135,14 @@ def package_student(student_folder: str | Path, bundle_folder: str | Path, dst: 
         shutil.copytree(bundle / sub, dst / BUNDLE_ARTIFACT / sub, dirs_exist_ok=True)
     if (bundle / "bundle.json").is_file():
         shutil.copy2(bundle / "bundle.json", dst / BUNDLE_ARTIFACT / "bundle.json")
-    return {STUDENT_ARTIFACT: str(dst / STUDENT_ARTIFACT), BUNDLE_ARTIFACT: str(dst / BUNDLE_ARTIFACT)}
+    artifacts = {STUDENT_ARTIFACT: str(dst / STUDENT_ARTIFACT), BUNDLE_ARTIFACT: str(dst / BUNDLE_ARTIFACT)}
+    if decoder is not None:
+        if not Path(decoder).is_file():
+            raise FileNotFoundError(f"tiny decoder {decoder}: no such file")
+        (dst / DECODER_ARTIFACT).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(decoder, dst / DECODER_ARTIFACT / TINY_DECODER_FILE)
+        artifacts[DECODER_ARTIFACT] = str(dst / DECODER_ARTIFACT)
+    return artifacts
 
 
 def _signature(image_size: int | None) -> Any:
@@ -132,18 +154,20 @@ def _signature(image_size: int | None) -> Any:
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, side, side, 3))]),
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("steps", "long", 0),
-                            ParamSpec("guidance", "double", -1.0)]))
+                            ParamSpec("guidance", "double", -1.0), ParamSpec("decoder", "string", "vae")]))
 
 
-def save_pyfunc(student_folder: str | Path, bundle_folder: str | Path, path: str | Path) -> Path:
-    """Write the pyfunc model folder (MLmodel, python_model.pkl, artifacts/) at `path` (must not exist)."""
+def save_pyfunc(student_folder: str | Path, bundle_folder: str | Path, path: str | Path,
+                decoder: str | Path | None = None) -> Path:
+    """Write the pyfunc model folder (MLmodel, python_model.pkl, artifacts/) at `path` (must not exist);
+    `decoder`: a trained TinyDecoder checkpoint to carry as well (params decoder='tiny')."""
     from snapgen_model.storage.checkpoint import read_preset
 
     preset = read_preset(Path(student_folder) / "unet_ema.safetensors")
     card = read_student_card(student_folder)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about type hints and input examples
-        artifacts = package_student(student_folder, bundle_folder, tmp)
+        artifacts = package_student(student_folder, bundle_folder, tmp, decoder=decoder)
         code = Path(tmp) / "snapgen_pyfunc.py"
         code.write_text(_MODEL_CODE)
         mlflow.pyfunc.save_model(
@@ -151,14 +175,16 @@ def save_pyfunc(student_folder: str | Path, bundle_folder: str | Path, path: str
             signature=_signature(preset.image_size if preset else None),
             metadata={"snapgen.stage": str(card.get("stage")), "snapgen.bundle_id": str(card.get("bundle_id")),
                       "snapgen.preset": preset.name if preset else "unknown",
-                      "snapgen.encoders": json.dumps([e.get("name") for e in card["encoders"]])})
+                      "snapgen.encoders": json.dumps([e.get("name") for e in card["encoders"]]),
+                      "snapgen.decoders": json.dumps(["vae", "tiny"] if decoder is not None else ["vae"])})
     return Path(path)
 
 
-def log_pyfunc(run: Any, student_folder: str | Path, bundle_folder: str | Path, artifact_path: str = "model") -> str:
+def log_pyfunc(run: Any, student_folder: str | Path, bundle_folder: str | Path, artifact_path: str = "model",
+               decoder: str | Path | None = None) -> str:
     """Save the pyfunc and upload it into `run`'s artifacts under `artifact_path`; returns `runs:/<id>/<path>`,
     the source a registered version points at."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pyfunc(student_folder, bundle_folder, Path(tmp) / "pyfunc")
+        folder = save_pyfunc(student_folder, bundle_folder, Path(tmp) / "pyfunc", decoder=decoder)
         run.log_artifact(str(folder), artifact_path)
     return f"runs:/{run.run_id}/{artifact_path}"

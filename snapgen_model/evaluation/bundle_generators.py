@@ -73,7 +73,10 @@ class BundleStudentGenerator:
     """A student folder + the (local) teacher bundle it was trained against, as an ImageGenerator."""
 
     def __init__(self, student_folder: str | Path, bundle_folder: str | Path, *, steps: int | None = None,
-                 guidance: float | None = None, kind: str | None = None, device: str = "cpu") -> None:
+                 guidance: float | None = None, kind: str | None = None, device: str = "cpu",
+                 decoder_path: str | Path | None = None) -> None:
+        """`decoder_path`: a trained TinyDecoder checkpoint (the phone's decoder) in place of the bundle VAE's
+        decoder, which is what evaluation scores by default."""
         from snapgen_model.distill.vae import VAEAdapter, VAEConfig
         from snapgen_model.training.pretrain import load_conditioner
 
@@ -97,15 +100,27 @@ class BundleStudentGenerator:
         if missing:
             raise ValueError(f"{folder}: the conditioner expects text encoders {missing} that {STUDENT_CARD} does not "
                              f"list (it lists {list(self.encoders)})")
-        self.decoder = _VAEDecode(VAEAdapter.from_pretrained(VAEConfig(path=bundle, subfolder="vae"), device)).eval()
-        if self.decoder.vae.latent_channels != self.preset.latent.channels:
-            raise ValueError(f"{folder}: student latents have {self.preset.latent.channels} channels but the bundle VAE "
-                             f"at {bundle} has {self.decoder.vae.latent_channels}")
+        decoder_id: dict[str, str] = {}
+        if decoder_path is None:
+            self.decoder = _VAEDecode(VAEAdapter.from_pretrained(VAEConfig(path=bundle, subfolder="vae"),
+                                                                 device)).eval()
+            channels, what = self.decoder.vae.latent_channels, f"the bundle VAE at {bundle}"
+        else:
+            self.decoder = load_model(decoder_path, expected_kind="TinyDecoder", device=device).eval()
+            channels, what = self.decoder.config.latent_channels, f"the tiny decoder {decoder_path}"
+            decoder_id = {"decoder": file_sha256(str(decoder_path))}
+            if self.decoder.config.upsample != self.preset.latent.downsample:
+                raise ValueError(f"tiny decoder {decoder_path}: up-samples {self.decoder.config.upsample}x but the "
+                                 f"student's latent space is {self.preset.latent.downsample}x down-sampled")
+        if channels != self.preset.latent.channels:
+            raise ValueError(f"{folder}: student latents have {self.preset.latent.channels} channels but {what} "
+                             f"takes {channels}")
+        self.decoder_name = "bundle VAE" if decoder_path is None else f"tiny decoder ({Path(decoder_path).name})"
         self.device, self.card, self._lock = device, card, threading.Lock()
         self.identity = _sha({"unet": file_sha256(str(unet_path)),
                               "conditioner": file_sha256(str(folder / "conditioner.safetensors")),
                               "bundle": card.get("bundle_id") or bundle, "encoders": card["encoders"],
-                              "sampler": sampler.to_dict(), "kind": "bundle-student"})[:32]
+                              "sampler": sampler.to_dict(), "kind": "bundle-student"} | decoder_id)[:32]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
@@ -119,7 +134,7 @@ class BundleStudentGenerator:
         return {"kind": "student", "preset": self.preset.name, "image_size": self.preset.image_size,
                 "identity": self.identity, "sampler": self.preset.sampler.to_dict(),
                 "conditioning": f"text:{','.join(self.encoders)} (bundle {str(self.card.get('bundle_id'))[:12]})",
-                "stage": self.card.get("stage")}
+                "stage": self.card.get("stage"), "decoder": self.decoder_name}
 
 
 class BundleTeacherGenerator:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.fixtures.tiny_student import tiny_student  # noqa: F401  (fixture)
+from tests.fixtures.tiny_student import tiny_decoder, tiny_student  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +16,7 @@ NAME = "snapgen-pyfunc-test"
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory, mlflow_server, tiny_student, tiny_bundle):  # noqa: F811
+def champion(tmp_path_factory, mlflow_server, tiny_student, tiny_bundle, tiny_decoder):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
     from tasks import mlflow_model, tracking
@@ -24,7 +24,7 @@ def champion(tmp_path_factory, mlflow_server, tiny_student, tiny_bundle):  # noq
 
     settings = get_settings(home=tmp_path_factory.mktemp("pyfunc-home"), mlflow_tracking_uri=mlflow_server.uri)
     with tracking.start_run(settings, "register tiny student") as run:
-        source = mlflow_model.log_pyfunc(run, tiny_student, tiny_bundle)
+        source = mlflow_model.log_pyfunc(run, tiny_student, tiny_bundle, decoder=tiny_decoder)
     version = tracking.register_model_version(settings, NAME, source, run_id=run.run_id)
     MlflowClient(mlflow_server.uri).set_registered_model_alias(NAME, "champion", version)
     return {"uri": mlflow_server.uri, "run_id": run.run_id, "version": version}
@@ -70,9 +70,11 @@ def test_version_carries_its_artifacts_and_signature(champion, mlflow_server):
     assert student == {"unet_ema.safetensors", "conditioner.safetensors", "student.json"}
     bundle = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(champion["run_id"], "model/artifacts/bundle")}
     assert {"vae", "text_encoder"} <= bundle and "transformer" not in bundle  # no teacher weights shipped
+    decoder = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(champion["run_id"], "model/artifacts/decoder")}
+    assert decoder == {"tiny_decoder.safetensors"}
     mlmodel = client.download_artifacts(champion["run_id"], "model/MLmodel")
     text = open(mlmodel).read()
-    assert "python_function" in text and "signature" in text and '"seed"' in text
+    assert "python_function" in text and "signature" in text and '"seed"' in text and '"decoder"' in text
 
 
 def test_bad_inputs_are_named(loaded):
@@ -91,3 +93,24 @@ def test_student_card_without_encoders_is_refused(tmp_path, tiny_student, tiny_b
     (broken / "student.json").write_text(json.dumps(card | {"encoders": []}))
     with pytest.raises(ValueError, match="encoders"):
         package_student(broken, tiny_bundle, tmp_path / "out")
+
+
+def test_tiny_decoder_param(loaded, tmp_path, tiny_student, tiny_bundle, tiny_decoder):  # noqa: F811
+    """params={"decoder": "tiny"} decodes with the tiny decoder the version carries; "vae" (the default) with
+    the bundle VAE; anything else, or "tiny" on a version without one, is refused by name."""
+    import mlflow
+
+    from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator
+    from tasks.mlflow_model import save_pyfunc
+
+    prompt = ["a red circle left of a blue square"]
+    tiny = loaded.predict(prompt, params={"seed": 2, "decoder": "tiny"})
+    vae = loaded.predict(prompt, params={"seed": 2, "decoder": "vae"})
+    assert np.array_equal(tiny, BundleStudentGenerator(tiny_student, tiny_bundle, decoder_path=tiny_decoder)(prompt, [2]))
+    assert np.array_equal(vae, loaded.predict(prompt, params={"seed": 2}))
+    assert not np.array_equal(tiny, vae)
+    with pytest.raises(Exception, match="decoder='taesd'"):
+        loaded.predict(prompt, params={"decoder": "taesd"})
+    bare = mlflow.pyfunc.load_model(str(save_pyfunc(tiny_student, tiny_bundle, tmp_path / "no-decoder")))
+    with pytest.raises(Exception, match="carries no tiny decoder"):
+        bare.predict(prompt, params={"decoder": "tiny"})

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.fixtures.tiny_student import tiny_student  # noqa: F401  (fixture)
+from tests.fixtures.tiny_student import tiny_decoder, tiny_student  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +57,10 @@ def test_sample_follows_the_prompt_with_the_models_own_generator(tmp_path, tiny_
     assert grid.width > 2 * 32 and grid.height >= 32
 
 
-def test_sample_from_a_registry_ref(tmp_path, monkeypatch, mlflow_server, tiny_student, tiny_bundle):  # noqa: F811
-    """models:/NAME@ALIAS on a real server: the registered pyfunc's own artifacts are sampled."""
+def test_sample_from_a_registry_ref(tmp_path, monkeypatch, mlflow_server, tiny_student, tiny_bundle,  # noqa: F811
+                                   tiny_decoder):  # noqa: F811
+    """models:/NAME@ALIAS on a real server: the registered pyfunc's own artifacts are sampled, with the bundle
+    VAE by default and with the tiny decoder the version carries under --decoder tiny."""
     from mlflow.tracking import MlflowClient
 
     from tasks import mlflow_model, tracking
@@ -68,13 +70,20 @@ def test_sample_from_a_registry_ref(tmp_path, monkeypatch, mlflow_server, tiny_s
     monkeypatch.setenv("SNAPGEN_MLFLOW_TRACKING_URI", mlflow_server.uri)
     settings = get_settings()
     with tracking.start_run(settings, "register tiny student for sample") as run:
-        source = mlflow_model.log_pyfunc(run, tiny_student, tiny_bundle)
+        source = mlflow_model.log_pyfunc(run, tiny_student, tiny_bundle, decoder=tiny_decoder)
     version = tracking.register_model_version(settings, "snapgen-sample-test", source, run_id=run.run_id)
     MlflowClient(mlflow_server.uri).set_registered_model_alias("snapgen-sample-test", "champion", version)
     ref = _sample(tmp_path, "ref", "--model", "models:/snapgen-sample-test@champion", "--prompt", PROMPT, "--seeds", "3")
     direct = _sample(tmp_path, "direct", "--model", str(tiny_student), "--prompt", PROMPT, "--seeds", "3")
     assert ref["kind"] == "student" and "artifacts/student" in ref["source"]
     assert np.array_equal(_pixels(ref)[0], _pixels(direct)[0])
+    tiny = _sample(tmp_path, "ref-tiny", "--model", "models:/snapgen-sample-test@champion", "--prompt", PROMPT,
+                   "--seeds", "3", "--decoder", "tiny")
+    direct_tiny = _sample(tmp_path, "direct-tiny", "--model", str(tiny_student), "--prompt", PROMPT, "--seeds", "3",
+                          "--decoder", str(tiny_decoder))
+    assert "artifacts/decoder/tiny_decoder.safetensors" in tiny["decoder"]
+    assert np.array_equal(_pixels(tiny)[0], _pixels(direct_tiny)[0])
+    assert not np.array_equal(_pixels(tiny)[0], _pixels(ref)[0])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -101,3 +110,33 @@ def test_student_without_prompt_and_bare_checkpoint_with_prompt_are_refused(tmp_
     assert result.exit_code == 2 and "bare UNet checkpoint" in result.output, result.output
     blind = _sample(tmp_path, "blind", "--model", str(bare), "--seeds", "0")
     assert blind["kind"] == "checkpoint" and blind["decoder"].endswith("decoder.safetensors")
+
+
+def test_sample_with_the_tiny_decoder(tmp_path, tiny_student, tiny_bundle, tiny_decoder):  # noqa: F811
+    """--decoder PATH decodes the student's latents with that TinyDecoder (the phone's decoder), not the VAE."""
+    from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator
+
+    vae = _sample(tmp_path, "vae", "--model", str(tiny_student), "--prompt", PROMPT, "--seeds", "5")
+    tiny = _sample(tmp_path, "tiny", "--model", str(tiny_student), "--prompt", PROMPT, "--seeds", "5",
+                   "--decoder", str(tiny_decoder))
+    assert tiny["decoder"].startswith("tiny decoder") and str(tiny_decoder) in tiny["decoder"]
+    expected = BundleStudentGenerator(tiny_student, tiny_bundle, decoder_path=tiny_decoder)([PROMPT], [5])[0]
+    assert np.array_equal(_pixels(tiny)[0], expected)
+    assert not np.array_equal(_pixels(tiny)[0], _pixels(vae)[0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--decoder", "tiny"], "--decoder tiny:"),                 # a student folder carries no tiny decoder
+    (["--decoder", "/nonexistent/tiny_decoder.safetensors"], "--decoder /nonexistent"),
+    (["--decoder", "STUDENT_UNET"], "expected a TinyDecoder"),  # a checkpoint of another kind
+])
+def test_bad_decoder_choices_name_the_input(tmp_path, tiny_student, extra, message):  # noqa: F811
+    from flows.cli import app
+
+    extra = [str(tiny_student / "unet_ema.safetensors") if e == "STUDENT_UNET" else e for e in extra]
+    result = CliRunner().invoke(app, ["sample", "--model", str(tiny_student), "--prompt", PROMPT, *extra,
+                                      "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["sample", "--decoder", "vae", "--out", str(tmp_path / "y.png")])
+    assert result.exit_code == 2 and "--decoder needs --model" in result.output, result.output
