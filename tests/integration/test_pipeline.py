@@ -127,6 +127,13 @@ def test_champion_loads_as_a_pyfunc_that_follows_prompts(first_run, pipeline_env
     bundle = local_folder(first_run["results"]["teacher"]["bundle_uri"])
     expected = BundleStudentGenerator(local_folder(final["student_uri"]), bundle)(prompts, [7, 8])
     assert np.array_equal(images, expected)
+    # the pipeline's trained tiny decoder travels with the version: params={"decoder": "tiny"} decodes with it
+    from flows.sampling import local_path
+
+    tiny_ckpt = local_path(first_run["results"]["train_decoder"]["checkpoint"])
+    tiny = model.predict(prompts, params={"seed": 7, "decoder": "tiny"})
+    assert np.array_equal(tiny, BundleStudentGenerator(local_folder(final["student_uri"]), bundle,
+                                                       decoder_path=tiny_ckpt)(prompts, [7, 8]))
     # (that prompts change the images is tested on a student whose weights depend on them,
     # tests/integration/test_pyfunc_model.py: a toy-smoke student trained 2 steps from zero init is prompt-blind)
 
