@@ -23,10 +23,14 @@ model's rows from its training seeds are pooled as more images per prompt, so th
 prompt and image variation, not training-seed variation beyond the seeds run (per-seed scores are
 reported beside them). Comparisons are paired (same prompts and noise).
 
-Resumable: every pipeline run and every evaluation is recorded in `<home>/evidence/ledger-<preset>.json`
-when it finishes (with the git commit it was computed at: the report lists them); a rerun with the same home reuses every recorded result, and an interrupted pipeline resumes
-from its stage records and pretraining checkpoints. Keep `--home` (default `<repo>/.evidence`) between
-sessions. Writes the section below into bench/RESULTS.md, the figures into --json
+Resumable: every pipeline run and every evaluation is recorded in the ledger (`--ledger`, default
+`<home>/evidence/ledger-<preset>.json`) when it finishes, with the git commit it was computed at (the report
+lists them); a rerun reuses every recorded result, and an interrupted pipeline resumes from its stage records
+and pretraining checkpoints. Each student's evaluations run right after its pipeline, and an evaluation keeps
+the images the grid shows beside the ledger (`<ledger folder>/pictures/`), so a ledger alone carries a
+finished piece: with `--ledger bench/evidence/ledger-toy.json` committed after each piece, the evidence is
+built over sessions on fresh machines (a piece cut off mid-way reruns from its start there). Keep `--home`
+(default `<repo>/.evidence`) between sessions on one machine. Writes the section below into bench/RESULTS.md, the figures into --json
 (default bench/toy_evidence.json) and a sample grid into bench/evidence/.
 """
 from __future__ import annotations
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompts-per-task", type=int, default=0, help="prompts per GenEval task (0 = all)")
     p.add_argument("--replicates", type=int, default=4000, help="bootstrap replicates per interval")
     p.add_argument("--home", default=str(ROOT / ".evidence"), help="SNAPGEN_HOME of the run (keep it to resume)")
+    p.add_argument("--ledger", default="", help="the finished pieces' record (default <home>/evidence/ledger-"
+                   "<preset>.json); commit it, e.g. bench/evidence/ledger-toy.json, to resume on another machine")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"), help="results file (section replaced)")
     p.add_argument("--json", dest="json_out", default=str(ROOT / "bench" / "toy_evidence.json"),
                    help="the figures as JSON ('' = none)")
@@ -159,9 +165,18 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> lis
     return out + list(args.overrides)
 
 
+def pipeline_key(preset: str, overrides: list[str]) -> str:
+    """A pipeline run's ledger key: the preset, the overrides and the teacher they resolve to (a preset that
+    moves to another shipped teacher does not reuse students distilled from the old one)."""
+    from flows.pipeline_config import build_config
+
+    teacher = build_config(preset, overrides).teacher
+    return _key(["pipeline", preset, teacher.release or teacher.bundle_uri or "bootstrap", overrides])
+
+
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:
     overrides = pipeline_overrides(args, variant, seed)
-    key, label = _key(["pipeline", preset, overrides]), f"pipeline {variant} seed {seed}"
+    key, label = pipeline_key(preset, overrides), f"pipeline {variant} seed {seed}"
     done = ledger.get(key, label)
     if done is not None:
         return done
@@ -218,12 +233,28 @@ def evaluate(args: argparse.Namespace, ledger: Ledger, model: str, label: str, *
         reference_rows=False))
     folder = result["folders"]["shapes"]
     g = result["benchmarks"]["geneval"]
+    pictures = keep_pictures(folder, ledger.path.parent / "pictures" / key)
     record = {"label": label, "model": model, "folder": folder, "sampler": result["generation"].get("sampler"),
+              "pictures": {str(i): dict(v, file=os.path.relpath(v["file"], ledger.path.parent))
+                           for i, v in pictures.items()},
               "overall": g.get("overall"), "splits": g.get("splits"), "exact": (g.get("exact_count") or {}).get("overall"),
               "tasks": g.get("tasks"), "rows": read_results(Path(folder) / "results.jsonl"),
               "base_seed": base_seed, "seconds": round(time.perf_counter() - started, 1), "code": code_version()}
     print(f"{label}: toy-GenEval {record['overall']:.3f} ({record['seconds']:.0f} s)", flush=True)
     return ledger.put(key, label, record)
+
+
+def prompt_splits_of(ledger: Ledger, teacher_uri: str) -> dict[str, str]:
+    """Seen / held-out label of every toy prompt (the teacher bundle's world), recorded like a piece so a
+    finished ledger needs no bundle on this machine."""
+    key = _key(["splits", teacher_uri])
+    done = ledger.get(key, "prompt splits")
+    if done is not None:
+        return done
+    from snapgen_model.evaluation.toy_reference import prompt_splits
+    from tasks.evaluate import resolve_model, toy_world
+
+    return ledger.put(key, "prompt splits", prompt_splits(toy_world(resolve_model(teacher_uri), {})))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -276,14 +307,50 @@ def summarise(rows: list[dict[str, Any]], splits: dict[str, str], args: argparse
 
 # ----------------------------------------------------------------------------- pictures
 
-def grid_picture(columns: list[tuple[str, dict[str, Any]]], path: Path, per_task: int = 2) -> Path:
-    """Rows = models (teacher first), columns = prompts (`per_task` per GenEval task); image 0 of each
-    prompt, the caption under each column and the model's name left of each row."""
-    from PIL import Image, ImageDraw, ImageFont
+GRID_PER_TASK = 2
+
+
+def keep_pictures(folder: str | Path, dest: Path, per_task: int = GRID_PER_TASK) -> dict[int, dict[str, Any]]:
+    """Copy image 0 of the first `per_task` prompts of every GenEval task of an evaluation folder into `dest`
+    (what the grid shows), so a ledger carries its pictures to another machine. index -> prompt, tag, file."""
+    import shutil
 
     from snapgen_model.evaluation.geneval import iter_prompt_folders
 
-    first = {i: (m, paths) for i, m, paths in iter_prompt_folders(columns[0][1]["folder"])}
+    kept, per_tag = {}, {}
+    for index, meta, paths in iter_prompt_folders(folder):
+        tag = str(meta.get("tag"))
+        if not paths or per_tag.get(tag, 0) >= per_task:
+            continue
+        per_tag[tag] = per_tag.get(tag, 0) + 1
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / f"{index:05d}.png"
+        shutil.copyfile(paths[0], target)
+        kept[index] = {"prompt": meta.get("prompt", ""), "tag": tag, "file": str(target)}
+    return kept
+
+
+def _pictures(rec: dict[str, Any], base: Path) -> dict[int, tuple[dict[str, Any], Path | None]]:
+    """index -> (metadata, image 0) of a record: its kept pictures (resolved against the ledger folder `base`),
+    else its evaluation folder when this machine still has it."""
+    if rec.get("pictures"):
+        return {int(i): ({"prompt": v["prompt"], "tag": v["tag"]}, base / v["file"])
+                for i, v in rec["pictures"].items()}
+    from snapgen_model.evaluation.geneval import iter_prompt_folders
+
+    folder = Path(rec.get("folder") or "")
+    if not folder.is_dir():
+        return {}
+    return {i: (m, paths[0] if paths else None) for i, m, paths in iter_prompt_folders(folder)}
+
+
+def grid_picture(columns: list[tuple[str, dict[str, Any]]], path: Path, base: Path,
+                 per_task: int = GRID_PER_TASK) -> Path:
+    """Rows = models (teacher first), columns = prompts (`per_task` per GenEval task); image 0 of each
+    prompt, the caption under each column and the model's name left of each row. `base`: the ledger's folder."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    first = _pictures(columns[0][1], base)
     chosen, seen_tasks = [], {}
     for index, (meta, _) in sorted(first.items()):
         tag = str(meta.get("tag"))
@@ -295,14 +362,14 @@ def grid_picture(columns: list[tuple[str, dict[str, Any]]], path: Path, per_task
     img = Image.new("RGB", (label_w + size * len(chosen), (size + 4) * len(columns) + caption_h), "white")
     draw = ImageDraw.Draw(img)
     for r, (name, rec) in enumerate(columns):
-        folders = {i: paths for i, _, paths in iter_prompt_folders(rec["folder"])}
+        pics = _pictures(rec, base)
         y = r * (size + 4)
         draw.text((4, y + size // 2 - 14), _wrap(name, 22), fill="black", font=font)
         for c, (index, _) in enumerate(chosen):
-            paths = folders.get(index) or []
-            if paths:
-                img.paste(Image.open(paths[0]).convert("RGB").resize((size, size), Image.NEAREST),
-                          (label_w + c * size, y))
+            picture = (pics.get(index) or ({}, None))[1]
+            if picture is not None and picture.is_file():
+                with Image.open(picture) as im:
+                    img.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (label_w + c * size, y))
     y = len(columns) * (size + 4)
     for c, (_, meta) in enumerate(chosen):
         draw.text((label_w + c * size + 2, y + 2), _wrap(str(meta.get("prompt", "")), 15), fill="black", font=font)
@@ -342,11 +409,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = args.preset if args.preset != "auto" else ("toy-gpu" if device.type == "cuda" else "toy")
     home = Path(args.home).resolve()
     os.environ["SNAPGEN_HOME"] = str(home)
-    ledger = Ledger(home / "evidence" / f"ledger-{preset}.json")
+    ledger = Ledger(Path(args.ledger).resolve() if args.ledger else home / "evidence" / f"ledger-{preset}.json")
     plan = [(v, s) for s in args.seed_list for v in VARIANTS]
     if args.status:
         for v, s in plan:
-            key = _key(["pipeline", preset, pipeline_overrides(args, v, s)])
+            key = pipeline_key(preset, pipeline_overrides(args, v, s))
             print(f"pipeline {v} seed {s}: {'finished' if key in ledger.entries else 'to do'}")
         print(f"{len(ledger.entries)} finished pieces recorded in {ledger.path}")
         return {}
@@ -357,13 +424,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     prefect_env_defaults(get_settings())
     started = time.perf_counter()
-    runs = {(v, s): run_pipeline(args, ledger, preset, v, s) for v, s in plan}
-
-    # evaluations: the teacher; every student at its own sampler; the scaled students swept
-    teacher_uri = runs[plan[0]]["teacher"]
-    evals: dict[str, Any] = {"teacher": evaluate(args, ledger, teacher_uri, "teacher", seed=args.seed_list[0])}
+    # each student's pipeline, then at once its evaluations (a finished piece needs no model afterwards):
+    # the teacher after the first run; every student at its own sampler; the scaled students swept
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    evals: dict[str, Any] = {}
     few = args.few_steps
-    for (v, s), run in runs.items():
+    for v, s in plan:
+        runs[(v, s)] = run = run_pipeline(args, ledger, preset, v, s)
+        if "teacher" not in evals:
+            evals["teacher"] = evaluate(args, ledger, run["teacher"], "teacher", seed=args.seed_list[0])
+            splits = prompt_splits_of(ledger, run["teacher"])
         evals[f"{v}/{s}/full"] = evaluate(args, ledger, run["pretrained"], f"{v} seed {s}, full steps", seed=s)
         if v != "scaled":
             continue
@@ -379,10 +449,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args, ledger, run["distilled"], f"scaled seed {s}, distilled {few}-step, guidance {g:g}",
                     seed=s, steps=few, guidance=g, sampler="few_step")
 
-    from tasks.evaluate import resolve_model, toy_world
-    from snapgen_model.evaluation.toy_reference import prompt_splits
-
-    splits = prompt_splits(toy_world(resolve_model(teacher_uri), {}))
     seeds = args.seed_list
 
     def pool(fmt_key: str) -> list[dict[str, Any]]:
@@ -468,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cols.append((f"undistilled {few}-step g{b_und[0]}", evals[f"scaled/{seeds[0]}/undistilled{few}/g{b_und[0]}"]))
         if b_dis:
             cols.append((f"distilled {few}-step g{b_dis[0]}", evals[f"scaled/{seeds[0]}/distilled/g{b_dis[0]}"]))
-        grid = grid_picture(cols, Path(args.grid))
+        grid = grid_picture(cols, Path(args.grid), ledger.path.parent)
         rel = os.path.relpath(grid, Path(args.out).parent)
         lines += [f"![teacher above the students, caption under each column]({rel})", "",
                   "Rows: teacher, the three students (first seed), the undistilled and distilled few-step samples at "

@@ -67,3 +67,34 @@ def test_status_lists_finished_and_missing_pipelines_without_computing(evidence,
     assert out.count(": finished") == 3 and "to do" not in out
     mod.main([*argv, "--status", "--seeds", "0,1"])
     assert capsys.readouterr().out.count("to do") == 3  # seed 1: three pipelines not run yet
+
+
+def test_a_committed_ledger_alone_finishes_the_report_on_a_fresh_machine(evidence):
+    """The ledger and the pictures kept beside it are all a finished piece needs: with the run's home gone
+    (models, evaluation folders, stage records: a fresh machine), a rerun from a copied ledger computes
+    nothing, reports the same figures and still draws every model's pictures into the grid."""
+    import shutil
+
+    from PIL import Image
+
+    mod, argv, tmp, first = evidence["module"], evidence["argv"], evidence["tmp"], evidence["first"]
+    home = tmp / "home"
+    moved = tmp / "committed"
+    shutil.copytree(home / "evidence", moved)
+    assert any((moved / "pictures").rglob("*.png"))
+    gone = tmp / "home-elsewhere"
+    home.rename(gone)
+    try:
+        again = mod.main([*argv, "--ledger", str(moved / "ledger-toy-smoke.json"), "--grid", str(tmp / "grid2.png"),
+                          "--json", "", "--out", str(tmp / "RESULTS2.md")])
+        assert not home.exists() or not any(home.rglob("*.safetensors"))  # nothing was retrained
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        gone.rename(home)
+    assert again["computed"] == [] and again["stats"] == first["stats"]
+    with Image.open(tmp / "grid2.png") as grid:
+        rgb = grid.convert("RGB")
+        size, label_w = 96, 150
+        for row in range(6):  # teacher, three students, undistilled and distilled few-step
+            cell = rgb.crop((label_w, row * (size + 4), label_w + size, row * (size + 4) + size))
+            assert cell.getextrema() != ((255, 255), (255, 255), (255, 255)), f"row {row} has no picture"
