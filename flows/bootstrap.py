@@ -84,7 +84,7 @@ def bootstrap_teacher_flow(preset: str = "toy", overrides: list[str] | None = No
 
 
 @flow(name="register-teacher-release", log_prints=True)
-def register_teacher_release_flow(name: str = "toy-teacher/v1") -> dict[str, Any]:
+def register_teacher_release_flow(name: str = "toy-teacher/v2") -> dict[str, Any]:
     """Use a shipped teacher release instead of training one: verify its checksums, publish it to
     `<storage root>/teachers/<config hash>/` unless storage already holds that exact bundle, and register
     it as a version of `snapgen-toy-teacher` unless one of that config exists. Returns the same fields

@@ -145,10 +145,10 @@ PRESETS: dict[str, list[str]] = {
         "promotion.demo_thresholds=true",
     ],
     "toy": [
-        # the demo's teacher: the shipped release (releases/toy-teacher/v1, trained once with the toy-release
+        # the demo's teacher: the shipped release (releases/toy-teacher/v2, trained once with the toy-release
         # recipe), verified and registered instead of trained. `--set teacher.release=null` trains one from
         # scratch instead: the `toy` bootstrap with a budget that fits the demo (step-starved on 2 cores).
-        "teacher.release=toy-teacher/v1",
+        "teacher.release=toy-teacher/v2",
         "teacher.bootstrap_preset=toy",
         "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
         "curate.scenes=4000",

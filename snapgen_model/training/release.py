@@ -28,7 +28,7 @@ from snapgen_model.training.bootstrap_bundle import BUNDLE_FILE, load_bundle, re
 RELEASES_DIR = Path(__file__).resolve().parents[2] / "releases"
 INDEX_FILE = "index.json"
 CARD_FILE = "MODEL_CARD.md"
-DEFAULT_RELEASE = "toy-teacher/v1"
+DEFAULT_RELEASE = "toy-teacher/v2"
 MAX_RELEASE_BYTES = 25 * 1024 * 1024  # issue 14: a shipped toy teacher is at most 25 MB
 
 

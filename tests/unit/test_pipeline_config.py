@@ -108,7 +108,7 @@ def test_the_toy_demo_uses_the_shipped_teacher_and_scores_every_prompt():
     from snapgen_model.training.release import verify_release
 
     cfg = build_config("toy")
-    assert cfg.teacher.release == "toy-teacher/v1"
+    assert cfg.teacher.release == "toy-teacher/v2"
     verify_release(cfg.teacher.release)  # the repository's release: every sha256 checks out
     validate_stage_configs(cfg)
     assert cfg.evaluate.options["max_prompts_per_task"] == 0 and cfg.evaluate.options["images_per_prompt"] >= 2
