@@ -30,8 +30,8 @@ and pretraining checkpoints. Each student's evaluations run right after its pipe
 the images the grid shows beside the ledger (`<ledger folder>/pictures/`), so a ledger alone carries a
 finished piece: with `--ledger bench/evidence/ledger-toy.json` committed after each piece, the evidence is
 built over sessions on fresh machines (a piece cut off mid-way reruns from its start there). Keep `--home`
-(default `<repo>/.evidence`) between sessions on one machine. Writes the section below into bench/RESULTS.md, the figures into --json
-(default bench/toy_evidence.json) and a sample grid into bench/evidence/.
+(default `<repo>/.evidence`) between sessions on one machine. Writes the section below into bench/RESULTS.md,
+the figures into --json (default bench/toy_evidence.json) and a sample grid into bench/evidence/.
 """
 from __future__ import annotations
 
@@ -310,6 +310,18 @@ def summarise(rows: list[dict[str, Any]], splits: dict[str, str], args: argparse
 GRID_PER_TASK = 2
 
 
+def first_per_task(items, per_task: int = GRID_PER_TASK) -> list:
+    """The grid's prompts: of (index, metadata, ...) items in index order, the first `per_task` of each
+    GenEval task (metadata `tag`)."""
+    chosen, per_tag = [], {}
+    for item in sorted(items, key=lambda it: it[0]):
+        tag = str(item[1].get("tag"))
+        if per_tag.get(tag, 0) < per_task:
+            per_tag[tag] = per_tag.get(tag, 0) + 1
+            chosen.append(item)
+    return chosen
+
+
 def keep_pictures(folder: str | Path, dest: Path, per_task: int = GRID_PER_TASK) -> dict[int, dict[str, Any]]:
     """Copy image 0 of the first `per_task` prompts of every GenEval task of an evaluation folder into `dest`
     (what the grid shows), so a ledger carries its pictures to another machine. index -> prompt, tag, file."""
@@ -317,16 +329,12 @@ def keep_pictures(folder: str | Path, dest: Path, per_task: int = GRID_PER_TASK)
 
     from snapgen_model.evaluation.geneval import iter_prompt_folders
 
-    kept, per_tag = {}, {}
-    for index, meta, paths in iter_prompt_folders(folder):
-        tag = str(meta.get("tag"))
-        if not paths or per_tag.get(tag, 0) >= per_task:
-            continue
-        per_tag[tag] = per_tag.get(tag, 0) + 1
+    kept = {}
+    for index, meta, paths in first_per_task([it for it in iter_prompt_folders(folder) if it[2]], per_task):
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / f"{index:05d}.png"
         shutil.copyfile(paths[0], target)
-        kept[index] = {"prompt": meta.get("prompt", ""), "tag": tag, "file": str(target)}
+        kept[index] = {"prompt": meta.get("prompt", ""), "tag": str(meta.get("tag")), "file": str(target)}
     return kept
 
 
@@ -350,13 +358,8 @@ def grid_picture(columns: list[tuple[str, dict[str, Any]]], path: Path, base: Pa
     prompt, the caption under each column and the model's name left of each row. `base`: the ledger's folder."""
     from PIL import Image, ImageDraw, ImageFont
 
-    first = _pictures(columns[0][1], base)
-    chosen, seen_tasks = [], {}
-    for index, (meta, _) in sorted(first.items()):
-        tag = str(meta.get("tag"))
-        if seen_tasks.get(tag, 0) < per_task:
-            seen_tasks[tag] = seen_tasks.get(tag, 0) + 1
-            chosen.append((index, meta))
+    chosen = [(i, meta) for i, meta, _ in first_per_task(
+        [(i, meta, pic) for i, (meta, pic) in _pictures(columns[0][1], base).items()], per_task)]
     size, label_w, caption_h = 96, 150, 54
     font = ImageFont.load_default()
     img = Image.new("RGB", (label_w + size * len(chosen), (size + 4) * len(columns) + caption_h), "white")
