@@ -12,7 +12,9 @@
    Each variant runs in its own process (the allocator setting and thread count are process-wide).
    Variants: the setting of the 2026-11-26 measurement (fp32, 1 thread, batch 16), the fp32
    baseline at 2 threads, then the levers added one at a time (allocator, bf16 autocast, channels_last,
-   fused AdamW, torch.compile), and the adopted product setting with each lever taken out again.
+   fused AdamW, torch.compile), the adopted product setting with each lever taken out again, and
+   the toy preset's online KD (the shipped teacher run each step, one student row per image) at
+   batch 32 and 128, and with torch.compile.
 2. Tolerance. `fit` itself for --tolerance-steps steps on a cache with learnable structure (targets
    are a fixed function of the latent, so the loss falls): fp32 seed 0, fp32 seed 1 (the run-to-run
    spread) and the product setting seed 0. The product setting passes when its mean loss over the last
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 SECTION = "## Student step on CPU (bench/student_speed.py)"
 # name -> settings: threads, batch, allocator, precision, channels_last, fused AdamW, compile
 BEFORE = {"threads": 1, "batch": 16, "allocator": False, "precision": "32-true", "channels_last": False,
-          "fused": False, "compile": False}
+          "fused": False, "compile": False, "mode": "cached"}
 BASE = BEFORE | {"threads": 2, "batch": 0}  # batch 0 = --batch
 PRODUCT = BASE | {"allocator": True, "precision": "bf16-mixed"}
 VARIANTS = {
@@ -50,7 +52,13 @@ VARIANTS = {
     "product + torch.compile": PRODUCT | {"compile": True},
     "product without the allocator": PRODUCT | {"allocator": False},
     "allocator + channels_last, fp32": BASE | {"allocator": True, "channels_last": True},
+    # online KD (the toy preset since 2026-12-06): the shipped teacher runs each step on the task term's own
+    # (t, noise), so one student forward serves the task and both KD terms (cached: two rows per image)
+    "product, online teacher": PRODUCT | {"mode": "online"},
+    "product, online teacher, batch 128": PRODUCT | {"mode": "online", "batch": 128},
+    "product, online teacher, batch 128 + torch.compile": PRODUCT | {"mode": "online", "batch": 128, "compile": True},
 }
+TEACHER = ROOT / "releases" / "toy-teacher" / "v2"  # the online variants' teacher (its transformer)
 
 LATENT, TOKENS, WIDTH, POOLED, K, FEAT_TOKENS, FEAT_DIM = 16, 16, 128, 128, 8, 64, 128
 
@@ -115,7 +123,7 @@ def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed
     from snapgen_model.distill.cache import CacheConfig
     from snapgen_model.presets import get_preset
     from snapgen_model.training import cpu
-    from snapgen_model.training.pretrain import PretrainConfig, fit
+    from snapgen_model.training.pretrain import PretrainConfig, fit, online_teacher
 
     if not settings["allocator"]:
         cpu._tuned = False  # the bench's "off" switch: tune_allocator() then reports False and changes nothing
@@ -126,10 +134,12 @@ def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed
         "precision": settings["precision"], "channels_last": settings["channels_last"],
         "compile": settings["compile"], "fused_optimizer": settings["fused"], "seed": seed, "warmup_steps": min(50, steps // 10),
         "kd": {"combine": "scaled", "feature_kd": True}})
+    cfg = cfg.with_overrides([f"mode={settings.get('mode', 'cached')}"])
+    teacher = online_teacher(cfg, TEACHER) if cfg.mode == "online" else None
     clock = _clock()
     with tempfile.TemporaryDirectory(prefix="student-speed-") as root:
         fit(get_preset(preset_name), cfg, data, CacheConfig(targets_per_sample=K, store_features=True), root,
-            callbacks=[clock])
+            teacher=teacher, callbacks=[clock])
     return clock
 
 
@@ -207,8 +217,10 @@ def main() -> None:
              f"Preset `{args.preset}`: one pretraining step through `training.pretrain.fit` (Lightning; task + output KD "
              f"+ feature KD, timestep-aware scaling; AdamW, gradient clip, EMA of UNet + conditioner), median of "
              f"{args.steps} step intervals after {args.warmup} untimed steps; each variant in its own process; "
-             "speed-up against the fp32 2-thread baseline. Each image is two UNet rows (the cached KD pair and a "
-             "fresh task pair in one batched forward, since issue 14), so rows/s is twice images/s.", "",
+             "speed-up against the fp32 2-thread baseline. Cached variants: each image is two UNet rows (the cached KD "
+             "pair and a fresh task pair in one batched forward, since issue 14), so rows/s is twice images/s. Online "
+             f"variants: the shipped teacher ({TEACHER.relative_to(ROOT)}) runs on each step's own (t, noise), and "
+             "one UNet row per image serves the task and both KD terms (the toy preset's setting).", "",
              markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up", "spread"], rows), ""]
     if not args.skip_tolerance:
         tol = run_child(args, "tolerance")

@@ -51,6 +51,7 @@ from bench.common import command_line, device_name, now_utc, replace_section, re
 
 HEADING = "## Toy evidence: teacher, KD ablation, few-step distillation (bench/toy_evidence.py)"
 VARIANTS = ("task_only", "weighted", "scaled")
+RUN_ORDER = ("scaled", "task_only", "weighted")  # the paper's student first: the first piece says whether KD learns
 LEDGER_VERSION = 1
 
 
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     home = Path(args.home).resolve()
     os.environ["SNAPGEN_HOME"] = str(home)
     ledger = Ledger(Path(args.ledger).resolve() if args.ledger else home / "evidence" / f"ledger-{preset}.json")
-    plan = [(v, s) for s in args.seed_list for v in VARIANTS]
+    plan = [(v, s) for s in args.seed_list for v in RUN_ORDER]
     if args.status:
         for v, s in plan:
             key = pipeline_key(preset, pipeline_overrides(args, v, s))

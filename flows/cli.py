@@ -8,8 +8,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import typer
-from rich.console import Console
+from flows.console import quiet_environment
+
+quiet_environment()  # before anything imports tqdm (building the commands below imports torch)
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 from flows.cli_checks import (BadInput, SnapgenGroup, check_storage_access, check_storage_uri, preset_option,
                               settings_or_fail)

@@ -1,6 +1,9 @@
 """What the `snapgen` command prints: known third-party noise goes to `<home>/logs/console.log`, the rest stays.
 
-Called once by the CLI's top-level callback, before any command imports Prefect, torch or diffusers.
+`configure_console` is called once by the CLI's top-level callback, before any command imports Prefect
+or diffusers; loggers that already exist by then (building the command line imports torch, and a library
+may come with it) get a filter on their handlers. `quiet_environment` runs when the CLI module is
+imported, since tqdm reads its switch at its own import.
 Only notices known to be noise are moved (matched by logger and text, or by warning text); anything
 else, an unexpected warning or an error, still reaches the console. ``--verbose`` moves nothing and
 turns on debug logs; ``--quiet`` keeps warnings, errors and the result.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +24,7 @@ LOG_NAME = "console.log"
 # logger name -> notices from it (regex, searched in the message) that are noise on a console
 NOISY_LOGGERS: dict[str, tuple[str, ...]] = {
     "diffusers": (r"`accelerate` was not found", r"low_cpu_mem_usage", r"float32", r"upcast"),
-    "transformers": (r"`accelerate`", r"float32", r"torch_dtype"),
+    "transformers": (r"`accelerate`", r"float32", r"torch_dtype", r"`loss_type="),
     "lightning.pytorch.utilities.rank_zero": (r"available:", r"Tip:", r"litlogger", r"`Trainer.fit` stopped",
                                               r"LOCAL_RANK", r"Trainer already configured"),
     "lightning.fabric.utilities.rank_zero": (r"available:", r"Tip:", r"Seed set"),
@@ -29,7 +33,7 @@ NOISY_LOGGERS: dict[str, tuple[str, ...]] = {
     "mlflow.tracking.fluent": (r"System metrics", r"Autologging"),
     "alembic": (r".",),
     "coremltools": (r"not been tested", r"untested", r"libcoremlpython", r"_MLModelProxy", r"int64", r"int32",
-                    r"fp64 dtype", r"scikit-learn", r"Tensorflow", r"TensorFlow"),
+                    r"fp64 dtype", r"scikit-learn", r"Tensorflow", r"TensorFlow", r"Tuple detected at graph output"),
 }
 # Python warnings (message text, regex) that are noise: Lightning's notes on our deliberate choices,
 # deprecations inside third-party code, coremltools' version notes
@@ -119,6 +123,40 @@ def _showwarning(message: Any, category: type[Warning], filename: str, lineno: i
     _state["showwarning"](message, category, filename, lineno, file, line)
 
 
+class _NoiseFilter(logging.Filter):
+    """On the handlers of loggers that existed before :func:`configure_console` (a library imported
+    earlier, e.g. transformers with its own stderr handler): known noise goes to the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and _is_noise(record.name, record.getMessage()):
+            if _state["handler"] is not None:
+                _state["handler"].handle(record)
+            return False
+        return True
+
+
+def _filter_existing_loggers() -> None:
+    noise = _NoiseFilter()
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+                                       if any(name == p or name.startswith(p + ".") for p in NOISY_LOGGERS)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _NoiseFilter) for f in handler.filters):
+                handler.addFilter(noise)
+
+
+def quiet_environment(argv: list[str] | None = None) -> None:
+    """Turn off third-party progress bars (:data:`QUIET_ENV`) unless the command line asks for --verbose.
+    Called when the CLI module is imported: tqdm reads ``TQDM_DISABLE`` when it is first imported, and
+    building the command line already imports torch (and tqdm with it), before the CLI callback runs.
+    A value the user exported wins."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-v", "--verbose") for a in argv):
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def drop_empty_prefect_env() -> None:
     """Unset ``PREFECT_API_URL`` / ``PREFECT_API_KEY`` when exported empty (``export PREFECT_API_URL=``).
 
@@ -148,6 +186,7 @@ def configure_console(verbosity: Verbosity = "normal") -> None:
     if _state["handler"] is None:
         _state["handler"] = _LazyFileHandler()
         logging.setLoggerClass(_RoutingLogger)  # the libraries create their loggers when first imported
+    _filter_existing_loggers()  # and those created before this call
         _state["showwarning"] = warnings.showwarning
         warnings.showwarning = _showwarning
 

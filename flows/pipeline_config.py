@@ -151,9 +151,14 @@ PRESETS: dict[str, list[str]] = {
         "teacher.release=toy-teacher/v2",
         "teacher.bootstrap_preset=toy",
         "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
-        "curate.scenes=4000",
-        # the teacher's time goes to the students; every toy prompt x 2 images for every model
-        "pretrain.train=[\"steps=800\", \"batch_size=32\"]",
+        "curate.scenes=8000",
+        # the teacher's time goes to the students. KD runs online: the teacher (8x cheaper per image than the
+        # student's step on this CPU) gives every step fresh (t, noise) targets for the task and both KD terms
+        # on one student forward, so the cache holds latents and text states only (no targets to cache)
+        "cache.overrides=[\"targets_per_sample=0\", \"store_features=false\"]",
+        "pretrain.train=[\"steps=500\", \"batch_size=128\", \"lr=0.002\", \"warmup_steps=100\", \"mode=online\", "
+        "\"precision=bf16-mixed\"]",
+        # every toy prompt x 2 images for every model
         "evaluate.options={\"images_per_prompt\": 2, \"max_prompts_per_task\": 0, \"fid_images\": 64, "
         "\"fid_reference_images\": 64}",
         "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]", "promotion.demo_thresholds=true",

@@ -16,7 +16,7 @@ from prefect import task
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
-from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
+from snapgen_model.training.pretrain import PretrainConfig, fit, online_teacher, save_student
 from snapgen_model.training.stream import ShardSource, StreamData
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
@@ -195,8 +195,9 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
             # previews render text prompts: none for a class-conditional student
             preview = (preview_callback(cache_manifest, student_preset, run, cfg.sample_every)
                        if student_preset.unet.conditioning == "text" else None)
+            teacher = online_teacher(cfg, teacher_folder(cfg, cache_manifest), cache_manifest.get("feature_layers", [-1]))
             result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
-                         state_root, loggers=[lightning_logger(settings, run.run_id)],
+                         state_root, teacher=teacher, loggers=[lightning_logger(settings, run.run_id)],
                          upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
                          callbacks=[preview] if preview else [])
             module = result.pop("module", None)
@@ -243,12 +244,24 @@ def write_student_card(store: Storage, folder_uri: str, cache_manifest: dict[str
     return folder_uri
 
 
+def teacher_folder(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> str | None:
+    """The local teacher bundle an online run loads (the one the cache was made with); None when cached."""
+    if cfg.mode != "online":
+        return None
+    uri = cache_manifest.get("bundle_uri")
+    if not uri:
+        raise ValueError("pretrain.mode=online runs the teacher each step, but this cache names no teacher bundle "
+                         "(its manifest has no bundle_uri): cache with a teacher, or use pretrain.mode=cached")
+    return str(local_folder(uri))
+
+
 def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None) -> dict[str, Any]:
     """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
                 "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
-                "result_path": os.path.join(tmp, "result.json")}
+                "result_path": os.path.join(tmp, "result.json"),
+                "teacher_folder": teacher_folder(cfg, manifest), "feature_layers": manifest.get("feature_layers", [-1])}
         if stage_caches:
             spec["stage_caches"] = stage_caches
         if cfg.data == "stream":  # each rank streams through the storage layer

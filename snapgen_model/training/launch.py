@@ -3,7 +3,8 @@
 Lightning's DDP launcher re-executes this command once per local rank, and torchrun or a
 Kubernetes Job runs it once per node (see docs/training.md), so multi-process and multi-node runs
 go through the same code as the in-process call. The spec is plain JSON (no pickles):
-{preset, overrides, pretrain, cache, cache_dir, encoders, state_root, result_path}.
+{preset, overrides, pretrain, cache, cache_dir, encoders, state_root, result_path}, and for an
+online run (`pretrain.mode=online`) the teacher bundle's local folder and feature layers.
 
 With `pretrain.data = "stream"` the shards are streamed from `cache_dir` (a local folder), or, when
 the spec names `stream_source` ("module:function", called with `cache_uri`, returning a
@@ -19,7 +20,7 @@ from pathlib import Path
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
-from snapgen_model.training.pretrain import PretrainConfig, fit
+from snapgen_model.training.pretrain import PretrainConfig, fit, online_teacher
 from snapgen_model.training.stream import ShardSource, StreamData
 
 
@@ -46,7 +47,9 @@ def run(spec: dict) -> dict:
     preset = get_preset(spec["preset"], spec.get("overrides", []))
     cfg = PretrainConfig.from_dict(spec["pretrain"])
     data = training_data(spec, cfg)
-    result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], resume=spec.get("resume", "latest"))
+    teacher = online_teacher(cfg, spec.get("teacher_folder"), spec.get("feature_layers", [-1]))
+    result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], teacher=teacher,
+                 resume=spec.get("resume", "latest"))
     module = result.pop("module", None)
     if module is not None and module.global_rank == 0 and spec.get("result_path"):
         run_cache = data[""] if isinstance(data, dict) else data

@@ -497,6 +497,23 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
             "kd_levels_warning": module.kd_levels_warning}
 
 
+def online_teacher(cfg: PretrainConfig, bundle_folder, feature_layers=(-1,)):
+    """The frozen teacher an online run needs (`cfg.mode == "online"`), loaded from the local bundle
+    folder the cache was made with (capturing `feature_layers`, as the cache's manifest names them);
+    None for a cached run. A missing folder is named, not a deep load error."""
+    from pathlib import Path
+
+    from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
+
+    if cfg.mode != "online":
+        return None
+    if not bundle_folder or not Path(bundle_folder).is_dir():
+        raise ValueError(f"pretrain.mode=online runs the teacher each step, and its bundle folder {bundle_folder!r} "
+                         "does not exist: cache with a teacher bundle (the cache manifest's bundle_uri), or use "
+                         "pretrain.mode=cached")
+    return SD3Teacher.from_pretrained(TeacherConfig(path=str(bundle_folder), feature_layers=tuple(feature_layers)))
+
+
 def save_conditioner(conditioner: TextConditioner, path) -> str:
     """A TextConditioner as safetensors (encoder widths and config in its metadata; `load_conditioner`)."""
     from safetensors.torch import save_file

@@ -157,3 +157,40 @@ def test_pretrain_flow_on_cached_targets(env, tiny_bundle, prefect_harness, mlfl
     assert {"unet_raw", "conditioner_raw"} <= set(result["student"])
     again = pretrain_flow(params)  # resumes at the final checkpoint: nothing left to train
     assert again["step"] == 4
+
+
+def test_pretrain_flow_online_teacher_on_a_cache_without_targets(env, tiny_bundle, prefect_harness, mlflow_server):
+    """pretrain.mode=online: the flow loads the cache's teacher bundle and KD runs from it (output + feature)
+    on a cache that holds no targets; the same cache in cached mode has no KD at all (the levels differ)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pretrain import PretrainParams, pretrain_flow
+
+    ds = f"file://{env}/ds5"
+    curate(ds, count=8, per_shard=8)
+    cache = run(ds, tiny_bundle, overrides=["targets_per_sample=0", "store_features=false"], track=False)
+    base = ["steps=2", "batch_size=4", "log_every=1", "accelerator=cpu"]
+
+    def params(mode: str) -> PretrainParams:
+        return PretrainParams(cache_uri=cache["uri"], preset="toy-smoke",
+                              overrides=["unet.context_dim=32", "unet.pooled_dim=32"], pretrain=[*base, f"mode={mode}"])
+
+    online = pretrain_flow(params("online"))
+    assert online["step"] == 2 and online["kd_levels"] == "output+feature"
+    tags = MlflowClient(mlflow_server.uri).get_run(online["mlflow_run_id"]).data.tags
+    assert "online teacher" in tags["snapgen.kd_levels_note"]
+    history = MlflowClient(mlflow_server.uri).get_metric_history(online["mlflow_run_id"], "loss/out")
+    assert history and all(m.value > 0 for m in history)
+    assert pretrain_flow(params("cached"))["kd_levels"] == "none"
+
+
+def test_online_pretraining_names_a_missing_teacher(tmp_path):
+    from snapgen_model.training.pretrain import PretrainConfig, online_teacher
+    from tasks.pretrain import teacher_folder
+
+    online = PretrainConfig(mode="online")
+    assert online_teacher(PretrainConfig(), None) is None and teacher_folder(PretrainConfig(), {}) is None
+    with pytest.raises(ValueError, match="names no teacher bundle"):
+        teacher_folder(online, {"key": "k"})
+    with pytest.raises(ValueError, match=r"bundle folder .*gone.* does not exist"):
+        online_teacher(online, tmp_path / "gone")

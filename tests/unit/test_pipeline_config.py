@@ -113,3 +113,19 @@ def test_the_toy_demo_uses_the_shipped_teacher_and_scores_every_prompt():
     validate_stage_configs(cfg)
     assert cfg.evaluate.options["max_prompts_per_task"] == 0 and cfg.evaluate.options["images_per_prompt"] >= 2
     assert build_config("toy", ["teacher.release=null"]).teacher.release is None
+
+
+def test_the_toy_students_distil_from_the_teacher_run_online():
+    """The toy preset's KD runs online (fresh targets every step, one student row per image), so its cache
+    holds no targets; the cached route stays the library default and the small test preset's."""
+    from snapgen_model.distill.cache import CacheConfig
+    from snapgen_model.training.pretrain import PretrainConfig
+
+    toy = build_config("toy")
+    pre = PretrainConfig().with_overrides(toy.pretrain.train)
+    cache = CacheConfig().with_overrides(toy.cache.overrides)
+    assert pre.mode == "online" and pre.precision == "bf16-mixed" and pre.kd.combine == "scaled"
+    assert cache.targets_per_sample == 0 and not cache.store_features
+    smoke = build_config("toy-smoke")
+    assert PretrainConfig().with_overrides(smoke.pretrain.train).mode == "cached"
+    assert CacheConfig().with_overrides(smoke.cache.overrides).targets_per_sample == 8
