@@ -186,9 +186,9 @@ def configure_console(verbosity: Verbosity = "normal") -> None:
     if _state["handler"] is None:
         _state["handler"] = _LazyFileHandler()
         logging.setLoggerClass(_RoutingLogger)  # the libraries create their loggers when first imported
-    _filter_existing_loggers()  # and those created before this call
         _state["showwarning"] = warnings.showwarning
         warnings.showwarning = _showwarning
+    _filter_existing_loggers()  # and those created before this call
 
 
 def verbosity() -> Verbosity:
