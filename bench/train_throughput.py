@@ -74,7 +74,7 @@ def write_cache(folder: Path, preset_name: str, samples: int, shard_size: int) -
     """The synthetic cache (module docstring, 1.); returns its text shapes."""
     from snapgen_model.data.wds_io import write_shard
     from snapgen_model.presets import get_preset
-    from snapgen_model.training.bootstrap_config import get_bootstrap_config
+    from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
 
     side, boot = get_preset(preset_name).latent_size, get_bootstrap_config(preset_name)
     tokens, width, pooled = boot.text_max_length, boot.text_hidden, boot.pooled_dim
@@ -139,7 +139,7 @@ def run_once(stage: str, preset_name: str, mode: str, folder: Path, shapes: dict
         from snapgen_model.distill.text import TextConditioner, TextConditionerConfig
         from snapgen_model.nn.unet import SnapGenUNet
         from snapgen_model.training.bootstrap import build_teacher
-        from snapgen_model.training.bootstrap_config import get_bootstrap_config
+        from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
         from snapgen_model.training.distill_steps import StepDistillConfig, fit_distill
 
         torch.manual_seed(0)

@@ -52,7 +52,7 @@ def bootstrap(
 ) -> None:
     """Train the toy AE and SD3 teacher (+ text encoder) on the shapes world, publish and register the bundle."""
     from snapgen_model.config_base import ConfigError
-    from snapgen_model.training.bootstrap_config import get_bootstrap_config
+    from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
 
     try:  # validate before importing Prefect (a bad --set fails in a second)
         cfg = get_bootstrap_config(preset, set_)

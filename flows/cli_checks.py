@@ -237,7 +237,7 @@ def preset_names(kind: str) -> list[str]:
     elif kind == "pipeline":
         from flows.pipeline_config import PRESETS  # type: ignore[no-redef]
     elif kind == "bootstrap":
-        from snapgen_model.training.bootstrap_config import BOOTSTRAP_PRESETS as PRESETS  # type: ignore[no-redef]
+        from snapgen_model.artifacts.teacher_recipe import BOOTSTRAP_PRESETS as PRESETS  # type: ignore[no-redef]
     else:
         raise ValueError(f"preset kind {kind!r}: choose model, pipeline or bootstrap")
     return list(PRESETS)

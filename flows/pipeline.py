@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.pipeline_config import PipelineConfig, build_config, validate_stage_configs
+from snapgen_model.artifacts import student as student_files
 from tasks import mlflow_model, registry, tracking
 from tasks.cache import local_folder
 from tasks.pipeline import (
@@ -181,7 +182,7 @@ def _export(cfg: PipelineConfig, teacher: dict[str, Any], final: dict[str, Any],
     parts = [p for p in cfg.export.parts if not (p == "decoder" and decoder is None)
              and not (p == "text_encoder" and facts["text_encoder"] is None)]
     store = storage()
-    report = export_flow(ExportParams(model=store.join(final["student_uri"], "unet_ema.safetensors"),
+    report = export_flow(ExportParams(model=store.join(final["student_uri"], student_files.UNET),
                                       formats=list(cfg.export.formats), parts=parts,
                                       decoder=decoder["checkpoint"] if decoder else None,
                                       text_encoder=facts["text_encoder"] if "text_encoder" in parts else None,
@@ -210,7 +211,7 @@ def _register(cfg: PipelineConfig, run: Any, stages: _Stages, final: dict[str, A
     model_eval = ev.get("distilled") or ev.get("pretrained") or {}
     metrics = flatten_metrics(model_eval) if model_eval else {}
     export = stages.results.get("export") or {}
-    files = list_files(final["student_uri"], ["unet_ema.safetensors", "conditioner.safetensors", "student.json"])
+    files = list_files(final["student_uri"], [*student_files.WEIGHTS, student_files.CARD])
     if export.get("uri"):
         files |= {f"export/{k}": v for k, v in list_files(export["uri"]).items()}
     run.log_dict({"config": cfg.model_dump(), "stage_keys": stages.keys}, "model/pipeline_config.json")
@@ -280,12 +281,12 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
         else:
             stages.skip("train_decoder", "decoder.enabled=false")
         student = stages.run("pretrain", cfg.pretrain.model_dump(), ["cache_teacher"], lambda: _pretrain(cfg, cache),
-                             outputs=lambda r: [storage().join(r["student_uri"], "student.json")])
+                             outputs=lambda r: [storage().join(r["student_uri"], student_files.CARD)])
         final = student
         if cfg.distill.enabled:
             final = stages.run("distill_steps", cfg.distill.model_dump(), ["pretrain"],
                                lambda: _distill(cfg, teacher, cache, student),
-                               outputs=lambda r: [storage().join(r["student_uri"], "student.json")])
+                               outputs=lambda r: [storage().join(r["student_uri"], student_files.CARD)])
         else:
             stages.skip("distill_steps", "distill.enabled=false")
         refs = {"teacher": teacher["bundle_uri"], "pretrained": student["student_uri"],

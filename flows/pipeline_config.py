@@ -282,7 +282,7 @@ def validate_stage_configs(cfg: PipelineConfig) -> None:
     """Build every library config the stages will build, so a bad key fails before any stage runs."""
     from snapgen_model.distill.cache import CacheConfig
     from snapgen_model.presets import get_preset
-    from snapgen_model.training.bootstrap_config import get_bootstrap_config
+    from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
     from snapgen_model.training.decoder import DecoderTrainConfig
     from snapgen_model.training.distill_steps import StepDistillConfig
     from snapgen_model.training.pretrain import PretrainConfig

@@ -58,13 +58,12 @@ def model_generator(ref: str, *, steps: int | None = None, guidance: float | Non
     `decoder`: None or "vae" for the decoder evaluation scores with (a student's: its bundle VAE), "tiny" for
     the tiny decoder a registered version carries, or a TinyDecoder checkpoint path or URI (the pipeline's
     train_decoder output) for a student or a bare checkpoint. A teacher always decodes with its own VAE."""
+    from snapgen_model.artifacts.student import is_student_folder, read_card
     from snapgen_model.evaluation.bundle_generators import (
         BundleStudentGenerator,
         BundleTeacherGenerator,
         is_bundle_folder,
-        is_student_folder,
         is_toy_teacher_bundle,
-        read_student_card,
     )
     from snapgen_model.evaluation.runner import CheckpointGenerator
 
@@ -79,7 +78,7 @@ def model_generator(ref: str, *, steps: int | None = None, guidance: float | Non
                                      decoder_path=tiny)
         return ModelGenerator(gen, "student", str(student), _decoder_name(tiny, bundle), True)
     if path.is_dir() and is_student_folder(path):
-        bundle = local_path(read_student_card(path)["bundle_uri"])
+        bundle = local_path(read_card(path)["bundle_uri"])
         if not is_bundle_folder(bundle):
             raise FileNotFoundError(f"--model {ref}: its teacher bundle {bundle} (student.json) is not a finished "
                                     "bundle (bundle.json missing)")

@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import task
 
+from snapgen_model.artifacts.student import WEIGHTS
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.training.distill_steps import (
     StepDistillConfig,
@@ -26,7 +27,7 @@ from tasks.preview import preview_callback
 from tasks.pretrain import _uploader, storage, training_data, upload_with_retry, write_student_card
 from tasks.settings import get_settings
 
-STUDENT_FILES = ("unet_ema.safetensors", "conditioner.safetensors")
+STUDENT_FILES = WEIGHTS  # what a pretrained student folder must hold to be distilled
 
 
 @task(name="fetch-model-folder", **io_task_options())

@@ -24,6 +24,7 @@ import torch
 from prefect import task
 from prefect.context import TaskRunContext
 
+from snapgen_model.artifacts import student as student_files
 from snapgen_model.data.shapes import ShapesWorldConfig
 from snapgen_model.evaluation import atomic, suite
 from snapgen_model.evaluation.bundle_generators import (
@@ -32,9 +33,7 @@ from snapgen_model.evaluation.bundle_generators import (
     bundle_image_size,
     bundle_world,
     is_bundle_folder,
-    is_student_folder,
     is_toy_teacher_bundle,
-    read_student_card,
 )
 from snapgen_model.evaluation.clip_score import ClipScoreConfig, clip_score
 from snapgen_model.evaluation.dpg import DPGConfig, load_prompts, load_questions, write_questions
@@ -71,7 +70,7 @@ from snapgen_model.evaluation.toy_reference import (
     toy_prompts,
 )
 from snapgen_model.storage.checkpoint import read_preset
-from snapgen_model.training.bootstrap_bundle import read_bundle_record
+from snapgen_model.artifacts.teacher_bundle import read_bundle_record
 from tasks import tracking
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
@@ -127,17 +126,17 @@ def _model_folder(uri: str) -> Path | None:
         return None
     if uri.startswith("s3://"):
         store = Storage.from_settings(get_settings())
-        if not (store.exists(store.join(uri, "student.json")) or store.exists(store.join(uri, "bundle.json"))):
+        if not (store.exists(store.join(uri, student_files.CARD)) or store.exists(store.join(uri, "bundle.json"))):
             return None
     folder = local_folder(uri)
-    return folder if folder.is_dir() and (is_student_folder(folder) or is_bundle_folder(folder)) else None
+    return folder if folder.is_dir() and (student_files.is_student_folder(folder) or is_bundle_folder(folder)) else None
 
 
 def _folder_model(ref: str, source: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Model record of a student folder (student.json + weights) or a teacher bundle (bundle.json)."""
     common = {"ref": ref, "folder": str(folder), "decoder": None, "run_id": source.get("run_id"),
               "version": source.get("version")}
-    if is_bundle_folder(folder) and not is_student_folder(folder):
+    if is_bundle_folder(folder) and not student_files.is_student_folder(folder):
         if not is_toy_teacher_bundle(folder):
             raise ValueError(f"--model {ref}: {folder} is a teacher bundle but not one the toy bootstrap wrote "
                              "(bundle.json has no format); only toy teacher bundles can be sampled for evaluation")
@@ -145,16 +144,16 @@ def _folder_model(ref: str, source: dict[str, Any], folder: Path) -> dict[str, A
         return common | {"kind": "teacher", "unet": None, "bundle": str(folder), "world": bundle_world(folder),
                          "model_id": "t" + _sha(record.get("files") or record.get("config_hash"))[:15],
                          "preset": str(record.get("preset", "toy")), "image_size": bundle_image_size(folder)}
-    card = read_student_card(folder)
+    card = student_files.read_card(folder)
     bundle = local_folder(card["bundle_uri"])
     if not is_bundle_folder(bundle):
         raise FileNotFoundError(f"--model {ref}: its teacher bundle {card['bundle_uri']} (student.json) is not a "
                                 "finished bundle (bundle.json missing)")
-    unet = folder / "unet_ema.safetensors"
+    unet = folder / student_files.UNET
     preset = read_preset(unet)
     if preset is None:
         raise ValueError(f"--model {ref}: {unet} carries no preset (sampler settings)")
-    model_id = _sha([file_sha256(str(unet)), file_sha256(str(folder / "conditioner.safetensors")),
+    model_id = _sha([file_sha256(str(unet)), file_sha256(str(folder / student_files.CONDITIONER)),
                      card.get("bundle_id")])[:16]
     return common | {"kind": "student", "unet": str(unet), "bundle": str(bundle), "world": bundle_world(bundle),
                      "model_id": model_id, "preset": preset.name, "image_size": preset.image_size,
@@ -378,7 +377,7 @@ def reference_rows_task(prompts: list[dict[str, Any]], model: dict[str, Any], wo
     teacher bundle: clean renders through its autoencoder) scored by the same rules."""
     decode = None
     if _ae_bundle(model):
-        from snapgen_model.training.bootstrap_bundle import autoencoder_roundtrip, load_bundle
+        from snapgen_model.artifacts.teacher_bundle import autoencoder_roundtrip, load_bundle
 
         bundle = load_bundle(_ae_bundle(model))
         decode = lambda images: autoencoder_roundtrip(bundle, images)  # noqa: E731

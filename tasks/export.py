@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import task
 
+from snapgen_model.artifacts import student as student_files
 from snapgen_model.export import ExportConfig, export_key, export_model, load_inputs
 from snapgen_model.export.pipeline import MANIFEST
 from tasks import tracking
@@ -75,7 +76,6 @@ def verify_registered_files(ref: str) -> dict[str, str]:
     return tags
 
 
-STUDENT_CARD, STUDENT_UNET = "student.json", "unet_ema.safetensors"
 
 
 def _cache_dir(uri: str) -> Path:
@@ -118,14 +118,14 @@ def resolve_model_ref(ref: str, decoder: str | None = None, text_encoder: str | 
     store = storage()
     card = None
     if not store.exists(uri):  # a folder: a student (student.json + unet_ema) or a bundle with unet.safetensors
-        if store.exists(store.join(uri, STUDENT_CARD)):
-            card = store.read_json(store.join(uri, STUDENT_CARD))
-            uri = store.join(uri, STUDENT_UNET)
+        if store.exists(store.join(uri, student_files.CARD)):
+            card = store.read_json(store.join(uri, student_files.CARD))
+            uri = store.join(uri, student_files.UNET)
         else:
             uri = store.join(uri, UNET_FILE)
     folder = parent_uri(uri)
-    if card is None and uri.endswith(STUDENT_UNET) and store.exists(store.join(folder, STUDENT_CARD)):
-        card = store.read_json(store.join(folder, STUDENT_CARD))
+    if card is None and uri.endswith(student_files.UNET) and store.exists(store.join(folder, student_files.CARD)):
+        card = store.read_json(store.join(folder, student_files.CARD))
     if card and not text_encoder and card.get("bundle_uri"):  # a student's text encoder is its teacher bundle's
         bundle_te = store.join(card["bundle_uri"], TEXT_ENCODER_DIR)
         text_encoder = bundle_te if _fetch(store, bundle_te) is not None else None

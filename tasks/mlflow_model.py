@@ -27,7 +27,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from snapgen_model.evaluation.bundle_generators import STUDENT_CARD, STUDENT_WEIGHTS, read_student_card
+from snapgen_model.artifacts import student as student_files
 
 __all__ = ["SnapgenPyfunc", "package_student", "save_pyfunc", "log_pyfunc", "prompt_inputs"]
 
@@ -120,12 +120,12 @@ def package_student(student_folder: str | Path, bundle_folder: str | Path, dst: 
     text-encoder folders (not its teacher transformer) and, if given, the trained tiny decoder checkpoint.
     Returns the artifacts mapping."""
     student, bundle, dst = Path(student_folder), Path(bundle_folder), Path(dst)
-    card = read_student_card(student)
-    missing = [f for f in STUDENT_WEIGHTS if not (student / f).is_file()]
+    card = student_files.read_card(student)
+    missing = [f for f in student_files.WEIGHTS if not (student / f).is_file()]
     if missing:
         raise FileNotFoundError(f"student folder {student}: {missing} missing")
     (dst / STUDENT_ARTIFACT).mkdir(parents=True, exist_ok=True)
-    for name in (*STUDENT_WEIGHTS, STUDENT_CARD):
+    for name in (*student_files.WEIGHTS, student_files.CARD):
         shutil.copy2(student / name, dst / STUDENT_ARTIFACT / name)
     folders = {"vae"} | {sub for spec in card["encoders"]
                          for sub in (spec.get("subfolder"), spec.get("tokenizer_subfolder")) if sub}
@@ -163,8 +163,8 @@ def save_pyfunc(student_folder: str | Path, bundle_folder: str | Path, path: str
     `decoder`: a trained TinyDecoder checkpoint to carry as well (params decoder='tiny')."""
     from snapgen_model.storage.checkpoint import read_preset
 
-    preset = read_preset(Path(student_folder) / "unet_ema.safetensors")
-    card = read_student_card(student_folder)
+    preset = read_preset(Path(student_folder) / student_files.UNET)
+    card = student_files.read_card(student_folder)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about type hints and input examples
         artifacts = package_student(student_folder, bundle_folder, tmp, decoder=decoder)

@@ -233,14 +233,11 @@ def write_student_card(store: Storage, folder_uri: str, cache_manifest: dict[str
     """`student.json` beside the student's weights: what evaluation and export need to use it as a
     text-to-image model (the teacher bundle whose text encoders and VAE it was trained on), plus
     its lineage. Written after the weights, so its presence marks a complete student folder."""
-    card = {"kind": "snapgen-student", "stage": stage, "key": key, "mlflow_run_id": run_id,
-            "bundle_uri": cache_manifest.get("bundle_uri"), "bundle_id": cache_manifest.get("bundle_id"),
-            "encoders": cache_manifest.get("encoders"), "dataset_hash": cache_manifest.get("dataset_hash"),
-            "cache_key": cache_manifest.get("key")}
+    from snapgen_model.artifacts.student import CARD, make_card, write_card
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "student.json"
-        path.write_text(json.dumps(card, indent=2))
-        store.upload_file(str(path), store.join(folder_uri, "student.json"))
+        path = write_card(tmp, make_card(stage, key, run_id, cache_manifest))
+        store.upload_file(str(path), store.join(folder_uri, CARD))
     return folder_uri
 
 

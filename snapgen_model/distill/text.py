@@ -125,6 +125,28 @@ class TextConditioner(nn.Module):
         self.null_pooled = nn.ParameterDict({n: nn.Parameter(torch.zeros(p), requires_grad=learned)
                                              for n, (_, p) in encoders.items() if p})
 
+    @property
+    def config(self) -> TextConditionerConfig:
+        """Its config, under the name the checkpoint registry reads (`storage.checkpoint.save_model`)."""
+        return self.cfg
+
+    def encoder_dims(self) -> dict[str, tuple[int, int]]:
+        """name -> (token width, pooled width or 0), in concatenation order: what `__init__` was given."""
+        return {n: (int(self.proj[n].in_features), self.null_pooled[n].numel() if n in self.null_pooled else 0)
+                for n in self.names}
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """What a checkpoint needs beyond the config to rebuild it: the encoder widths."""
+        import json
+
+        return {"snapgen.encoders": json.dumps({n: list(d) for n, d in self.encoder_dims().items()})}
+
+    @classmethod
+    def from_checkpoint(cls, cfg: TextConditionerConfig, metadata: dict[str, str]) -> "TextConditioner":
+        import json
+
+        return cls(cfg, {n: (int(d[0]), int(d[1])) for n, d in json.loads(metadata["snapgen.encoders"]).items()})
+
     def sample_drop(self, batch: int, probs: dict[str, float], generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, n_encoders) bool: each encoder dropped independently with its own probability."""
         p = torch.tensor([probs.get(n, 0.0) for n in self.names])

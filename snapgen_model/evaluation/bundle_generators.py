@@ -1,7 +1,7 @@
 """Text-to-image generators built from a teacher bundle: the teacher itself, and a student trained
 on the bundle's latents and text embeddings.
 
-A student folder (written by pretraining or step distillation) holds `unet_ema.safetensors` (its
+A student folder (`artifacts.student`, written by pretraining or step distillation) holds `unet_ema.safetensors` (its
 preset, with the sampler settings, in the metadata), `conditioner.safetensors` (the trained
 per-encoder projections) and `student.json` (which bundle and text encoders it was trained with).
 The student then generates exactly as in training: prompts -> the bundle's frozen text encoders ->
@@ -27,35 +27,17 @@ from torch import nn
 from snapgen_model.diffusion.generate import generate
 from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
 from snapgen_model.evaluation.fid import file_sha256
+from snapgen_model.artifacts import student as student_files
+from snapgen_model.artifacts.student import load_conditioner
+from snapgen_model.artifacts.student import read_card as read_student_card
 from snapgen_model.storage.checkpoint import load_model, read_preset
-
-STUDENT_CARD = "student.json"
-STUDENT_WEIGHTS = ("unet_ema.safetensors", "conditioner.safetensors")
-
 
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def is_student_folder(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return folder.is_dir() and (folder / STUDENT_CARD).is_file() and all((folder / f).is_file() for f in STUDENT_WEIGHTS)
-
-
 def is_bundle_folder(folder: str | Path) -> bool:
     return Path(folder).is_dir() and (Path(folder) / "bundle.json").is_file()
-
-
-def read_student_card(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / STUDENT_CARD
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not a student folder ({STUDENT_CARD} missing; pretraining and step "
-                                "distillation write it beside unet_ema.safetensors)")
-    card = json.loads(path.read_text())
-    for key in ("bundle_uri", "encoders"):
-        if not card.get(key):
-            raise ValueError(f"{path}: field {key!r} is missing or empty")
-    return card
 
 
 class _VAEDecode(nn.Module):
@@ -78,11 +60,10 @@ class BundleStudentGenerator:
         """`decoder_path`: a trained TinyDecoder checkpoint (the phone's decoder) in place of the bundle VAE's
         decoder, which is what evaluation scores by default."""
         from snapgen_model.distill.vae import VAEAdapter, VAEConfig
-        from snapgen_model.training.pretrain import load_conditioner
 
         folder = Path(student_folder)
         card = read_student_card(folder)
-        unet_path = folder / "unet_ema.safetensors"
+        unet_path = folder / student_files.UNET
         preset = read_preset(unet_path)
         if preset is None:
             raise ValueError(f"{unet_path}: the student checkpoint carries no preset (sampler settings)")
@@ -90,7 +71,7 @@ class BundleStudentGenerator:
                                                                            "kind": kind}.items() if v is not None})
         self.preset = dataclasses.replace(preset, sampler=sampler)
         self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
-        self.conditioner = load_conditioner(folder / "conditioner.safetensors").to(device).eval()
+        self.conditioner = load_conditioner(folder / student_files.CONDITIONER, device).eval()
         bundle = str(Path(bundle_folder).resolve())
         self.encoders: dict[str, TextEncoderAdapter] = {}
         for spec in card["encoders"]:
@@ -98,7 +79,7 @@ class BundleStudentGenerator:
             self.encoders[spec.name] = TextEncoderAdapter.from_pretrained(spec, device)
         missing = [n for n in self.conditioner.names if n not in self.encoders]
         if missing:
-            raise ValueError(f"{folder}: the conditioner expects text encoders {missing} that {STUDENT_CARD} does not "
+            raise ValueError(f"{folder}: the conditioner expects text encoders {missing} that {student_files.CARD} does not "
                              f"list (it lists {list(self.encoders)})")
         decoder_id: dict[str, str] = {}
         if decoder_path is None:
@@ -118,7 +99,7 @@ class BundleStudentGenerator:
         self.decoder_name = "bundle VAE" if decoder_path is None else f"tiny decoder ({Path(decoder_path).name})"
         self.device, self.card, self._lock = device, card, threading.Lock()
         self.identity = _sha({"unet": file_sha256(str(unet_path)),
-                              "conditioner": file_sha256(str(folder / "conditioner.safetensors")),
+                              "conditioner": file_sha256(str(folder / student_files.CONDITIONER)),
                               "bundle": card.get("bundle_id") or bundle, "encoders": card["encoders"],
                               "sampler": sampler.to_dict(), "kind": "bundle-student"} | decoder_id)[:32]
 
@@ -142,7 +123,7 @@ class BundleTeacherGenerator:
 
     def __init__(self, bundle_folder: str | Path, *, steps: int | None = None, guidance: float | None = None,
                  kind: str | None = None, device: str = "cpu") -> None:
-        from snapgen_model.training.bootstrap_bundle import load_bundle
+        from snapgen_model.artifacts.teacher_bundle import load_bundle
 
         if kind not in (None, "euler"):
             raise ValueError(f"sampler {kind!r}: the toy teacher samples with Euler only (few_step is for distilled "
@@ -157,7 +138,7 @@ class BundleTeacherGenerator:
                               "steps": self.steps, "guidance": self.guidance, "kind": "bundle-teacher"})[:32]
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        from snapgen_model.training.bootstrap_bundle import sample_teacher
+        from snapgen_model.artifacts.teacher_bundle import sample_teacher
 
         with self._lock:  # one sampling at a time: the bundle's tokenizer refuses concurrent use
             return sample_teacher(self.bundle, list(prompts), list(seeds), steps=self.steps, guidance=self.guidance)
@@ -170,14 +151,14 @@ class BundleTeacherGenerator:
 
 
 def bundle_image_size(bundle_folder: str | Path) -> int:
-    from snapgen_model.training.bootstrap_bundle import read_bundle_record
+    from snapgen_model.artifacts.teacher_bundle import read_bundle_record
 
     return int(read_bundle_record(bundle_folder)["config"]["resolution"])
 
 
 def is_toy_teacher_bundle(folder: str | Path) -> bool:
     """A bundle written by the toy bootstrap (bundle.json with its format and config): samplable as a teacher."""
-    from snapgen_model.training.bootstrap_bundle import BUNDLE_FORMAT
+    from snapgen_model.artifacts.teacher_bundle import BUNDLE_FORMAT
 
     path = Path(folder) / "bundle.json"
     try:

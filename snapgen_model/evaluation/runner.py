@@ -283,7 +283,7 @@ class CheckpointGenerator:
         path = Path(conditioner) if conditioner is not None else Path(unet_path).parent / CONDITIONER_FILE
         if conditioner is None and not path.is_file():
             return None, None
-        from snapgen_model.training.pretrain import load_conditioner
+        from snapgen_model.artifacts.student import load_conditioner
 
         return load_conditioner(path).to(device).eval(), file_sha256(str(path))
 

@@ -152,11 +152,12 @@ def _load_conditioner(conditioner, unet, cfg: SnapGenConfig) -> tuple[nn.Module 
         return None, None
     if isinstance(conditioner, nn.Module):
         return conditioner.eval(), {"kind": "module", "sha256": module_sha256(conditioner)}
+    from snapgen_model.artifacts.student import CONDITIONER, load_conditioner
+
     if conditioner is None:
-        if isinstance(unet, nn.Module) or not (Path(unet).parent / "conditioner.safetensors").is_file():
+        if isinstance(unet, nn.Module) or not (Path(unet).parent / CONDITIONER).is_file():
             return None, None
-        conditioner = Path(unet).parent / "conditioner.safetensors"
-    from snapgen_model.training.pretrain import load_conditioner
+        conditioner = Path(unet).parent / CONDITIONER
 
     return load_conditioner(conditioner).eval(), {"kind": "checkpoint", "path": str(conditioner),
                                                    "sha256": file_sha256(conditioner)}

@@ -1,7 +1,9 @@
 """Checkpoints: safetensors weights with the config JSON in the file's metadata (STYLE.md 10).
 
 A checkpoint rebuilds its model from the file alone: `load_model(path)` reads the component kind
-and config from the metadata, builds the module and loads the weights strictly. Pickles are
+and config from the metadata, builds the module and loads the weights strictly. A component whose
+constructor needs more than its config (the text conditioner: its encoders' widths) writes that
+into the metadata (`checkpoint_metadata()`) and rebuilds itself from it (`from_checkpoint`). Pickles are
 refused: snapgen never unpickles model files.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, preset: SnapGenConf
     if kind not in REGISTRY:
         raise CheckpointError(f"cannot save {kind}: not a registered component ({sorted(REGISTRY)})")
     metadata = {"snapgen.format": FORMAT_VERSION, "snapgen.kind": kind, "snapgen.config": model.config.to_json()}
+    metadata.update(model.checkpoint_metadata() if hasattr(model, "checkpoint_metadata") else {})  # rebuild needs
     if preset is not None:
         metadata["snapgen.preset"] = preset.to_json()
     metadata.update(extra or {})
@@ -122,7 +125,9 @@ def load_model(path: str | os.PathLike, *, expected_kind: str | None = None,
     if kind not in REGISTRY:
         raise CheckpointError(f"{path}: unknown component kind {kind!r}; known: {sorted(REGISTRY)}")
     config_cls, model_cls = REGISTRY[kind]
-    model = model_cls(config_cls.from_dict(json.loads(meta["snapgen.config"])))
+    cfg = config_cls.from_dict(json.loads(meta["snapgen.config"]))
+    # a component whose constructor needs more than its config rebuilds itself from the metadata
+    model = model_cls.from_checkpoint(cfg, meta) if hasattr(model_cls, "from_checkpoint") else model_cls(cfg)
     load_weights(model, path, device=device)
     return model.to(device)
 

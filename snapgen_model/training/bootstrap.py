@@ -47,11 +47,11 @@ from snapgen_model.data.shapes import ShapesWorld, enumerate_prompts
 from snapgen_model.diffusion.flow import FlowMatchingLoss, sample_timesteps
 from snapgen_model.distill.text import Encoded, sd3_teacher_condition
 from snapgen_model.distill.vae import VAEAdapter
-from snapgen_model.training.bootstrap_bundle import (  # noqa: F401  (the bundle API, re-exported)
+from snapgen_model.artifacts.teacher_bundle import (  # noqa: F401  (the bundle API, re-exported)
     BUNDLE_FILE, TeacherBundle, autoencoder_roundtrip, evaluate_bundle, evaluation_prompts, load_bundle,
     read_bundle_record, reference_rows, sample_grid, sample_teacher, save_bundle, teacher_diagnostics,
     update_bundle_record)
-from snapgen_model.training.bootstrap_config import (  # noqa: F401  (re-exported)
+from snapgen_model.artifacts.teacher_recipe import (  # noqa: F401  (re-exported)
     BOOTSTRAP_PRESETS, ToyBootstrapConfig, get_bootstrap_config)
 from snapgen_model.nn.attention import use_fast_attention
 from snapgen_model.training.cpu import cpu_has_native_bf16, tune_allocator

@@ -554,7 +554,7 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: 
 def save_distilled(module: StepDistillModule, folder) -> dict[str, str]:
     """The few-step student, as `save_student`: the EMA UNet (its preset carries sampler kind=few_step,
     steps N, shift and guidance: `read_preset(path).sampler`) with the EMA conditioner, and the raw
-    pair beside them (`unet_raw.safetensors`, `conditioner_raw.safetensors`)."""
+    pair beside them (the student folder of `artifacts.student`)."""
     return save_student(module, folder)
 
 
@@ -579,14 +579,9 @@ def encode_teacher_null(bundle_folder, encoders: list[dict], names=None,
 
 def load_pretrained_student(folder) -> tuple[SnapGenConfig, torch.nn.Module, TextConditioner]:
     """(preset, UNet, conditioner) from a folder written by `save_student` (pretraining)."""
-    from snapgen_model.storage.checkpoint import load_model, read_preset
-    from snapgen_model.training.pretrain import load_conditioner
+    from snapgen_model.artifacts.student import load_student
 
-    unet_path = Path(folder) / "unet_ema.safetensors"
-    preset = read_preset(unet_path)
-    if preset is None:
-        raise ValueError(f"{unet_path}: the student checkpoint carries no preset")
-    return preset, load_model(unet_path, expected_kind="SnapGenUNet"), load_conditioner(Path(folder) / "conditioner.safetensors")
+    return load_student(folder)
 
 
 def load_teacher(bundle_folder, cfg: DiscriminatorConfig, device: str | torch.device = "cpu"):

@@ -16,7 +16,6 @@ seeded by (seed, step, rank), so a resumed run is bitwise identical to an uninte
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -514,46 +513,11 @@ def online_teacher(cfg: PretrainConfig, bundle_folder, feature_layers=(-1,)):
     return SD3Teacher.from_pretrained(TeacherConfig(path=str(bundle_folder), feature_layers=tuple(feature_layers)))
 
 
-def save_conditioner(conditioner: TextConditioner, path) -> str:
-    """A TextConditioner as safetensors (encoder widths and config in its metadata; `load_conditioner`)."""
-    from safetensors.torch import save_file
-
-    dims = {e: [int(l.in_features), int(p)] for e, l in conditioner.proj.items()
-            for p in [conditioner.null_pooled[e].numel() if e in conditioner.null_pooled else 0]}
-    meta = {"snapgen.kind": "TextConditioner", "snapgen.encoders": json.dumps(dims),
-            "snapgen.config": conditioner.cfg.to_json()}
-    save_file({k: v.detach().cpu().contiguous() for k, v in conditioner.state_dict().items()}, str(path), metadata=meta)
-    return str(path)
-
-
 def save_student(module: PretrainModule, folder) -> dict[str, str]:
-    """The trained student for evaluation and export: the EMA UNet (preset in its metadata) with the EMA
-    text conditioner (one EMA over both), `unet_ema.safetensors` + `conditioner.safetensors`; and beside
-    them the raw (last-step) pair, `unet_raw.safetensors` + `conditioner_raw.safetensors`."""
-    from pathlib import Path
+    """The trained student for evaluation and export (`artifacts.student`): the EMA UNet (preset in its
+    metadata) with the EMA text conditioner (one EMA over both), and beside them the raw (last-step) pair."""
+    from snapgen_model.artifacts.student import save_student as save_folder
 
-    from snapgen_model.storage.checkpoint import save_model
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"unet": str(save_model(module.ema_unet, folder / "unet_ema.safetensors", preset=module.preset)),
-             "unet_raw": str(save_model(getattr(module.student, "_orig_mod", module.student),  # (torch.compile)
-                                        folder / "unet_raw.safetensors", preset=module.preset))}
-    if module.conditioner is None:  # class-conditional: the labels are the condition, no text conditioner
-        return paths
-    paths["conditioner"] = save_conditioner(module.ema_conditioner, folder / "conditioner.safetensors")
-    paths["conditioner_raw"] = save_conditioner(module.conditioner, folder / "conditioner_raw.safetensors")
-    return paths
-
-
-def load_conditioner(path) -> TextConditioner:
-    """Rebuild a TextConditioner saved by `save_student`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    encoders = {e: tuple(d) for e, d in json.loads(meta["snapgen.encoders"]).items()}
-    cond = TextConditioner(TextConditionerConfig.from_dict(json.loads(meta["snapgen.config"])), encoders)
-    cond.load_state_dict(load_file(str(path)))
-    return cond
+    return save_folder(folder, module.preset, module.ema_unet, module.ema_conditioner,
+                       raw_unet=getattr(module.student, "_orig_mod", module.student),  # (torch.compile)
+                       raw_conditioner=module.conditioner)

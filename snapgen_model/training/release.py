@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from snapgen_model.distill.teacher import LoadError
-from snapgen_model.training.bootstrap_bundle import BUNDLE_FILE, load_bundle, read_bundle_record
+from snapgen_model.artifacts.teacher_bundle import BUNDLE_FILE, load_bundle, read_bundle_record
 
 RELEASES_DIR = Path(__file__).resolve().parents[2] / "releases"
 INDEX_FILE = "index.json"

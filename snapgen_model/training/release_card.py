@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from snapgen_model.imaging import make_grid
 from snapgen_model.training import bootstrap as bs
-from snapgen_model.training.bootstrap_bundle import TeacherBundle, evaluate_bundle, evaluation_prompts, sample_teacher
+from snapgen_model.artifacts.teacher_bundle import TeacherBundle, evaluate_bundle, evaluation_prompts, sample_teacher
 
 TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 REFERENCE_ORDER = ("clean", "ae", "floor", "noise")

@@ -134,7 +134,7 @@ def test_pretrain_flow_on_cached_targets(env, tiny_bundle, prefect_harness, mlfl
 
     from flows.pretrain import PretrainParams, pretrain_flow
     from snapgen_model.storage.checkpoint import load_model
-    from snapgen_model.training.pretrain import load_conditioner
+    from snapgen_model.artifacts.student import load_conditioner
 
     ds = f"file://{env}/ds4"
     curate(ds, count=8, per_shard=8)

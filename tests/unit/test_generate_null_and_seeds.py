@@ -20,7 +20,7 @@ from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
 from snapgen_model.storage.checkpoint import save_model
-from snapgen_model.training.pretrain import save_conditioner
+from snapgen_model.artifacts.student import save_conditioner
 from tests.fixtures.checkpoints import randomize_zero_init
 
 PRESET = get_preset("toy-smoke")  # context_dim 32, pooled_dim 32, 8x8x16 latents, 32 px

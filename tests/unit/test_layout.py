@@ -55,3 +55,32 @@ def test_only_tracking_module_imports_mlflow_and_only_storage_imports_boto3():
 def test_flows_hold_no_tensor_code():
     bad = [str(p.relative_to(ROOT)) for p in (ROOT / "flows").rglob("*.py") if "torch" in _imports(p)]
     assert not bad, bad
+
+
+def test_nothing_in_the_library_imports_training():
+    """Evaluation, export and the artifact owners run a trained model without the training stack
+    (snapgen_model/layering.py: training sits on top, nothing imports it back)."""
+    from snapgen_model.layering import violations
+
+    assert violations(ROOT / "snapgen_model") == []
+
+
+def test_the_layering_check_finds_imports_across_a_layer(tmp_path):
+    """The check can fail: absolute, function-level and relative imports of training from outside it are
+    named with their file and line; training importing itself and evaluation is allowed."""
+    from snapgen_model.layering import violations
+
+    pkg = tmp_path / "snapgen_model"
+    for folder in ("evaluation", "training", "export"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "evaluation" / "runner.py").write_text("import json\n\n\ndef f():\n"
+                                                  "    from snapgen_model.training.pretrain import fit\n")
+    (pkg / "export" / "parts.py").write_text("from ..training import launch\n")
+    (pkg / "training" / "pretrain.py").write_text("from snapgen_model.evaluation import runner\n"
+                                                  "from . import launch\nfrom snapgen_model.training import stages\n")
+    found = violations(pkg)
+    assert found == ["snapgen_model/evaluation/runner.py:5 (snapgen_model.evaluation.runner) imports "
+                     "snapgen_model.training.pretrain",
+                     "snapgen_model/export/parts.py:1 (snapgen_model.export.parts) imports snapgen_model.training"]

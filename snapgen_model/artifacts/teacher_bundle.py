@@ -30,7 +30,7 @@ from snapgen_model.distill.teacher import LoadError, SD3Teacher, TeacherConfig
 from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec, sd3_teacher_condition
 from snapgen_model.distill.vae import VAEAdapter, VAEConfig
 from snapgen_model.evaluation.scene_parser import parse_scene
-from snapgen_model.training.bootstrap_config import ToyBootstrapConfig
+from snapgen_model.artifacts.teacher_recipe import ToyBootstrapConfig
 
 BUNDLE_FORMAT = "snapgen-toy-teacher/1"
 BUNDLE_FILE = "bundle.json"

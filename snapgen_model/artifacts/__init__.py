@@ -1,0 +1,1 @@
+"""Artifacts with owners: the student folder (`student`), and the teacher bundle (`teacher_bundle`)."""
