@@ -25,17 +25,38 @@ from snapgen_model.nn.attention import SpatialTransformer, timestep_embedding
 from snapgen_model.nn.blocks import Downsample, ResBlock, Upsample, group_norm
 
 
-class UNetStage(nn.Module):
-    """One resolution stage: `n` (residual block [+ spatial transformer]) pairs."""
+class NoTransformer(nn.Module):
+    """The place of a spatial transformer in a stage without one: features pass, the context is unused."""
 
-    def __init__(self, c_ins: list[int], c_out: int, cfg: UNetConfig, depth: int, self_attn: bool) -> None:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+class UNetStage(nn.Module):
+    """One resolution stage: `n` (residual block [+ spatial transformer]) pairs. A down stage pushes each
+    pair's output onto the skip stack; an up stage (`up=True`) concatenates a popped skip onto each
+    pair's input."""
+
+    def __init__(self, c_ins: list[int], c_out: int, cfg: UNetConfig, depth: int, self_attn: bool, *,
+                 up: bool = False) -> None:
         super().__init__()
         res = dict(time_dim=cfg.time_embed_dim, separable=cfg.separable_conv, expansion=cfg.conv_expansion,
                    norm_groups=cfg.norm_groups, scale_shift=cfg.time_scale_shift, dropout=cfg.dropout)
+        self.up = up
         self.res = nn.ModuleList(ResBlock(c, c_out, **res) for c in c_ins)
         self.attn = nn.ModuleList(
-            make_transformer(c_out, depth, self_attn, cfg) if depth > 0 else nn.Identity() for _ in c_ins
+            make_transformer(c_out, depth, self_attn, cfg) if depth > 0 else NoTransformer() for _ in c_ins
         )
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None,
+                skips: list[torch.Tensor]) -> torch.Tensor:
+        """h (B, C, H, W) -> (B, c_out, H, W); `skips` is pushed (down) or popped (up) in place."""
+        for res, attn in zip(self.res, self.attn):
+            h = res(torch.cat([h, skips.pop()], dim=1) if self.up else h, temb)
+            h = attn(h, context)
+            if not self.up:
+                skips.append(h)
+        return h
 
 
 def make_transformer(dim: int, depth: int, self_attn: bool, cfg: UNetConfig) -> SpatialTransformer:
@@ -87,7 +108,7 @@ class SnapGenUNet(nn.Module):
         self.down, self.downsample, skip_ch = self._build_down(cfg)
         self.mid_res1 = ResBlock(ch[-1], ch[-1], **self._res_kwargs())
         self.mid_attn = (make_transformer(ch[-1], cfg.mid_transformer_depth, True, cfg)
-                         if cfg.mid_transformer_depth > 0 else nn.Identity())
+                         if cfg.mid_transformer_depth > 0 else NoTransformer())
         self.mid_res2 = ResBlock(ch[-1], ch[-1], **self._res_kwargs())
         self.up, self.upsample = self._build_up(cfg, skip_ch)
         self.norm_out = group_norm(ch[0], cfg.norm_groups)
@@ -127,7 +148,7 @@ class SnapGenUNet(nn.Module):
             for _ in range(cfg.up_blocks):
                 c_ins.append(c_prev + skips.pop())
                 c_prev = ch[i]
-            stages.append(UNetStage(c_ins, ch[i], cfg, cfg.transformer_depth[i], cfg.self_attention[i]))
+            stages.append(UNetStage(c_ins, ch[i], cfg, cfg.transformer_depth[i], cfg.self_attention[i], up=True))
             if i > 0:
                 ups.append(Upsample(ch[i], ch[i]))
         if skips:
@@ -155,20 +176,14 @@ class SnapGenUNet(nn.Module):
         h = self.conv_in(x)  # (B, C0, H, W)
         skips, feats = [h], {}
         for i, stage in enumerate(self.down):
-            for res, attn in zip(stage.res, stage.attn):
-                h = attn(res(h, temb), ctx) if not isinstance(attn, nn.Identity) else res(h, temb)
-                skips.append(h)
-            feats[f"down{i}"] = h
+            h = feats[f"down{i}"] = stage(h, temb, ctx, skips)
             if i < len(self.downsample):
                 h = self.downsample[i](h)  # (B, Ci, H/2, W/2)
                 skips.append(h)
-        h = self.mid_res1(h, temb)
-        h = self.mid_attn(h, ctx) if not isinstance(self.mid_attn, nn.Identity) else h
+        h = self.mid_attn(self.mid_res1(h, temb), ctx)
         h = feats["mid"] = self.mid_res2(h, temb)
         for j, stage in enumerate(self.up):
-            for res, attn in zip(stage.res, stage.attn):
-                h = res(torch.cat([h, skips.pop()], dim=1), temb)
-                h = attn(h, ctx) if not isinstance(attn, nn.Identity) else h
+            h = stage(h, temb, ctx, skips)
             feats[f"up{len(self.up) - 1 - j}"] = h  # named by stage index (0 = highest resolution)
             if j < len(self.upsample):
                 h = self.upsample[j](h)  # (B, C, 2H, 2W)
