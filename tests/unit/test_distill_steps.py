@@ -18,6 +18,7 @@ from snapgen_model.training.distill_steps import (
     save_distilled,
 )
 from snapgen_model.training.state import latest_state
+from tests.fixtures.training import StopAt
 from tests.unit.test_adversarial import tiny_teacher
 
 PRESET = get_preset("toy-smoke")  # context_dim 32, pooled_dim 32, 8x8x16 latents
@@ -68,15 +69,6 @@ def run(data, root, **kw):
     callbacks = kw.pop("callbacks", ())
     return fit_distill(PRESET, cfg(**kw), data, CACHE, root, teacher=tiny_teacher(), student=student,
                        conditioner=conditioner, teacher_null=teacher_null(), callbacks=callbacks)
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *a):
-        if pl_module.current_step() >= self.step:
-            trainer.should_stop = True
 
 
 class Record(pl.Callback):

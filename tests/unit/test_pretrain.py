@@ -13,6 +13,7 @@ from snapgen_model.presets import get_preset
 from snapgen_model.training.data import CachedData, global_batch_indices
 from snapgen_model.training.pretrain import NonFiniteLossError, PretrainConfig, fit
 from snapgen_model.training.state import latest_state, load_state
+from tests.fixtures.training import StopAt
 
 PRESET = get_preset("toy-smoke")
 CACHE = CacheConfig(targets_per_sample=2)
@@ -82,15 +83,6 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 def _weights(folder):
     from safetensors.torch import load_file
     return load_file(str(folder / "modules.safetensors"))
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *a):
-        if pl_module.current_step() >= self.step:
-            trainer.should_stop = True
 
 
 def test_resume_is_bitwise_identical(tmp_path):

@@ -15,6 +15,7 @@ from snapgen_model.training.data import CachedData, global_batch_indices
 from snapgen_model.training.ema import decay_for_run
 from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
 from snapgen_model.training.state import latest_state
+from tests.fixtures.training import StopAt
 
 PRESET = get_preset("toy-smoke")
 K = 8
@@ -108,14 +109,9 @@ def test_kd_pair_is_drawn_among_the_k_cached_pairs_and_the_task_pair_is_fresh(tm
 def test_resume_with_k_pairs_is_bitwise_identical(tmp_path):
     from safetensors.torch import load_file
 
-    class StopAt(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, *a):
-            if pl_module.current_step() >= 3:
-                trainer.should_stop = True
-
     data, c = synthetic_data(), cfg(steps=6, checkpoint_every=3)
     fit(PRESET, c, data, CACHE, tmp_path / "full")
-    fit(PRESET, c, data, CACHE, tmp_path / "part", callbacks=[StopAt()])
+    fit(PRESET, c, data, CACHE, tmp_path / "part", callbacks=[StopAt(3)])
     assert fit(PRESET, c, data, CACHE, tmp_path / "part")["resumed_from"].endswith("step-00000003")
     a = load_file(str(latest_state(tmp_path / "full") / "modules.safetensors"))
     b = load_file(str(latest_state(tmp_path / "part") / "modules.safetensors"))

@@ -28,6 +28,7 @@ from snapgen_model.training.data import (
 from snapgen_model.training.pretrain import PretrainConfig, fit
 from snapgen_model.training.state import latest_state
 from snapgen_model.training.stream import StreamData
+from tests.fixtures.training import StopAt, same, weights
 from tests.unit.test_stream_data import npy, sample, write_cache
 
 PRESET = get_preset("toy-smoke")  # f=4: 8x8 latents at 32 px, 16x16 at 64 px
@@ -70,23 +71,6 @@ class Seen(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         b = pl_module.batch_data(batch)
         self.rows.append((int(batch["step"]), int(batch.get("stage", 0)), len(b), tuple(b.latent.shape[2:])))
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *a):
-        if pl_module.current_step() >= self.step:
-            trainer.should_stop = True
-
-
-def weights(root: Path, name: str = "modules.safetensors") -> dict[str, torch.Tensor]:
-    return load_file(str(latest_state(root) / name))
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def data_of(mode: str, folder: Path):

@@ -20,6 +20,7 @@ from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit
 from snapgen_model.training.state import latest_state
 from snapgen_model.training.stream import SampleStream, ShardSource, StreamBatches, StreamData
+from tests.fixtures.training import StopAt, same, weights
 
 PRESET = get_preset("toy-smoke")
 CACHE = CacheConfig(targets_per_sample=2)
@@ -182,23 +183,6 @@ def cfg(**kw) -> PretrainConfig:
     base = dict(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=2, log_every=1, accelerator="cpu",
                 kd={"feature_kd": False}, data="stream", shuffle_buffer=5)
     return PretrainConfig.from_dict(base | kw)
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *a):
-        if pl_module.current_step() >= self.step:
-            trainer.should_stop = True
-
-
-def weights(root: Path, name: str = "modules.safetensors") -> dict[str, torch.Tensor]:
-    return load_file(str(latest_state(root) / name))
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrain_stream_resume_is_bitwise_identical(tmp_path):
