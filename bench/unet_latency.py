@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 import os
 import sys
@@ -477,7 +476,7 @@ def benchmark_model(spec: ModelSpec, args: argparse.Namespace, device: torch.dev
                 if args.verbose:
                     traceback.print_exc()
             finally:
-                fn = keep = None  # drop captured graphs and their memory pools before the next batch
+                fn = keep = None  # noqa: F841 - drop captured graphs and their memory pools before the next batch
                 free_memory(device)
     res.notes += runner.notes
     if device.type == "cuda":

@@ -15,7 +15,7 @@ quiet_environment()  # before anything imports tqdm (building the commands below
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from flows.cli_checks import (BadInput, SnapgenGroup, check_storage_access, check_storage_uri, preset_option,
+from flows.cli_checks import (SnapgenGroup, check_storage_access, check_storage_uri, preset_option,
                               settings_or_fail)
 from snapgen_model.config_base import ConfigError
 

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import io
 import math
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch

@@ -93,7 +93,7 @@ class SnapGenUNet(nn.Module):
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.config = cfg
-        ch, n = cfg.channels, len(cfg.channels)
+        ch = cfg.channels
         self.time_mlp = nn.Sequential(
             nn.Linear(ch[0], cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
         )

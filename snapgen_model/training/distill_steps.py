@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Literal
 

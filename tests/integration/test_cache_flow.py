@@ -1,10 +1,8 @@
 """Teacher caching flow on a curated toy dataset: contents, recomputation, reuse, resume, S3, Dask."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from tests.fixtures.checkpoints import save_toy_checkpoint
 

@@ -8,7 +8,6 @@ import json
 import random
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 

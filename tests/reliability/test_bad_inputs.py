@@ -5,7 +5,6 @@ And: every torch.load in the code base passes weights_only=True."""
 from __future__ import annotations
 
 import ast
-import json
 import pickle
 import re
 import shutil

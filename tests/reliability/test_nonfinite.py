@@ -12,9 +12,8 @@ from lightning.pytorch.loggers import Logger
 
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
-from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import NonFiniteLossError
-from snapgen_model.training.state import latest_state, load_state
+from snapgen_model.training.state import latest_state
 from tests.reliability.train_child import run, write_cache
 
 PRESET, CACHE = get_preset("toy-smoke"), CacheConfig(targets_per_sample=2)

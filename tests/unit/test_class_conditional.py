@@ -16,7 +16,7 @@ from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
 from snapgen_model.training.stream import StreamData
-from tests.unit.test_stages import StopAt, same, weights
+from tests.fixtures.training import StopAt, same, weights
 from tests.unit.test_stream_data import sample, write_cache
 
 CLASSES = 4

@@ -8,14 +8,13 @@ import math
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from snapgen_model.config_base import ConfigError
 from snapgen_model.training.distill_steps import StepDistillConfig
 from snapgen_model.training.pretrain import lr_lambda
 from snapgen_model.training.state import latest_state
 from tests.unit.test_distill_steps import StopAt, run, synthetic_data
-from tests.unit.test_stages import same, weights
+from tests.fixtures.training import same, weights
 
 
 

@@ -84,3 +84,24 @@ def test_the_layering_check_finds_imports_across_a_layer(tmp_path):
     assert found == ["snapgen_model/evaluation/runner.py:5 (snapgen_model.evaluation.runner) imports "
                      "snapgen_model.training.pretrain",
                      "snapgen_model/export/parts.py:1 (snapgen_model.export.parts) imports snapgen_model.training"]
+
+
+def _ruff(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_source_passes_ruff():
+    """pyproject.toml's [tool.ruff] rules (pyflakes: unused imports and variables, undefined names)."""
+    proc = _ruff("snapgen_model", "tasks", "flows", "tests", "bench", "scripts")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_ruff_finds_an_unused_import_and_an_undefined_name(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n\n\ndef f():\n    return undefined_name\n")
+    proc = _ruff(str(bad))
+    assert proc.returncode == 1 and "F401" in proc.stdout and "F821" in proc.stdout, proc.stdout + proc.stderr

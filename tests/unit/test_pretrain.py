@@ -12,7 +12,7 @@ from snapgen_model.distill.cache import CacheConfig, draw_pair
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import CachedData, global_batch_indices
 from snapgen_model.training.pretrain import NonFiniteLossError, PretrainConfig, fit
-from snapgen_model.training.state import latest_state, load_state
+from snapgen_model.training.state import latest_state
 from tests.fixtures.training import StopAt
 
 PRESET = get_preset("toy-smoke")
@@ -87,7 +87,7 @@ def _weights(folder):
 
 def test_resume_is_bitwise_identical(tmp_path):
     data = synthetic_data()
-    full = fit(PRESET, cfg(), data, CACHE, tmp_path / "full")
+    fit(PRESET, cfg(), data, CACHE, tmp_path / "full")
     part = fit(PRESET, cfg(), data, CACHE, tmp_path / "part", callbacks=[StopAt(3)])
     assert part["step"] == 3
     resumed = fit(PRESET, cfg(), data, CACHE, tmp_path / "part")

@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from snapgen_model.config_base import ConfigError
 from snapgen_model.distill.cache import CacheConfig
@@ -26,7 +25,6 @@ from snapgen_model.training.data import (
     load_cache_folder,
 )
 from snapgen_model.training.pretrain import PretrainConfig, fit
-from snapgen_model.training.state import latest_state
 from snapgen_model.training.stream import StreamData
 from tests.fixtures.training import StopAt, same, weights
 from tests.unit.test_stream_data import npy, sample, write_cache

@@ -7,11 +7,8 @@ import json
 import tarfile
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from snapgen_model.data.wds_io import write_shard
 from snapgen_model.distill.cache import CacheConfig
@@ -201,7 +198,7 @@ def test_pretrain_stream_resume_is_bitwise_identical(tmp_path):
     assert resumed["data_skipped"] == full["data_skipped"]
     for name in ("modules.safetensors", "optimizer.safetensors"):
         assert same(weights(tmp_path / "full", name), weights(tmp_path / "part", name)), name
-    memory = fit(PRESET, cfg(data="memory"), load_cache_folder(folder, ["clip"]), CACHE, tmp_path / "memory")
+    fit(PRESET, cfg(data="memory"), load_cache_folder(folder, ["clip"]), CACHE, tmp_path / "memory")
     assert not same(weights(tmp_path / "memory"), weights(tmp_path / "full"))  # another batch order
     done = fit(PRESET, cfg(), stream(), CACHE, tmp_path / "full")  # complete: counters from the checkpoint
     assert done["step"] == 6 and done["data_skipped"] == full["data_skipped"]
