@@ -69,12 +69,38 @@ def _run_pipeline(preset: str, overrides: list[str], force: bool) -> dict[str, A
         return snapgen_pipeline(preset=preset, overrides=overrides, force=force)
 
 
+def _print_resolved(preset: str, overrides: list[str], as_json: bool) -> None:
+    """`run --dry-run`: the pipeline config, then each stage's library config as the stage will build it."""
+    from flows.pipeline_config import PipelineConfigError, build_config, resolved_stage_configs
+
+    try:
+        cfg = build_config(preset, overrides)
+        resolved = {"preset": preset, "overrides": overrides, "pipeline": cfg.model_dump(mode="json"),
+                    "stages": resolved_stage_configs(cfg)}
+    except PipelineConfigError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(resolved, indent=2, default=str) + "\n")
+        return
+    console.rule(f"[bold]snapgen run --preset {preset}: resolved config (nothing runs)")
+    for name, stage in resolved["stages"].items():
+        console.print(f"[bold]{name}[/]")
+        console.print_json(json.dumps(stage, default=str))
+    console.print(f"pipeline stages: {', '.join(k for k, v in resolved['pipeline'].items() if isinstance(v, dict))}; "
+                  "`--json` prints everything, the pipeline's own fields included")
+
+
 def run(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
         set_: list[str] = typer.Option([], "--set", help="override stage.field=value (repeatable), e.g. "
                                                            "--set pretrain.train.steps=300"),
         force: bool = typer.Option(False, "--force", help="rerun every stage even if its record says it is done"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config of every stage (typed, "
+                                                              "validated, defaults filled) and run nothing"),
         as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
     """The end-to-end pipeline: teacher, curate, cache, decoder, pretrain, distill, evaluate, export, register, promote."""
+    if dry_run:
+        _print_resolved(preset, list(set_), as_json)
+        return
     _prepare()
     summary = _run_pipeline(preset, list(set_), force)
     if as_json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -280,39 +281,52 @@ def build_config(preset: str = "toy", overrides: list[str] | tuple[str, ...] = (
 
 def validate_stage_configs(cfg: PipelineConfig) -> None:
     """Build every library config the stages will build, so a bad key fails before any stage runs."""
+    resolved_stage_configs(cfg)
+
+
+def resolved_stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every library config the stages will build from `cfg`, built here (typed and validated, every default
+    filled in) and returned as plain data: what `snapgen run --dry-run` prints. A bad key or value is a
+    `PipelineConfigError` naming the stage field."""
+    from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
     from snapgen_model.distill.cache import CacheConfig
     from snapgen_model.presets import get_preset
-    from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
     from snapgen_model.training.decoder import DecoderTrainConfig
     from snapgen_model.training.distill_steps import StepDistillConfig
     from snapgen_model.training.pretrain import PretrainConfig
 
-    checks = [
-        ("pretrain.preset/overrides", lambda: get_preset(cfg.pretrain.preset, cfg.pretrain.overrides)),
-        ("pretrain.train", lambda: PretrainConfig().with_overrides(cfg.pretrain.train)),
-        ("distill.train", lambda: StepDistillConfig().with_overrides(cfg.distill.train)),
-        ("decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train)),
-        ("cache.overrides", lambda: CacheConfig().with_overrides(cfg.cache.overrides)),
+    builds: list[tuple[str, str, Callable[[], Any]]] = [
+        ("student", "pretrain.preset/overrides", lambda: get_preset(cfg.pretrain.preset, cfg.pretrain.overrides).to_dict()),
+        ("pretrain", "pretrain.train", lambda: PretrainConfig().with_overrides(cfg.pretrain.train).to_dict()),
+        ("distill", "distill.train", lambda: StepDistillConfig().with_overrides(cfg.distill.train).to_dict()),
+        ("decoder", "decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train).to_dict()),
+        ("cache", "cache.overrides", lambda: CacheConfig().with_overrides(cfg.cache.overrides).to_dict()),
     ]
-    if cfg.teacher.bundle_uri is None and cfg.teacher.release:
-        def _release() -> None:
+    if cfg.teacher.bundle_uri is not None:
+        builds.append(("teacher", "teacher.bundle_uri", lambda: {"bundle_uri": cfg.teacher.bundle_uri}))
+    elif cfg.teacher.release:
+        def _release() -> dict[str, Any]:
             from snapgen_model.training.release import release_path
 
-            release_path(cfg.teacher.release)
+            return {"release": cfg.teacher.release, "path": str(release_path(cfg.teacher.release))}
 
-        checks.append(("teacher.release", _release))
-    elif cfg.teacher.bundle_uri is None:
-        checks.append(("teacher.bootstrap_*", lambda: get_bootstrap_config(cfg.teacher.bootstrap_preset,
-                                                                           cfg.teacher.bootstrap_overrides)))
-    def _evaluate_options() -> None:
+        builds.append(("teacher", "teacher.release", _release))
+    else:
+        builds.append(("teacher", "teacher.bootstrap_*", lambda: {"bootstrap": get_bootstrap_config(
+            cfg.teacher.bootstrap_preset, cfg.teacher.bootstrap_overrides).to_dict()}))
+
+    def _evaluate_options() -> dict[str, Any]:
         from flows.evaluate import EvaluateParams
 
-        EvaluateParams(model="-", benchmarks=cfg.evaluate.benchmarks, **cfg.evaluate.options)
+        params = EvaluateParams(model="-", benchmarks=cfg.evaluate.benchmarks, **cfg.evaluate.options)
+        return params.model_dump(exclude={"model"}) | {"models": cfg.evaluate.models}
 
-    checks.append(("evaluate.options", _evaluate_options))
-    for name, build in checks:
+    builds.append(("evaluate", "evaluate.options", _evaluate_options))
+    out: dict[str, Any] = {}
+    for key, name, build in builds:
         try:
-            build()
+            out[key] = build()
         except (ValueError, KeyError, TypeError) as exc:
             message = _format_errors(exc, name) if isinstance(exc, ValidationError) else f"{name}: {exc}"
             raise PipelineConfigError(message) from None
+    return out

@@ -2,6 +2,8 @@
 promotion gate logic."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flows.pipeline_config import PRESETS, PipelineConfigError, build_config, validate_stage_configs
@@ -129,3 +131,23 @@ def test_the_toy_students_distil_from_the_teacher_run_online():
     smoke = build_config("toy-smoke")
     assert PretrainConfig().with_overrides(smoke.pretrain.train).mode == "cached"
     assert CacheConfig().with_overrides(smoke.cache.overrides).targets_per_sample == 8
+
+
+def test_run_dry_run_prints_every_stage_config_resolved_and_runs_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["run", "--preset", "toy", "--set", "pretrain.train.steps=7",
+                                      "--set", "distill.train.lr_g=0.0003", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    stages = out["stages"]
+    assert stages["pretrain"]["steps"] == 7 and stages["pretrain"]["batch_size"] == 128  # override, preset
+    assert stages["pretrain"]["kd"]["combine"] == "scaled" and stages["pretrain"]["weight_decay"] == 0.0  # defaults
+    assert stages["distill"]["lr_g"] == 0.0003 and stages["cache"]["targets_per_sample"] == 0
+    assert stages["teacher"]["release"] == "toy-teacher/v2" and stages["student"]["unet"]["channels"] == [32, 64, 64]
+    assert not (tmp_path / "home").exists()  # nothing ran, nothing was written
+    bad = CliRunner().invoke(app, ["run", "--preset", "toy", "--set", "pretrain.train.stepz=7", "--dry-run"])
+    assert bad.exit_code != 0 and "pretrain.train" in bad.output and "stepz" in bad.output
