@@ -185,9 +185,15 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                         config_hash=key) | {"snapgen.stage": "pretrain", "snapgen.checkpoints": base}
     with start_run(settings, f"pretrain student {preset}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
+        student_tmp = tempfile.TemporaryDirectory(prefix="student-")
+        saved: dict[str, str] | None = None  # the student's files, saved by the launched rank 0
         if cfg.devices * cfg.num_nodes > 1:
-            result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders, stage_caches)
-            module, skipped = None, result.get("data_skipped", {})
+            # every rank logs through Lightning (rank 0 writes to this run), rank 0 uploads checkpoints and
+            # saves the EMA student: the same outputs as the in-process path below
+            result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders, stage_caches,
+                             hooks={"mlflow_run_id": run.run_id, "checkpoint_uri": store.join(base, "checkpoints"),
+                                    "student_dir": student_tmp.name})
+            module, skipped, saved = None, result.get("data_skipped", {}), result.get("student_files")
             log_kd_levels(result, run)
         else:
             data = training_data(cache_dir, encoders, cfg.data, stage_caches)
@@ -210,21 +216,22 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                 (logger.warning if "task loss only" in result["kd_note"] else logger.info)(result["kd_note"])
                 run.set_tags({"snapgen.kd": result["kd_note"]})
         out = {"key": key, "step": result["step"], "mlflow_run_id": run.run_id, "checkpoints": store.join(base, "checkpoints"),
-               "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped}
+               "nonfinite_total": result.get("nonfinite_total"), "data_skipped": skipped,
+               "resumed_from": result.get("resumed_from")}
         if result.get("kd_note"):
             out["kd_note"] = result["kd_note"]
         if result.get("kd_levels"):
             out["kd_levels"] = result["kd_levels"]
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
-        if module is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = save_student(module, tmp)
+        with student_tmp:
+            paths = save_student(module, student_tmp.name) if module is not None else saved
+            if paths:
                 for name, p in paths.items():
                     upload_with_retry(store, Path(p), store.join(base, "student", Path(p).name))
-            out["student"] = {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}
-            out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest, "pretrain",
-                                                    key, run.run_id)
-            run.log_dict(out, "pretrain_result.json")
+                out["student"] = {n: store.join(base, "student", Path(p).name) for n, p in paths.items()}
+                out["student_uri"] = write_student_card(store, store.join(base, "student"), cache_manifest,
+                                                        "pretrain", key, run.run_id)
+                run.log_dict(out, "pretrain_result.json")
         return out
 
 
@@ -252,13 +259,31 @@ def teacher_folder(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> str |
     return str(local_folder(uri))
 
 
-def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None) -> dict[str, Any]:
-    """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank)."""
+def launch_hooks(spec: dict[str, Any]) -> dict[str, Any]:
+    """What each launched rank trains with beyond the library (`launch.py` calls this through the spec's
+    "hooks" entry): the MLflow logger writing into the stage's run (Lightning logs from rank 0) and the
+    uploader of finished checkpoints (called on rank 0, which writes them)."""
+    from tasks.tracking import lightning_logger
+
+    out: dict[str, Any] = {}
+    if spec.get("mlflow_run_id"):
+        out["loggers"] = [lightning_logger(get_settings(), spec["mlflow_run_id"])]
+    if spec.get("checkpoint_uri"):
+        out["upload"] = _uploader(storage(), spec["checkpoint_uri"])
+    return out
+
+
+def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None,
+            hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank).
+    `hooks`: {mlflow_run_id, checkpoint_uri, student_dir} (see `launch_hooks`; rank 0 saves the student)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
                 "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
                 "result_path": os.path.join(tmp, "result.json"),
                 "teacher_folder": teacher_folder(cfg, manifest), "feature_layers": manifest.get("feature_layers", [-1])}
+        if hooks:
+            spec |= {k: v for k, v in hooks.items() if v} | {"hooks": "tasks.pretrain:launch_hooks"}
         if stage_caches:
             spec["stage_caches"] = stage_caches
         if cfg.data == "stream":  # each rank streams through the storage layer

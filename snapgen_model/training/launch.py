@@ -43,19 +43,33 @@ def training_data(spec: dict, cfg: PretrainConfig):
     return {"": main} | {name: load(where) for name, where in stages.items()} if stages else main
 
 
+def _factory(name: str):
+    """The callable `"module:function"` names (the task layer's, which this package does not import)."""
+    import importlib
+
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def run(spec: dict) -> dict:
     preset = get_preset(spec["preset"], spec.get("overrides", []))
     cfg = PretrainConfig.from_dict(spec["pretrain"])
     data = training_data(spec, cfg)
     teacher = online_teacher(cfg, spec.get("teacher_folder"), spec.get("feature_layers", [-1]))
+    hooks = _factory(spec["hooks"])(spec) if spec.get("hooks") else {}
     result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], teacher=teacher,
-                 resume=spec.get("resume", "latest"))
+                 resume=spec.get("resume", "latest"), loggers=hooks.get("loggers"), upload=hooks.get("upload"))
     module = result.pop("module", None)
-    if module is not None and module.global_rank == 0 and spec.get("result_path"):
-        run_cache = data[""] if isinstance(data, dict) else data
-        samples = len(run_cache) if cfg.data == "memory" else None  # a stream does not know its length up front
-        out = result | {"world_size": module.trainer.world_size, "samples": samples}
-        Path(spec["result_path"]).write_text(json.dumps(out, default=str))
+    if module is not None and module.global_rank == 0:
+        if spec.get("student_dir"):  # the EMA student, as the in-process path saves it
+            from snapgen_model.training.pretrain import save_student
+
+            result["student_files"] = save_student(module, spec["student_dir"])
+        if spec.get("result_path"):
+            run_cache = data[""] if isinstance(data, dict) else data
+            samples = len(run_cache) if cfg.data == "memory" else None  # a stream does not know its length up front
+            out = result | {"world_size": module.trainer.world_size, "samples": samples}
+            Path(spec["result_path"]).write_text(json.dumps(out, default=str))
     return result
 
 
