@@ -118,6 +118,8 @@ class PretrainConfig(ConfigBase):
         check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", "must be >= 0 (0 = only at the end)")
         check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints", "must be >= 1")
         check(self.devices >= 1, "pretrain.devices", "must be >= 1")
+        check(not (self.strategy == "fsdp" and self.accelerator == "cpu"), "pretrain.strategy",
+              "fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU accelerator): use ddp on CPU")
         check(self.num_nodes >= 1, "pretrain.num_nodes", "must be >= 1")
         check(self.log_every >= 1, "pretrain.log_every", "must be >= 1")
         check(not (self.fused_optimizer and self.precision != "32-true" and self.grad_clip > 0),

@@ -151,3 +151,18 @@ def test_run_dry_run_prints_every_stage_config_resolved_and_runs_nothing(tmp_pat
     assert not (tmp_path / "home").exists()  # nothing ran, nothing was written
     bad = CliRunner().invoke(app, ["run", "--preset", "toy", "--set", "pretrain.train.stepz=7", "--dry-run"])
     assert bad.exit_code != 0 and "pretrain.train" in bad.output and "stepz" in bad.output
+
+
+def test_the_full_size_student_resolves_with_fsdp_and_fsdp_on_cpu_is_named():
+    """FSDP is for the full-size student on GPU nodes (Lightning refuses FSDP on the CPU accelerator, so it is
+    not run here): its configuration resolves, and asking for it on the CPU is a config error, not a deep one."""
+    from flows.pipeline_config import resolved_stage_configs
+
+    cfg = build_config("snapgen-1024", ["teacher.bundle_uri=s3://models/sd35", "pretrain.train.strategy=fsdp",
+                                        "pretrain.train.devices=8", "pretrain.train.num_nodes=4"])
+    stages = resolved_stage_configs(cfg)
+    assert stages["pretrain"]["strategy"] == "fsdp" and stages["pretrain"]["precision"] == "bf16-mixed"
+    assert stages["student"]["name"] == "snapgen-1024"
+    with pytest.raises(PipelineConfigError, match="pretrain.strategy.*fsdp needs GPUs"):
+        validate_stage_configs(build_config("toy", ["pretrain.train.strategy=fsdp",
+                                                    "pretrain.train.accelerator=cpu"]))
