@@ -46,6 +46,17 @@ def logit_normal_density(t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -
     return torch.exp(-0.5 * ((logit - mean) / std) ** 2) / norm
 
 
+def timestep_density(t: torch.Tensor, cfg: FlowMatchingConfig) -> torch.Tensor:
+    """Density at t of the timesteps `sample_timesteps` draws: the logit-normal, pushed through the shift
+    t' = s u / (1 + (s - 1) u), so p(t') = p_ln(u) du/dt' with u = t' / (s - (s - 1) t')."""
+    if cfg.shift == 1.0:
+        return logit_normal_density(t, cfg.logit_mean, cfg.logit_std)
+    s = cfg.shift
+    t = t.clamp(1e-6, 1 - 1e-6)
+    denominator = s - (s - 1.0) * t
+    return logit_normal_density(t / denominator, cfg.logit_mean, cfg.logit_std) * s / denominator ** 2
+
+
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x0 = x_t - t v (exact for the linear path)."""
     return x_t - t.view(-1, *([1] * (x_t.dim() - 1))) * v

@@ -5,9 +5,9 @@ All terms return per-sample losses (B,), because the timestep-aware scaling work
     S(L_task, L_kd) = E_t[ a_t L_task + (1 - a_t) sg(|L_task| / |L_kd|) L_kd ]
 
 with sg the stop-gradient, so at every t the KD term is brought to the task loss's magnitude, and
-a_t derived from the logit-normal timestep density (the exact formula is unpublished [U]; ours:
-a_t = p(t) / p_max, so mid-range timesteps, which the task loss samples most, lean on it and rare
-extreme timesteps lean on the teacher). Total: S(L_task, L_out) + S(L_task, L_feat).
+a_t derived from the density of the timesteps training draws (the run's flow config: logit-normal,
+then its shift; the exact formula is unpublished [U]; ours: a_t = p(t) / p_max, so the timesteps the
+task loss samples most lean on it and rare ones lean on the teacher). Total: S(L_task, L_out) + S(L_task, L_feat).
 
 With cached teacher targets the KD terms live on the K cached (t, noise) pairs while the task term
 is drawn fresh every step (`t_task`); the magnitude |L_task| in the ratio is then the (detached)
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapgen_model.config_base import ConfigBase, check, check_choice
-from snapgen_model.diffusion.flow import logit_normal_density
+from snapgen_model.configs import FlowMatchingConfig
+from snapgen_model.diffusion.flow import timestep_density
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,10 +37,8 @@ class KDConfig(ConfigBase):
     student_feature: str = "up1"  # student feature map for L_feat (64x64 at 1024^2 for snapgen-1024) [U]
     teacher_feature: str = ""  # teacher feature name ("" = the last captured layer)
     combine: Literal["scaled", "weighted", "task_only"] = "scaled"  # S(.) of the paper, a plain sum, or no KD
-    alpha: Literal["density", "constant"] = "density"  # a_t from the logit-normal density, or a constant
+    alpha: Literal["density", "constant"] = "density"  # a_t from the run's timestep density (flow config), or a constant
     alpha_constant: float = 0.5  # a_t when alpha = constant
-    logit_mean: float = 0.0  # density parameters for a_t (match the flow config)
-    logit_std: float = 1.0
     out_weight: float = 1.0  # weighted mode: weight of L_out
     feat_weight: float = 1.0  # weighted mode: weight of L_feat
     eps: float = 1e-8  # guards the magnitude ratio
@@ -48,7 +47,6 @@ class KDConfig(ConfigBase):
         check_choice(self.combine, "kd.combine", ("scaled", "weighted", "task_only"))
         check_choice(self.alpha, "kd.alpha", ("density", "constant"))
         check(0.0 <= self.alpha_constant <= 1.0, "kd.alpha_constant", "must be in [0, 1]")
-        check(self.logit_std > 0, "kd.logit_std", "must be > 0")
         check(self.out_weight >= 0 and self.feat_weight >= 0, "kd.out_weight", "weights must be >= 0")
 
 
@@ -96,21 +94,18 @@ class FeatureKDLoss:
 
 
 class TimestepAwareScaling:
-    """S(L_task, L_kd): per-timestep magnitude matching with stop-gradient (see module docstring)."""
+    """S(L_task, L_kd): per-timestep magnitude matching with stop-gradient (see module docstring).
+    `flow`: the run's timestep distribution (the preset's `flow`), whose density gives a_t."""
 
-    def __init__(self, cfg: KDConfig) -> None:
-        self.cfg = cfg
-        self.peak = float(logit_normal_density(torch.tensor(self._mode()), cfg.logit_mean, cfg.logit_std))
-
-    def _mode(self) -> float:
-        """Mode of the logit-normal (numerically, on a grid)."""
+    def __init__(self, cfg: KDConfig, flow: FlowMatchingConfig | None = None) -> None:
+        self.cfg, self.flow = cfg, flow or FlowMatchingConfig()
         grid = torch.linspace(1e-3, 1 - 1e-3, 2001)
-        return float(grid[logit_normal_density(grid, self.cfg.logit_mean, self.cfg.logit_std).argmax()])
+        self.peak = float(timestep_density(grid, self.flow).max())  # the density's mode, numerically on a grid
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.alpha == "constant":
             return torch.full_like(t, self.cfg.alpha_constant)
-        return (logit_normal_density(t, self.cfg.logit_mean, self.cfg.logit_std) / self.peak).clamp(0, 1)
+        return (timestep_density(t, self.flow) / self.peak).clamp(0, 1)
 
     def __call__(self, l_task: torch.Tensor, l_kd: torch.Tensor, t: torch.Tensor,
                  mask: torch.Tensor | None = None, *, t_task: torch.Tensor | None = None,
@@ -131,11 +126,12 @@ class TimestepAwareScaling:
 
 
 class DistillationObjective:
-    """Combines the named terms as configured: scaled (paper), weighted (ablation) or task only."""
+    """Combines the named terms as configured: scaled (paper), weighted (ablation) or task only.
+    `flow`: the run's timestep distribution (a_t of the scaling)."""
 
-    def __init__(self, cfg: KDConfig) -> None:
+    def __init__(self, cfg: KDConfig, flow: FlowMatchingConfig | None = None) -> None:
         self.cfg = cfg
-        self.scaling = TimestepAwareScaling(cfg)
+        self.scaling = TimestepAwareScaling(cfg, flow)
 
     def __call__(self, terms: dict[str, torch.Tensor], t: torch.Tensor,
                  mask: torch.Tensor | None = None, *, t_task: torch.Tensor | None = None,

@@ -231,7 +231,7 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         pooled_dim = sum(self.reference_data().pooled[e].shape[-1] for e in cache_cfg.teacher_clip_encoders)
         self.discriminator = TeacherFeatureDiscriminator(teacher, cfg.discriminator, pooled_dim)
         self.d_loss, self.g_loss = adversarial_losses(cfg.discriminator.loss)
-        self.objective, self.task_loss, self.out_loss = DistillationObjective(cfg.kd), TaskLoss(), OutputKDLoss()
+        self.objective, self.task_loss, self.out_loss = DistillationObjective(cfg.kd, preset.flow), TaskLoss(), OutputKDLoss()
         self.timesteps = make_timesteps(cfg.sampler_steps, cfg.shift)  # (N + 1,) from 1 to 0
         self.steps_done, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.setup_plan(stage_configs((), cfg.steps, cfg.batch_size), preset.latent.downsample)

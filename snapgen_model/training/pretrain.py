@@ -194,7 +194,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
         # registered (ema_models) so they follow the module's device and are part of the training state
         self.ema = ModuleEMA(self.student_modules(), ema_decay(cfg))
         self.ema_models = torch.nn.ModuleDict(self.ema.copies)
-        self.objective = DistillationObjective(cfg.kd)
+        self.objective = DistillationObjective(cfg.kd, preset.flow)  # a_t from the run's own timestep density
         self.task_loss, self.out_loss, self.feat_loss = TaskLoss(), OutputKDLoss(), FeatureKDLoss()
         self.nonfinite_total, self.nonfinite_run, self._t0 = 0, 0, None
         self.setup_plan(stage_configs(cfg.stages, cfg.steps, cfg.batch_size), preset.latent.downsample)
