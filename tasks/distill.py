@@ -24,6 +24,7 @@ from snapgen_model.training.distill_steps import (
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
+from tasks.progress import training_progress
 from tasks.pretrain import _uploader, storage, training_data, upload_with_retry, write_student_card
 from tasks.settings import get_settings
 
@@ -82,7 +83,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
                              teacher=teacher, student=unet, conditioner=conditioner, teacher_null=teacher_null,
                              loggers=[lightning_logger(settings, run.run_id)],
                              upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
-                             callbacks=[preview] if preview else [])
+                             callbacks=[*([preview] if preview else []), training_progress("distill", cfg.steps)])
         module = result.pop("module")
         skipped = result.get("data_skipped", data.skipped)
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out

@@ -21,6 +21,7 @@ from snapgen_model.training.stream import ShardSource, StreamData
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
+from tasks.progress import training_progress
 from tasks.settings import get_settings
 from tasks.storage import Storage
 
@@ -205,7 +206,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
             result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
                          state_root, teacher=teacher, loggers=[lightning_logger(settings, run.run_id)],
                          upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
-                         callbacks=[preview] if preview else [])
+                         callbacks=[*([preview] if preview else []), training_progress("pretrain", cfg.steps)])
             module = result.pop("module", None)
             skipped = result.get("data_skipped", {})
             log_kd_levels(result, run)

@@ -1,0 +1,101 @@
+"""Progress of a Lightning training run as short text lines: step, loss, speed and time left.
+
+`ProgressCallback(report, total_steps, every_s)` calls `report(line)` on global rank 0 at most every
+`every_s` seconds and once at the end, so a long stage is never silent in a terminal. The line reads
+
+    step 120/500 (24%), 75 s, loss 0.2134, 164 img/s, about 3 min left
+
+The loss is the module's logged `loss/total` (Lightning's callback metrics); images/s counts the
+global batch over every rank. The task layer decides where the line goes (a Prefect run logger).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_line(step: int, total: int, elapsed_s: float, loss: float | None, images_per_s: float | None,
+                  steps_done: int) -> str:
+    """The text of one report; `steps_done`: steps this process trained (a resumed run starts above 0)."""
+    pct = 100.0 * step / max(1, total)
+    parts = [f"step {step}/{total} ({pct:.0f}%)", f"{elapsed_s:.0f} s"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if images_per_s:
+        parts.append(f"{images_per_s:.0f} img/s")
+    if 0 < steps_done and step < total:
+        parts.append(f"about {_duration(elapsed_s / steps_done * (total - step))} left")
+    return ", ".join(parts)
+
+
+class ProgressCallback(pl.Callback):
+    """Report progress lines (see the module docstring) at most every `every_s` seconds, and at the end."""
+
+    def __init__(self, report: Callable[[str], None], total_steps: int, every_s: float = 30.0,
+                 loss_key: str = "loss/total") -> None:
+        self.report, self.total, self.every_s, self.loss_key = report, int(total_steps), float(every_s), loss_key
+        self._start: tuple[float, int] | None = None
+        self._last = 0.0
+        self._images = 0
+        self.lines: list[str] = []
+
+    def _step(self, pl_module) -> int:
+        current = getattr(pl_module, "current_step", None)
+        return int(current()) if current is not None else int(pl_module.global_step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = (time.monotonic(), self._step(pl_module))
+        self._last, self._images = time.monotonic(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += _batch_size(batch) * trainer.world_size
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._emit(trainer, pl_module, now)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._emit(trainer, pl_module, time.monotonic())
+
+    def _emit(self, trainer, pl_module, now: float) -> None:
+        self._last = now
+        if not trainer.is_global_zero or self._start is None:
+            return
+        step = self._step(pl_module)
+        elapsed = now - self._start[0]
+        loss = trainer.callback_metrics.get(self.loss_key)
+        line = progress_line(step, self.total, elapsed, None if loss is None else float(loss),
+                             self._images / elapsed if elapsed > 0 and self._images else None, step - self._start[1])
+        self.lines.append(line)
+        self.report(line)
+
+
+def _batch_size(batch) -> int:
+    """Images in a training batch: the first dimension of its first tensor (0 when it has none)."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    if isinstance(batch, dict):
+        for key in ("latent", "x", "images"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return int(batch[key].shape[0])
+        values = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return 0
+    for v in values:
+        n = _batch_size(v)
+        if n:
+            return n
+    return 0

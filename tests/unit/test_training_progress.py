@@ -1,0 +1,58 @@
+"""Progress lines of a training run: step, loss, speed and time left, at most every `every_s`, and at the end."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from snapgen_model.training.progress import ProgressCallback, progress_line
+
+
+class _Line(pl.LightningModule):
+    """y = 3x by least squares, batches of 8 as dicts (the shape of snapgen's index batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def train_dataloader(self):
+        x = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader([{"step": torch.tensor(i), "idx": x[i * 8:(i + 1) * 8]} for i in range(8)],
+                                           batch_size=None)
+
+    def training_step(self, batch, batch_idx):
+        x = batch["idx"]
+        loss = ((self.w * x - 3 * x) ** 2).mean()
+        self.log("loss/total", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_every_step_reported_with_loss_speed_and_time_left_then_the_end(tmp_path):
+    lines: list[str] = []
+    cb = ProgressCallback(lines.append, total_steps=8, every_s=0.0)
+    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path).fit(_Line())
+    assert len(lines) == 9  # one per step (every_s=0), one at the end
+    assert lines[0].startswith("step 1/8 (12%)") and "left" in lines[0]
+    assert lines[-1].startswith("step 8/8 (100%)") and "left" not in lines[-1]
+    assert all("loss " in line and " img/s" in line for line in lines)
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in lines]
+    assert losses[-1] < losses[0]  # the logged loss, not a constant
+
+
+def test_lines_are_rate_limited(tmp_path):
+    lines: list[str] = []
+    cb = ProgressCallback(lines.append, total_steps=8, every_s=3600.0)
+    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path).fit(_Line())
+    assert len(lines) == 1 and lines[0].startswith("step 8/8")
+
+
+def test_line_text_by_hand():
+    # 100 of 500 steps in 50 s (a run resumed at step 0): 400 steps left at 0.5 s each = 200 s = about 3 min
+    assert progress_line(100, 500, 50.0, 0.21344, 256.0, 100) == \
+        "step 100/500 (20%), 50 s, loss 0.2134, 256 img/s, about 3 min left"
+    # resumed at 400: 20 steps trained in 10 s, 80 left -> 40 s
+    assert progress_line(420, 500, 10.0, None, None, 20) == "step 420/500 (84%), 10 s, about 40 s left"
