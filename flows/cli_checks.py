@@ -67,10 +67,10 @@ def describe_settings_error(exc: Any) -> str:
 
 
 def mask_uri_in_text(text: str) -> str:
-    """``text`` with the password of every URI in it masked."""
-    from tasks.settings import mask_uri
+    """``text`` with the credentials of every URI in it masked (the one secrets policy, tasks/secrets.py)."""
+    from tasks.secrets import mask_text
 
-    return " ".join(mask_uri(word) if "://" in word else word for word in text.split(" "))
+    return mask_text(text)
 
 
 def _reason(error: Mapping[str, Any], field: str) -> str:

@@ -426,7 +426,7 @@ def report_data(summary: dict[str, Any]) -> dict[str, Any]:
                     "teacher bundle": teacher.get("bundle_uri"), "git commit": tracking.git_commit(),
                     "code version": tracking.code_version(), **{f"stage key: {k}": v for k, v in summary["keys"].items()}},
         "links": {"MLflow UI (experiment runs)": tracking.ui_base_url(settings), "Prefect UI (flow runs)": prefect_ui_url(),
-                  "MLflow tracking": tracking.redact_uri(settings.mlflow_tracking_uri)},
+                  "MLflow tracking": tracking.mask_uri(settings.mlflow_tracking_uri)},
         "missing": missing,
     }
 

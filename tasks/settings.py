@@ -13,8 +13,9 @@ standard env vars (``AWS_*``, ``AWS_DEFAULT_REGION``, ``MLFLOW_TRACKING_URI``,
 ``MLFLOW_EXPERIMENT_NAME``) when unset here.
 
 Secrets are ``SecretStr`` and never printed: :meth:`SnapgenSettings.masked_dict` and
-:meth:`SnapgenSettings.render_table` replace them (and passwords embedded in URIs) by ``***``;
-validation errors do not echo input values.
+:meth:`SnapgenSettings.render_table` replace them (and passwords embedded in URIs) by ``***``,
+following the project's one secrets policy (``tasks/secrets.py``); validation errors do not echo
+input values.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -33,13 +34,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-MASK = "***"
+from tasks.secrets import MASK, mask_uri, mask_value, secret_value  # noqa: F401  (the one secrets policy; re-exported)
+
 ENV_PREFIX = "SNAPGEN_"
 CONFIG_FILE_ENV = "SNAPGEN_CONFIG_FILE"
 STORAGE_SCHEMES = ("file", "s3")
 MIB = 1024 * 1024
-# Query-string keys whose values are credentials (e.g. presigned URLs, DSN options).
-_SECRET_QUERY_MARKERS = ("password", "passwd", "secret", "token", "signature", "credential", "key")
 # settings field -> standard AWS env var used when the field is unset.
 _AWS_ENV_FALLBACKS = {
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
@@ -57,52 +57,6 @@ _STANDARD_ENV_FALLBACKS = {
 _CONFIG_FILE_OVERRIDE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "snapgen_config_file", default=None
 )
-
-
-# --------------------------------------------------------------------------------------------
-# masking helpers (no project imports: usable from any module)
-# --------------------------------------------------------------------------------------------
-def mask_uri(uri: str) -> str:
-    """``uri`` with credentials replaced by ``***``: the password of ``user:pass@host`` and the
-    values of secret-looking query parameters (``?token=...``). Non-URIs come back unchanged."""
-    if "://" not in uri:
-        return uri
-    try:
-        parts = urlsplit(uri)
-        password = parts.password
-    except ValueError:
-        return uri
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{MASK}@{hostinfo}"
-    query = _mask_query(parts.query)
-    if netloc == parts.netloc and query == parts.query:
-        return uri
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _mask_query(query: str) -> str:
-    """A query string with the values of secret-looking keys replaced by ``***``."""
-    if not query:
-        return query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(_is_secret_key(k) for k, _ in pairs):
-        return query
-    return urlencode([(k, MASK if _is_secret_key(k) else v) for k, v in pairs], safe="*")
-
-
-def _is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return any(marker in lowered for marker in _SECRET_QUERY_MARKERS)
-
-
-def secret_value(secret: SecretStr | str | None) -> str | None:
-    """Plain value of a ``SecretStr`` (or a plain string); ``None`` stays ``None``."""
-    if secret is None:
-        return None
-    return secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
 
 
 def _absolute(path: str | Path) -> Path:
@@ -265,7 +219,8 @@ class SnapgenSettings(BaseSettings):
         """Every setting as JSON-able values, secrets (and URI passwords) replaced by ``***``."""
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
-            out[name] = _masked_value(getattr(self, name))
+            value = getattr(self, name)
+            out[name] = None if value is None else mask_value(name, str(value) if isinstance(value, Path) else value)
         path = config_file_path()
         out["config_file"] = str(path) if path else None
         return out
@@ -287,17 +242,6 @@ class SnapgenSettings(BaseSettings):
 
     def __repr_args__(self) -> Any:  # repr(settings) shows masked values only
         return list(self.masked_dict().items())
-
-
-def _masked_value(value: Any) -> Any:
-    """One setting, JSON-able and masked."""
-    if isinstance(value, SecretStr):
-        return MASK
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, str):
-        return mask_uri(value)
-    return value
 
 
 # --------------------------------------------------------------------------------------------

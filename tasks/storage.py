@@ -38,7 +38,8 @@ from urllib3.exceptions import ProtocolError as Urllib3ProtocolError
 from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeoutError
 from pydantic import SecretStr
 
-from tasks.settings import MASK, MIB, mask_uri, secret_value
+from tasks.secrets import MASK, as_secret, mask_uri, secret_value
+from tasks.settings import MIB
 
 if TYPE_CHECKING:
     from tasks.settings import SnapgenSettings
@@ -192,7 +193,7 @@ class Storage:
         self.root = str(parse_uri(root)) if root else None
         self.endpoint_url = endpoint_url
         self.region = region
-        self._credentials = tuple(_as_secret(v) for v in (access_key_id, secret_access_key, session_token))
+        self._credentials = tuple(as_secret(v) for v in (access_key_id, secret_access_key, session_token))
         self.max_attempts = max_attempts
         self.retry_mode = retry_mode
         self.connect_timeout = connect_timeout
@@ -607,12 +608,6 @@ def _credentials_from_environment() -> tuple[SecretStr | None, ...]:
 
     settings = get_settings()
     return (settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
-
-
-def _as_secret(value: SecretStr | str | None) -> SecretStr | None:
-    if value is None or isinstance(value, SecretStr):
-        return value
-    return SecretStr(str(value)) if str(value) else None
 
 
 def _fsync_dir(folder: Path) -> None:

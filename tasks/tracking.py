@@ -41,6 +41,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks.secrets import MASK, mask_secrets, mask_uri, mask_value, secret_value
+
 try:  # limits of the MLflow REST API; fall back to the documented values
     from mlflow.utils.validation import (
         MAX_METRICS_PER_BATCH,
@@ -68,8 +70,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MASK = "***"
-SECRET_KEY_MARKERS = ("secret", "password", "passwd", "token", "access_key", "private_key")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 TAG_PREFIX = "snapgen."
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,12 +80,6 @@ _MLFLOW_HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
-_SECRET_VALUE_PATTERNS = (
-    re.compile(r"^(AKIA|ASIA)[0-9A-Z]{16}$"),  # AWS access key id
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(r"^(gh[pousr]_|hf_|sk-|xox[abp]-)[A-Za-z0-9_\-]{16,}$"),  # common API tokens
-    re.compile(r"^Bearer\s+\S+$", re.IGNORECASE),
-)
 # Artifact roots for local (sqlite) backends, by tracking URI; filled by configure_mlflow.
 _LOCAL_ARTIFACT_ROOTS: dict[str, str] = {}
 _ACTIVE_RUNS: contextvars.ContextVar[tuple[RunHandle, ...]] = contextvars.ContextVar(
@@ -117,7 +111,7 @@ def configure_mlflow(settings: TrackingSettings) -> str:
         os.environ.setdefault(key, value)
     token = getattr(settings, "mlflow_tracking_token", None)
     if token is not None:
-        os.environ["MLFLOW_TRACKING_TOKEN"] = _secret_value(token)
+        os.environ["MLFLOW_TRACKING_TOKEN"] = secret_value(token)
     if uri.startswith("sqlite:"):
         _prepare_sqlite(uri, settings)
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; settings read that variable as the user's
@@ -128,14 +122,8 @@ def configure_mlflow(settings: TrackingSettings) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = users
-    log.debug("MLflow tracking URI: %s", redact_uri(uri))
+    log.debug("MLflow tracking URI: %s", mask_uri(uri))
     return uri
-
-
-def _secret_value(secret: Any) -> str:
-    """Plain value of a pydantic ``SecretStr`` (or of a plain string)."""
-    getter = getattr(secret, "get_secret_value", None)
-    return str(getter() if callable(getter) else secret)
 
 
 def _prepare_sqlite(uri: str, settings: TrackingSettings) -> None:
@@ -162,19 +150,6 @@ def artifact_root_uri(root: str | Path) -> str:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", text):
         return text.rstrip("/")
     return Path(text).expanduser().resolve().as_uri()
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with any password in its authority replaced by ``***``."""
-    try:
-        parts = urlsplit(uri)
-        password = parts.password
-    except ValueError:
-        return uri
-    if password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{password}@", f":{MASK}@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def get_or_create_experiment(
@@ -214,41 +189,6 @@ def _default_artifact_location(tracking_uri: str, name: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # params: flattening, truncation, masking
 # --------------------------------------------------------------------------------------------
-def is_secret_key(key: str) -> bool:
-    """True when a parameter/config key names a credential."""
-    lowered = key.lower()
-    return any(marker in lowered for marker in SECRET_KEY_MARKERS)
-
-
-def looks_like_secret(value: Any) -> bool:
-    """True for pydantic secrets and strings shaped like well-known credentials."""
-    if hasattr(value, "get_secret_value"):
-        return True
-    if not isinstance(value, str):
-        return False
-    return any(pattern.search(value.strip()) for pattern in _SECRET_VALUE_PATTERNS)
-
-
-def _mask_value(key: str, value: Any) -> Any:
-    """``MASK`` for secrets; URIs keep everything but their password."""
-    if is_secret_key(key) or looks_like_secret(value):
-        return MASK
-    if isinstance(value, str) and "://" in value:
-        return redact_uri(value)
-    return value
-
-
-def mask_secrets(obj: Any, _key: str = "") -> Any:
-    """A copy of ``obj`` (nested dicts/lists) with secret-looking entries replaced by ``***``."""
-    if hasattr(obj, "model_dump") and not hasattr(obj, "get_secret_value"):
-        obj = obj.model_dump()
-    if isinstance(obj, Mapping):
-        return {k: mask_secrets(v, f"{_key}.{k}" if _key else str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [mask_secrets(v, _key) for v in obj]
-    return _mask_value(_key, obj)
-
-
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested mappings (and pydantic models) into dotted keys."""
     flat: dict[str, Any] = {}
@@ -278,7 +218,7 @@ def _param_string(value: Any) -> str:
 def prepare_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Flatten, mask and stringify ``params`` for ``log_batch``."""
     flat = flatten_params(params)
-    return {key: _param_string(_mask_value(key, value)) for key, value in flat.items()}
+    return {key: _param_string(mask_value(key, value)) for key, value in flat.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -861,7 +801,7 @@ def resolve_model_version(settings: TrackingSettings, ref: str) -> dict[str, str
         mv = call_with_retry(lambda: client.get_model_version_by_alias(name, alias) if alias
                              else client.get_model_version(name, number), RetryPolicy(), "get_model_version")
     except MlflowException as exc:
-        raise LookupError(f"model ref {ref!r}: not found in the registry at {redact_uri(uri)} ({exc.error_code})") from exc
+        raise LookupError(f"model ref {ref!r}: not found in the registry at {mask_uri(uri)} ({exc.error_code})") from exc
     out = {"name": name, "version": str(mv.version), "run_id": mv.run_id or ""}
     if (mv.tags or {}).get(CHECKPOINT_TAG):
         return out | {"source": mv.tags[CHECKPOINT_TAG]}
