@@ -19,7 +19,7 @@ from snapgen_model.imaging import make_grid
 from snapgen_model.training import bootstrap as bs
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage
+from tasks.storage import storage
 from tasks.tracking import (
     find_model_versions,
     lineage_tags,
@@ -52,7 +52,7 @@ def state_dir(folder: str | Path) -> Path:
 
 def bundle_uri(config_hash: str) -> str:
     """Storage URI of the bundle of a config: `<storage root>/teachers/<config hash>`."""
-    return Storage.from_settings(get_settings()).uri("teachers", config_hash)
+    return storage().uri("teachers", config_hash)
 
 
 def _reporter(phase_label: str):
@@ -82,12 +82,12 @@ def resolve_config(preset: str, overrides: list[str]) -> dict[str, Any]:
 def find_cached_bundle(config_hash: str) -> dict[str, Any] | None:
     """The finished bundle of this config in storage ({"bundle_uri", "record"}), or None.
     A bundle counts only when its bundle.json (written last) exists."""
-    storage = Storage.from_settings(get_settings())
+    store = storage()
     uri = bundle_uri(config_hash)
-    record_uri = storage.join(uri, bs.BUNDLE_FILE)
-    if not storage.exists(record_uri):
+    record_uri = store.join(uri, bs.BUNDLE_FILE)
+    if not store.exists(record_uri):
         return None
-    return {"bundle_uri": uri, "record": storage.read_json(record_uri)}
+    return {"bundle_uri": uri, "record": store.read_json(record_uri)}
 
 
 @task(name="find-registered-teacher", **io_task_options(persist_result=False))
@@ -153,12 +153,12 @@ def evaluate_teacher_task(folder: str) -> dict[str, Any]:
 @task(name="publish-teacher-bundle", **io_task_options(persist_result=False))
 def publish_bundle(folder: str, config_hash: str) -> str:
     """Upload the bundle folder to `<storage root>/teachers/<hash>/`, bundle.json last. Returns its URI."""
-    storage = Storage.from_settings(get_settings())
+    store = storage()
     uri = bundle_uri(config_hash)
-    storage.delete(storage.join(uri, bs.BUNDLE_FILE))  # unfinished until the new record lands
+    store.delete(store.join(uri, bs.BUNDLE_FILE))  # unfinished until the new record lands
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in sorted(files, key=lambda p: p.name == bs.BUNDLE_FILE):
-        storage.upload_file(path, storage.join(uri, path.relative_to(folder).as_posix()))
+        store.upload_file(path, store.join(uri, path.relative_to(folder).as_posix()))
     return uri
 
 

@@ -26,13 +26,9 @@ from snapgen_model.distill.vae import VAEAdapter, VAEConfig
 from snapgen_model.data.wds_io import decode_sample, write_shard
 from tasks.defaults import io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage
+from tasks.storage import Storage, storage
 
 CODE_VERSION = "cache-1"
-
-
-def storage() -> Storage:
-    return Storage.from_settings(get_settings())
 
 
 def _hash(obj: Any) -> str:

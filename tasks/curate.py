@@ -24,14 +24,10 @@ from snapgen_model.data.sources import SourceSpec, enumerate_source
 from snapgen_model.data.wds_io import write_shard
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage
+from tasks.storage import Storage, storage
 
 MANIFEST = "manifest.json"
 CODE_VERSION = "curate-1"
-
-
-def storage() -> Storage:
-    return Storage.from_settings(get_settings())
 
 
 def _hash(obj: Any) -> str:

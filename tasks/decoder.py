@@ -22,11 +22,7 @@ from snapgen_model.training.decoder import DecoderTrainConfig, decoder_report, t
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage
-
-
-def storage() -> Storage:
-    return Storage.from_settings(get_settings())
+from tasks.storage import storage
 
 
 @task(name="load-latents", **io_task_options())

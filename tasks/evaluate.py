@@ -75,7 +75,7 @@ from tasks import tracking
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage
+from tasks.storage import storage
 
 MODEL_URI_PREFIX = "models:/"
 
@@ -109,7 +109,7 @@ def _local_checkpoint(uri: str) -> str:
     """A local path for a checkpoint URI; s3:// files are downloaded once into the eval cache."""
     if not uri.startswith("s3://"):
         return uri
-    store = Storage.from_settings(get_settings())
+    store = storage()
     local = Path(get_settings().home) / "eval" / "_models" / _sha(uri)[:16]
     target = local / ("unet.safetensors" if not uri.endswith(".safetensors") else Path(uri).name)
     if not target.is_file():
@@ -125,7 +125,7 @@ def _model_folder(uri: str) -> Path | None:
     if uri.endswith(".safetensors"):
         return None
     if uri.startswith("s3://"):
-        store = Storage.from_settings(get_settings())
+        store = storage()
         if not (store.exists(store.join(uri, student_files.CARD)) or store.exists(store.join(uri, "bundle.json"))):
             return None
     folder = local_folder(uri)

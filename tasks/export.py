@@ -21,7 +21,7 @@ from snapgen_model.export.pipeline import MANIFEST
 from tasks import tracking
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage, parse_uri
+from tasks.storage import Storage, parse_uri, storage
 
 REGISTRY_SCHEME = "models:/"
 UNET_FILE, DECODER_FILE, TEXT_ENCODER_DIR = "unet.safetensors", "decoder.safetensors", "text_encoder"
@@ -29,10 +29,6 @@ UNET_FILE, DECODER_FILE, TEXT_ENCODER_DIR = "unet.safetensors", "decoder.safeten
 
 class RegistryUnavailableError(RuntimeError):
     """A `models:/` reference was given but no model registry resolver exists yet."""
-
-
-def storage() -> Storage:
-    return Storage.from_settings(get_settings())
 
 
 def as_uri(ref: str) -> str:

@@ -21,13 +21,9 @@ from prefect import task
 from tasks.cache import local_folder
 from tasks.defaults import io_task_options
 from tasks.settings import get_settings
-from tasks.storage import Storage
+from tasks.storage import storage
 
 _ROOT = Path(__file__).resolve().parents[1]
-
-
-def storage() -> Storage:
-    return Storage.from_settings(get_settings())
 
 
 def _sha(obj: Any) -> str:

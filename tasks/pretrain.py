@@ -23,11 +23,7 @@ from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
 from tasks.progress import training_progress
 from tasks.settings import get_settings
-from tasks.storage import Storage
-
-
-def storage() -> Storage:
-    return Storage.from_settings(get_settings())
+from tasks.storage import Storage, storage
 
 
 @task(name="fetch-cache", **io_task_options())

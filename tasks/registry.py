@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.settings import get_settings
-from tasks.storage import Storage
+from tasks.storage import storage
 from tasks.tracking import (
     CHECKPOINT_TAG,
     RetryPolicy,
@@ -90,7 +90,7 @@ def registry_lock(name: str, timeout_s: float = 300.0) -> Iterator[None]:
 
 def file_checksums(files: Mapping[str, str]) -> dict[str, str]:
     """label -> sha256 of each storage URI (file:// or s3://), read through Storage."""
-    store = Storage.from_settings(get_settings())
+    store = storage()
     return {label: store.sha256(uri) for label, uri in files.items()}
 
 
@@ -159,7 +159,7 @@ def evaluate_gates(candidate: Mapping[str, float], champion: Mapping[str, float]
 
 def verify_checksums(tags: Mapping[str, str]) -> list[str]:
     """Problems with the registered files: missing, unreadable or changed since registration."""
-    store = Storage.from_settings(get_settings())
+    store = storage()
     problems = []
     for key, expected in tags.items():
         if not key.startswith(SHA_PREFIX):

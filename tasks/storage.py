@@ -602,6 +602,13 @@ class _S3Reader(io.RawIOBase):
         super().close()
 
 
+def storage() -> Storage:
+    """The project's storage as the current settings configure it (the one place tasks get it from)."""
+    from tasks.settings import get_settings
+
+    return Storage.from_settings(get_settings())
+
+
 def _credentials_from_environment() -> tuple[SecretStr | None, ...]:
     """(key id, secret, session token) from the settings sources (env, config file, AWS_*)."""
     from tasks.settings import get_settings
