@@ -4,7 +4,7 @@ Metrics (worst over a part's outputs), after apple/ml-stable-diffusion `torch2co
 
     max_abs = max |a - r|
     rel     = ||a - r||_2 / ||r||_2                          (relative L2 error)
-    psnr    = 20 log10((max |r| + 1e-5) / (rmse(a, r) + 1e-10))   dB; inf-free, higher is better
+    psnr    = 10 log10(max|r|^2 / mse(a, r))   dB, mse floored (evaluation.image_metrics); higher is better
 
 The thresholds come from `ExportConfig`: FP32 ONNX is held to float round-off (`max_abs`,
 `max_rel`, `min_psnr`), FP16 graphs (ONNX fp16, Core ML) to `fp16_*`.
@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from snapgen_model.evaluation.image_metrics import psnr_total
 from snapgen_model.export.config import ExportConfig
 
 
@@ -54,11 +55,9 @@ def _numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def psnr(actual: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, peak: float | None = None) -> float:
-    """PSNR in dB; `peak` defaults to max |reference| (torch2coreml's definition)."""
-    a, r = _numpy(actual), _numpy(reference)
-    rmse = math.sqrt(float(np.mean((a - r) ** 2))) if a.size else 0.0
-    top = float(np.abs(r).max()) if peak is None and r.size else float(peak or 0.0)
-    return 20.0 * math.log10((top + 1e-5) / (rmse + 1e-10))
+    """PSNR in dB; `peak` defaults to max |reference| (torch2coreml's definition): the project's one
+    implementation, `evaluation.image_metrics.psnr_total`."""
+    return psnr_total(actual, reference, peak)
 
 
 def compare(actual: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) -> ParityMetrics:

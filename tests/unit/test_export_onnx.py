@@ -269,7 +269,7 @@ def test_parity_metrics_and_gate_messages():
     m = parity.compare(ref + np.array([0.0, 0.1, 0.0, 0.0]), ref)
     assert m.max_abs == pytest.approx(0.1)
     assert m.rel == pytest.approx(0.1 / np.linalg.norm(ref))
-    assert m.psnr == pytest.approx(20 * np.log10((2.0 + 1e-5) / (0.05 + 1e-10)))
+    assert m.psnr == pytest.approx(10 * np.log10(2.0 ** 2 / 0.05 ** 2))  # peak max |ref| = 2, mse = 0.1^2 / 4
     assert parity.compare(np.array([np.nan, 0, 0, 0]), ref).psnr == float("-inf")
     limits = parity.thresholds(ExportConfig(), "fp32")
     failures = parity.gate("unet", "onnx static", m, limits)

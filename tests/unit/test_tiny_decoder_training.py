@@ -62,3 +62,20 @@ def test_perceptual_and_adversarial_terms_are_used(toy_data):
                                  perceptual=FeaturePerceptual(feat))
     assert {"perceptual", "g_adv", "d_loss"} <= set(history[-1])
     assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_one_psnr_implementation_two_reductions():
+    """Export parity's PSNR is image_metrics' formula over whole arrays with peak = max |reference|; per image
+    with peak = the data range it is the decoder's figure. Hand-worked: error 0.1 everywhere, peak 2 ->
+    10 log10(4 / 0.01) = 26.02 dB."""
+    from snapgen_model.evaluation.image_metrics import psnr_total
+    from snapgen_model.export.parity import psnr as parity_psnr
+
+    ref = torch.full((1, 3, 4, 4), -1.0)
+    ref[..., 0, 0] = 2.0  # max |reference| = 2
+    out = ref + 0.1
+    want = 10 * np.log10(4 / 0.01)
+    assert abs(parity_psnr(out, ref) - want) < 1e-4 and abs(psnr_total(out.numpy(), ref.numpy()) - want) < 1e-4
+    assert abs(float(psnr(out, ref, data_range=2.0)[0]) - want) < 1e-4
+    assert abs(psnr_total(out, ref, peak=255.0) - 10 * np.log10(255.0 ** 2 / 0.01)) < 1e-4
+    assert np.isfinite(parity_psnr(ref, ref)) and parity_psnr(ref, ref) > 150  # identical: large, finite
