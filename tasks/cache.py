@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import hashlib
 import json
 import logging
 import os
@@ -26,13 +25,10 @@ from snapgen_model.distill.vae import VAEAdapter, VAEConfig
 from snapgen_model.data.wds_io import decode_sample, write_shard
 from tasks.defaults import io_task_options
 from tasks.settings import get_settings
+from tasks.keys import content_key
 from tasks.storage import Storage, storage
 
 CODE_VERSION = "cache-1"
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def local_folder(uri: str) -> Path:
@@ -42,7 +38,7 @@ def local_folder(uri: str) -> Path:
     if "://" not in uri:
         return Path(uri)
     store = storage()
-    target = Path(get_settings().home) / "cache" / "models" / _hash(uri)[:16]
+    target = Path(get_settings().home) / "cache" / "models" / content_key(uri)[:16]
     marker = target / ".complete"
     if not marker.exists():
         prefix = uri.rstrip("/") + "/"
@@ -76,7 +72,7 @@ def _load_models(bundle: str, encoders_json: str, feature_layers: tuple[int, ...
 
 def cache_key(dataset_manifest: dict[str, Any], bundle: str, encoders: list[dict], feature_layers: tuple[int, ...],
               cfg: CacheConfig, bundle_id: str) -> str:
-    return _hash([dataset_manifest["dataset_hash"], bundle_id, encoders, list(feature_layers), cfg.to_dict(),
+    return content_key([dataset_manifest["dataset_hash"], bundle_id, encoders, list(feature_layers), cfg.to_dict(),
                   CODE_VERSION])
 
 

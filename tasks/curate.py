@@ -10,7 +10,6 @@ Layout under the output URI:
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -24,14 +23,11 @@ from snapgen_model.data.sources import SourceSpec, enumerate_source
 from snapgen_model.data.wds_io import write_shard
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
+from tasks.keys import content_key
 from tasks.storage import Storage, storage
 
 MANIFEST = "manifest.json"
 CODE_VERSION = "curate-1"
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,7 +72,7 @@ def check_chunk(out_uri: str, index: int, cands: list[dict[str, Any]], cfg: Cura
     """Pass 1 for one chunk; its result is staged so a rerun skips unchanged chunks."""
     store = storage()
     uri = store.join(out_uri, "_staging", f"chunk-{index:05d}.json")
-    key = _hash([cands, cfg.to_dict(), CODE_VERSION])
+    key = content_key([cands, cfg.to_dict(), CODE_VERSION])
     if store.exists(uri):
         staged = store.read_json(uri)
         if staged.get("chunk_hash") == key:
@@ -97,7 +93,7 @@ def write_shard_task(out_uri: str, index: int, records: list[dict[str, Any]], cf
     store = storage()
     name = f"shard-{index:06d}"
     tar_uri, rec_uri = store.join(out_uri, "shards", f"{name}.tar"), store.join(out_uri, "shards", f"{name}.json")
-    plan_hash = _hash([[r["key"], r["sha256"]] for r in records] + [cfg.to_dict(), CODE_VERSION])
+    plan_hash = content_key([[r["key"], r["sha256"]] for r in records] + [cfg.to_dict(), CODE_VERSION])
     if store.exists(rec_uri) and store.exists(tar_uri):
         done = store.read_json(rec_uri)
         if done.get("plan_hash") == plan_hash and store.size(tar_uri) == done.get("bytes"):
@@ -141,7 +137,7 @@ def read_manifest(out_uri: str) -> dict[str, Any] | None:
 
 def input_hash(cands: list[dict[str, Any]], specs: list[SourceSpec], cfg: CurationConfig) -> str:
     """Cache key of a curation run: the candidate listing, the sources and the config."""
-    return _hash([[c["raw_key"] for c in cands], [s.to_dict() for s in specs], cfg.to_dict(), CODE_VERSION])
+    return content_key([[c["raw_key"] for c in cands], [s.to_dict() for s in specs], cfg.to_dict(), CODE_VERSION])
 
 
 @task(name="sample-grid", **compute_task_options())

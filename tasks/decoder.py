@@ -1,8 +1,6 @@
 """Tasks of the train_decoder stage: load cached latents with their images, train, save, log."""
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from snapgen_model.training.decoder import DecoderTrainConfig, decoder_report, t
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
+from tasks.keys import content_key
 from tasks.storage import storage
 
 
@@ -49,7 +48,7 @@ def train_decoder_task(cache_uri: str, bundle_uri: str, preset: str, overrides: 
     """Train and report; the checkpoint goes next to the cache, keyed by its inputs."""
     cfg = DecoderTrainConfig().with_overrides(train_overrides)
     dec_cfg = get_preset(preset, overrides).decoder
-    key = hashlib.sha256(json.dumps([cache_uri, dec_cfg.to_dict(), cfg.to_dict()]).encode()).hexdigest()[:16]
+    key = content_key([cache_uri, dec_cfg.to_dict(), cfg.to_dict()], 16)
     store = storage()
     ckpt_uri = store.join(cache_uri, "decoder", key, "tiny_decoder.safetensors")
     report_uri = store.join(cache_uri, "decoder", key, "report.json")

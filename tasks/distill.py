@@ -4,7 +4,6 @@ MLflow through Lightning's logger."""
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from snapgen_model.training.distill_steps import (
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
+from tasks.keys import content_key
 from tasks.progress import training_progress
 from tasks.pretrain import _uploader, storage, training_data, upload_with_retry, write_student_card
 from tasks.settings import get_settings
@@ -51,7 +51,7 @@ def file_digest(path: str | Path) -> str:
 
 def run_key(cache_manifest: dict, student_dir: str, bundle_uri: str, cfg: StepDistillConfig) -> str:
     student = [file_digest(Path(student_dir, f)) for f in STUDENT_FILES]
-    return hashlib.sha256(json.dumps([cache_manifest["key"], student, bundle_uri, cfg.to_dict()]).encode()).hexdigest()[:16]
+    return content_key([cache_manifest["key"], student, bundle_uri, cfg.to_dict()], 16)
 
 
 @task(name="distill-student", **compute_task_options())

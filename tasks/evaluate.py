@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import threading
 import time
@@ -75,23 +74,16 @@ from tasks import tracking
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
+from tasks.keys import code_hash, content_key
 from tasks.storage import storage
 
 MODEL_URI_PREFIX = "models:/"
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the evaluation and sampling code: part of every cross-run cache key."""
-    import snapgen_model.diffusion as diffusion
-    import snapgen_model.evaluation as evaluation
-
-    files = sorted(Path(evaluation.__file__).parent.glob("*.py")) + sorted(Path(diffusion.__file__).parent.glob("*.py"))
-    return _sha([f.read_text() for f in files])[:16]
+    """The behaviour of the evaluation and sampling code (`tasks.keys.code_hash("evaluation")`): part of
+    every cross-run cache key."""
+    return code_hash("evaluation")
 
 
 # ----------------------------------------------------------------------------- model and prompts
@@ -110,7 +102,7 @@ def _local_checkpoint(uri: str) -> str:
     if not uri.startswith("s3://"):
         return uri
     store = storage()
-    local = Path(get_settings().home) / "eval" / "_models" / _sha(uri)[:16]
+    local = Path(get_settings().home) / "eval" / "_models" / content_key(uri)[:16]
     target = local / ("unet.safetensors" if not uri.endswith(".safetensors") else Path(uri).name)
     if not target.is_file():
         store.download_file(uri if uri.endswith(".safetensors") else store.join(uri, "unet.safetensors"), target)
@@ -142,7 +134,7 @@ def _folder_model(ref: str, source: dict[str, Any], folder: Path) -> dict[str, A
                              "(bundle.json has no format); only toy teacher bundles can be sampled for evaluation")
         record = read_bundle_record(folder)
         return common | {"kind": "teacher", "unet": None, "bundle": str(folder), "world": bundle_world(folder),
-                         "model_id": "t" + _sha(record.get("files") or record.get("config_hash"))[:15],
+                         "model_id": "t" + content_key(record.get("files") or record.get("config_hash"))[:15],
                          "preset": str(record.get("preset", "toy")), "image_size": bundle_image_size(folder)}
     card = student_files.read_card(folder)
     bundle = local_folder(card["bundle_uri"])
@@ -153,7 +145,7 @@ def _folder_model(ref: str, source: dict[str, Any], folder: Path) -> dict[str, A
     preset = read_preset(unet)
     if preset is None:
         raise ValueError(f"--model {ref}: {unet} carries no preset (sampler settings)")
-    model_id = _sha([file_sha256(str(unet)), file_sha256(str(folder / student_files.CONDITIONER)),
+    model_id = content_key([file_sha256(str(unet)), file_sha256(str(folder / student_files.CONDITIONER)),
                      card.get("bundle_id")])[:16]
     return common | {"kind": "student", "unet": str(unet), "bundle": str(bundle), "world": bundle_world(bundle),
                      "model_id": model_id, "preset": preset.name, "image_size": preset.image_size,
@@ -239,7 +231,7 @@ def set_folder(root: str, model: dict[str, Any], sampler: dict[str, Any], gen: G
                prompts: list[dict[str, Any]]) -> Path:
     """`<root>/<model id>/<sampler key>/<name>-<prompts hash>`."""
     identity = generator_for(model, sampler).identity
-    sampler_key = _sha([identity, gen.images_per_prompt, gen.base_seed, gen.batch_prompts])[:12]
+    sampler_key = content_key([identity, gen.images_per_prompt, gen.base_seed, gen.batch_prompts])[:12]
     return Path(root) / model["model_id"] / sampler_key / f"{name}-{prompts_hash(prompts)[:8]}"
 
 
@@ -270,7 +262,7 @@ def _chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     and only while the chunk's files are on disk: deleted samples are never a stale cache hit."""
     p = parameters
     state = "on-disk" if _chunk_done(p["folder"], p["prompts"], p["indices"], p["gen"]) else uuid.uuid4().hex
-    return "eval-gen-" + _sha([p["key"], p["folder"], p["indices"], code_version(), state])[:32]
+    return "eval-gen-" + content_key([p["key"], p["folder"], p["indices"], code_version(), state])[:32]
 
 
 @task(name="generate-chunk", cache_key_fn=_chunk_cache_key, **compute_task_options(retries=1))
@@ -360,7 +352,7 @@ def score_clip_task(folder: str, prompts: list[dict[str, Any]], images: int, cli
 
 def _rows_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     p = parameters
-    return "eval-reference-" + _sha([p["prompts"], p["world"], p["cfg"].to_dict(), p["model"]["image_size"],
+    return "eval-reference-" + content_key([p["prompts"], p["world"], p["cfg"].to_dict(), p["model"]["image_size"],
                                      p["model"].get("world"), _ae_bundle(p["model"]), code_version()])[:32]
 
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from snapgen_model.export.pipeline import MANIFEST
 from tasks import tracking
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
+from tasks.keys import content_key
 from tasks.storage import Storage, parse_uri, storage
 
 REGISTRY_SCHEME = "models:/"
@@ -223,8 +223,7 @@ def log_export(report: dict[str, Any], local_dir: str | None, model_ref: str, de
     """One MLflow run: export config as params, figures as metrics, report (+ files) as artifacts.
     A blocked export (`error`) is logged too, as a FAILED-tagged run with its report."""
     settings = get_settings()
-    tags = tracking.lineage_tags(config_hash=hashlib.sha256(json.dumps(report.get("config", {}), sort_keys=True)
-                                                            .encode()).hexdigest()[:16])
+    tags = tracking.lineage_tags(config_hash=content_key(report.get("config", {}), 16))
     tags |= {"snapgen.stage": "export", "snapgen.export_key": report.get("export_key", ""),
              "snapgen.export_parity": "failed" if error else "passed"}
     with tracking.start_run(settings, f"export {'+'.join(report.get('formats') or ['model'])} ({report.get('preset', 'model')})", tags=tags) as run:

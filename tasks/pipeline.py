@@ -10,8 +10,6 @@ still exists, so deleting a stage's output reruns that stage and nothing upstrea
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,29 +18,17 @@ from prefect import task
 
 from tasks.cache import local_folder
 from tasks.defaults import io_task_options
+from tasks.keys import code_hash, content_key
 from tasks.settings import get_settings
 from tasks.storage import storage
 
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def code_hash() -> str:
-    """Hash of the product's source (not of docs or tests): part of every stage key."""
-    files = sorted(p for pkg in ("snapgen_model", "tasks", "flows") for p in (_ROOT / pkg).rglob("*.py"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(_ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def stage_key(stage: str, config: Any, upstream: list[str]) -> str:
-    return _sha([stage, config, upstream, code_hash()])[:24]
+    """The stage's content key: its config, its upstream keys and the behaviour of the product's code
+    (`tasks.keys.code_hash`: a comment or docstring edit reruns nothing)."""
+    return content_key([stage, config, upstream, code_hash()], 24)
 
 
 def record_uri(stage: str, key: str) -> str:
@@ -86,7 +72,7 @@ def teacher_facts(bundle_uri: str) -> dict[str, Any]:
     world = bundle_world(local)
     return {"local": str(local), "world": world, "resolution": int(world.get("resolution") or 0) or None,
             "text_encoder": str(local / "text_encoder") if (local / "text_encoder").is_dir() else None,
-            "bundle_id": record.get("config_hash") or _sha(bundle_uri)[:16], "toy": is_toy_teacher_bundle(local)}
+            "bundle_id": record.get("config_hash") or content_key(bundle_uri, 16), "toy": is_toy_teacher_bundle(local)}
 
 
 @task(name="list-files", **io_task_options())

@@ -2,7 +2,6 @@
 upload checkpoints and the student to storage, log to MLflow through Lightning's logger."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
 from tasks.progress import training_progress
 from tasks.settings import get_settings
+from tasks.keys import content_key
 from tasks.storage import Storage, storage
 
 
@@ -100,7 +100,7 @@ def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: Pretra
     parts = [cache_manifest["key"], preset, overrides, cfg.to_dict()]
     if stage_manifests:  # the caches stages name are inputs too
         parts.append({name: m.get("key") for name, m in sorted(stage_manifests.items())})
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return content_key(parts, 16)
 
 
 # Backoff of checkpoint/student uploads on top of botocore's own retries: about two minutes of

@@ -13,7 +13,6 @@ scores students, teachers and plain checkpoints with the same code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import threading
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from snapgen_model.keys import content_key
 from snapgen_model.diffusion.generate import generate
 from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
 from snapgen_model.evaluation.fid import file_sha256
@@ -33,7 +33,7 @@ from snapgen_model.artifacts.student import read_card as read_student_card
 from snapgen_model.storage.checkpoint import load_model, read_preset
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return content_key(obj)
 
 
 def is_bundle_folder(folder: str | Path) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from snapgen_model.keys import content_key
 from snapgen_model.config_base import ConfigBase, check
 from snapgen_model.evaluation import atomic
 from snapgen_model.diffusion.generate import conditioner_null, generate, null_condition
@@ -78,7 +79,7 @@ def prompt_seeds(cfg: GenerationConfig, prompt_index: int) -> list[int]:
 
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return content_key(obj)
 
 
 def prompts_hash(prompts: Sequence[Mapping[str, Any]]) -> str:

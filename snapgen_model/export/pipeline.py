@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from snapgen_model.keys import content_key
 from snapgen_model.config_base import ConfigError
 from snapgen_model.configs import SnapGenConfig
 from snapgen_model.diffusion.generate import conditioner_null, null_condition, split_tokens
@@ -115,7 +116,7 @@ def export_key(inputs: ExportInputs, cfg: ExportConfig, formats: Sequence[str], 
                            if k in parts or k == "conditioner"},
                "preset": inputs.preset.to_dict(), "config": cfg.to_dict(), "formats": sorted(formats),
                "parts": sorted(parts), "code": EXPORT_CODE_VERSION, "tools": tool_versions()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return content_key(payload)
 
 
 # ---------------------------------------------------------------------------------------------- loading
