@@ -316,7 +316,7 @@ def resolved_stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
             cfg.teacher.bootstrap_preset, cfg.teacher.bootstrap_overrides).to_dict()}))
 
     def _evaluate_options() -> dict[str, Any]:
-        from flows.evaluate import EvaluateParams
+        from flows.params import EvaluateParams
 
         params = EvaluateParams(model="-", benchmarks=cfg.evaluate.benchmarks, **cfg.evaluate.options)
         return params.model_dump(exclude={"model"}) | {"models": cfg.evaluate.models}
