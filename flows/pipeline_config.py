@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from snapgen_model.config_base import ConfigError, parse_override
+
 
 
 class _Strict(BaseModel):
@@ -191,13 +193,6 @@ class PipelineConfigError(ValueError):
     """A bad preset or override; the message names the field and what it allows."""
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _set_kv(items: list[str], key: str, value: Any) -> list[str]:
     """Replace or append `key=value` in a list of library-config overrides."""
     rendered = json.dumps(value) if not isinstance(value, str) else value
@@ -210,10 +205,15 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 
 def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
-    """One `path=value` on a config dict (not yet validated)."""
+    """One `path=value` on a config dict (not yet validated), in the library's override grammar
+    (`config_base.parse_override`): the path walks the pipeline config's fields, and a list of library
+    overrides (e.g. `pretrain.train`) takes the rest of the path as one `key=value` of its own."""
     if "=" not in override:
         raise PipelineConfigError(f"--set {override!r}: expected KEY=VALUE (e.g. pretrain.train.steps=300)")
-    path, raw = (part.strip() for part in override.split("=", 1))
+    try:
+        path, value = parse_override(override)
+    except ConfigError as exc:
+        raise PipelineConfigError(f"--set {exc}") from None
     keys = [k for k in path.split(".") if k]
     if not keys:
         raise PipelineConfigError(f"--set {override!r}: empty key")
@@ -227,7 +227,7 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
                 raise PipelineConfigError(f"--set {path}: {where} has no field {key!r}; allowed: "
                                           f"{', '.join(_fields(model))}")
             if last:
-                node[key] = _parse_value(raw)
+                node[key] = value
                 return data
             annotation = model.model_fields[key].annotation
             node = node.setdefault(key, {})
@@ -236,12 +236,12 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
                 parent = data
                 for k in keys[:depth]:
                     parent = parent[k]
-                parent[key] = _set_kv(node, sub, _parse_value(raw))
+                parent[key] = _set_kv(node, sub, value)
                 return data
             model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else dict
         else:  # a free-form dict (evaluate.options): plain nesting
             if last:
-                node[key] = _parse_value(raw)
+                node[key] = value
                 return data
             node = node.setdefault(key, {})
     return data

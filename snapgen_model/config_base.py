@@ -77,18 +77,23 @@ class ConfigBase:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Split `a.b=value`; the value is JSON when it parses (numbers, lists, true/null), else a string."""
+    """Split `a.b=value`; the value is JSON when it parses (numbers, lists, true/null), else a string
+    (surrounding spaces removed). The project's one override grammar: library configs
+    (`with_overrides`) and the pipeline config (`flows.pipeline_config.apply_override`) both use it."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected the form key=value (e.g. unet.ffn_ratio=4)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
+    key, raw = (part.strip() for part in item.split("=", 1))
     if not key:
         raise ConfigError(f"override {item!r}: empty key")
+    return key, parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value: JSON when it parses, else the text itself."""
     try:
-        value = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
-    return key, value
+        return raw
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
