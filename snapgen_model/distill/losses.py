@@ -9,6 +9,17 @@ a_t derived from the density of the timesteps training draws (the run's flow con
 then its shift; the exact formula is unpublished [U]; ours: a_t = p(t) / p_max, so the timesteps the
 task loss samples most lean on it and rare ones lean on the teacher). Total: S(L_task, L_out) + S(L_task, L_feat).
 
+"The ratio taken per timestep" has two readings. `kd.ratio=sample` (the default, what the toy
+evidence of 2026-12-06 ran) divides each sample's own two losses: every sample's KD term is brought to
+its own task loss, which makes the gradient of the KD part (1 - a) L_task_i grad(log L_kd_i), largest
+where the student already matches the teacher. `kd.ratio=timestep` divides the two losses'
+conditional means at t, estimated on the batch with a Gaussian kernel in t (width `kd.ratio_bandwidth`):
+
+    r(t_i) = sg( sum_j K(t_i, t_j) L_task_j / sum_j K(t_i, t_j) L_kd_j )
+
+On the toy world the two train alike (bench/RESULTS.md, "KD objective probe"): what separates the KD
+variants there is the feature term, not the ratio.
+
 With cached teacher targets the KD terms live on the K cached (t, noise) pairs while the task term
 is drawn fresh every step (`t_task`); the magnitude |L_task| in the ratio is then the (detached)
 task loss on the KD pair's own x_t (`task_at_kd`), so the ratio still compares losses at the same t.
@@ -39,6 +50,8 @@ class KDConfig(ConfigBase):
     combine: Literal["scaled", "weighted", "task_only"] = "scaled"  # S(.) of the paper, a plain sum, or no KD
     alpha: Literal["density", "constant"] = "density"  # a_t from the run's timestep density (flow config), or a constant
     alpha_constant: float = 0.5  # a_t when alpha = constant
+    ratio: Literal["sample", "timestep"] = "sample"  # sg(|L_task|/|L_kd|): per sample, or per timestep (kernel in t)
+    ratio_bandwidth: float = 0.05  # ratio=timestep: the Gaussian kernel's width in t
     out_weight: float = 1.0  # weighted mode: weight of L_out
     feat_weight: float = 1.0  # weighted mode: weight of L_feat
     eps: float = 1e-8  # guards the magnitude ratio
@@ -46,6 +59,8 @@ class KDConfig(ConfigBase):
     def __post_init__(self) -> None:
         check_choice(self.combine, "kd.combine", ("scaled", "weighted", "task_only"))
         check_choice(self.alpha, "kd.alpha", ("density", "constant"))
+        check_choice(self.ratio, "kd.ratio", ("sample", "timestep"))
+        check(self.ratio_bandwidth > 0, "kd.ratio_bandwidth", f"must be > 0, got {self.ratio_bandwidth}")
         check(0.0 <= self.alpha_constant <= 1.0, "kd.alpha_constant", "must be in [0, 1]")
         check(self.out_weight >= 0 and self.feat_weight >= 0, "kd.out_weight", "weights must be >= 0")
 
@@ -107,6 +122,19 @@ class TimestepAwareScaling:
             return torch.full_like(t, self.cfg.alpha_constant)
         return (timestep_density(t, self.flow) / self.peak).clamp(0, 1)
 
+    def ratio(self, l_task: torch.Tensor, l_kd: torch.Tensor, t: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """sg(|L_task| / |L_kd|) at each sample's t (B,): per sample, or the ratio of the kernel-weighted
+        means of the samples at nearby t (`mask`: only samples with a KD target enter the means)."""
+        task, kd = l_task.detach().abs().float(), l_kd.detach().abs().float()
+        if self.cfg.ratio == "sample":
+            return task / (kd + self.cfg.eps)
+        t = t.detach().float()
+        w = torch.exp(-0.5 * ((t[:, None] - t[None, :]) / self.cfg.ratio_bandwidth) ** 2)  # (B, B) K(t_i, t_j)
+        if mask is not None:
+            w = w * mask.float()[None, :]
+        return (w @ task) / (w @ kd + self.cfg.eps)
+
     def __call__(self, l_task: torch.Tensor, l_kd: torch.Tensor, t: torch.Tensor,
                  mask: torch.Tensor | None = None, *, t_task: torch.Tensor | None = None,
                  task_at_kd: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -116,7 +144,7 @@ class TimestepAwareScaling:
         a_kd = self.alpha(t.float())
         a = a_kd if t_task is None else self.alpha(t_task.float())
         ref = l_task if task_at_kd is None else task_at_kd
-        ratio = (ref.abs() / (l_kd.abs() + self.cfg.eps)).detach()  # sg(|L_task| / |L_kd|) per timestep
+        ratio = self.ratio(ref, l_kd, t, mask).detach()  # sg(|L_task| / |L_kd|), stop-gradient here
         kd_part = (1 - a_kd) * ratio * l_kd
         if mask is not None:
             kd_part = torch.where(mask, kd_part, torch.zeros_like(kd_part))

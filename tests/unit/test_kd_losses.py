@@ -123,3 +123,34 @@ def test_scaling_with_a_task_term_drawn_apart_from_the_kd_pair():
     split, _ = obj({"task": task.detach(), "out": kd.detach()}, t, t_task=t_task, task_at_kd=at_kd)
     shared, _ = obj({"task": task.detach(), "out": kd.detach()}, t)
     assert torch.allclose(split, want.detach()) and not torch.allclose(split, shared)
+
+
+def test_ratio_per_timestep_pools_the_samples_at_nearby_t_by_hand():
+    """kd.ratio=timestep: r(t_i) = sum_j K_ij task_j / sum_j K_ij kd_j with a Gaussian kernel in t, so samples at
+    one t share one ratio (the losses' conditional means at t); kd.ratio=sample divides each sample's own."""
+    task, kd = torch.tensor([1.0, 3.0, 2.0]), torch.tensor([1.0, 1.0, 4.0])
+    t = torch.tensor([0.5, 0.5, 0.9])  # 0.4 apart = 8 bandwidths: exp(-32), nothing shared with the third
+    pooled = TimestepAwareScaling(KDConfig(ratio="timestep", ratio_bandwidth=0.05))
+    assert torch.allclose(pooled.ratio(task, kd, t), torch.tensor([2.0, 2.0, 0.5]))
+    per_sample = TimestepAwareScaling(KDConfig(ratio="sample"))
+    assert torch.allclose(per_sample.ratio(task, kd, t), torch.tensor([1.0, 3.0, 0.5]))
+    # one bandwidth apart: weight exp(-1/2) on the neighbour
+    w = math.exp(-0.5)
+    near = pooled.ratio(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.55]))
+    assert torch.allclose(near, torch.tensor([(1 + 3 * w) / (1 + w), (3 + w) / (1 + w)]))
+    # a masked sample (no KD target) enters neither mean
+    masked = pooled.ratio(task, kd, t, mask=torch.tensor([True, False, True]))
+    assert torch.allclose(masked, torch.tensor([1.0, 1.0, 0.5]))
+    # the loss: a * task + (1 - a) * r(t) * kd, r detached
+    loss, diag = TimestepAwareScaling(KDConfig(alpha="constant", alpha_constant=0.5))(task, kd, t)
+    assert math.isclose(float(loss), float((0.5 * task + 0.5 * torch.tensor([2.0, 2.0, 0.5]) * kd).mean()), rel_tol=1e-6)
+    assert torch.allclose(diag["ratio_mean"], torch.tensor((2.0 + 2.0 + 0.5) / 3))
+
+
+def test_ratio_settings_are_checked():
+    from snapgen_model.config_base import ConfigError
+
+    with pytest.raises(ConfigError, match="kd.ratio_bandwidth"):
+        KDConfig(ratio_bandwidth=0.0)
+    with pytest.raises(ConfigError, match="kd.ratio"):
+        KDConfig(ratio="batch")
