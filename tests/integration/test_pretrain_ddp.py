@@ -14,25 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_cache(folder: Path, n: int = 8) -> None:
-    """A cache folder in the caching stage's format, from synthetic tensors."""
-    import io
+    """A cache folder in the caching stage's format, from synthetic tensors (one shard, one pair at t = 0.5)."""
+    from tests.fixtures.caches import synthetic_cache
 
-    import numpy as np
-
-    from snapgen_model.data.wds_io import write_shard
-
-    def npy(a):
-        buf = io.BytesIO()
-        np.save(buf, a.astype(np.float32))
-        return buf.getvalue()
-
-    rng = np.random.default_rng(0)
-    (folder / "shards").mkdir(parents=True)
-    samples = [{"__key__": f"k{i}", "latent.npy": npy(rng.normal(size=(16, 8, 8))),
-                "clip.tokens.npy": npy(rng.normal(size=(6, 24))), "clip.pooled.npy": npy(rng.normal(size=24)),
-                "clip.mask.npy": npy(np.ones(6)), "t0.npy": npy(np.array([0.5])),
-                "v0.npy": npy(rng.normal(size=(16, 8, 8)))} for i in range(n)]
-    write_shard(iter(samples), folder / "shards" / "shard-000000.tar")
+    synthetic_cache(folder, n=n, targets=1, shards=1, pooled=24, t=0.5, key_width=0)
 
 
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])

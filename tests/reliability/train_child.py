@@ -9,7 +9,6 @@ changes no numbers (all randomness is seeded by step).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -25,31 +24,10 @@ TOKENS, POOLED, CONTEXT = 24, 32, 32
 
 
 def write_cache(folder: Path, n: int = 8, targets: int = 2) -> Path:
-    """A cache folder in the caching stage's on-disk format (shards/*.tar of .npy members)."""
-    import numpy as np
+    """A cache folder in the caching stage's on-disk format (two shards; tests/fixtures/caches.py)."""
+    from tests.fixtures.caches import synthetic_cache
 
-    from snapgen_model.data.wds_io import write_shard
-
-    def npy(a: Any) -> bytes:
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(a, dtype=np.float32))
-        return buf.getvalue()
-
-    rng = np.random.default_rng(0)
-    (folder / "shards").mkdir(parents=True, exist_ok=True)
-    samples = []
-    for i in range(n):
-        sample = {"__key__": f"k{i:04d}", "latent.npy": npy(rng.normal(size=(16, 8, 8))),
-                  "clip.tokens.npy": npy(rng.normal(size=(6, TOKENS))), "clip.pooled.npy": npy(rng.normal(size=POOLED)),
-                  "clip.mask.npy": npy(np.ones(6))}
-        for k in range(targets):
-            sample[f"t{k}.npy"] = npy([rng.uniform(0.05, 0.95)])
-            sample[f"v{k}.npy"] = npy(rng.normal(size=(16, 8, 8)))
-        samples.append(sample)
-    half = n // 2
-    write_shard(iter(samples[:half]), folder / "shards" / "shard-000000.tar")
-    write_shard(iter(samples[half:]), folder / "shards" / "shard-000001.tar")
-    return folder
+    return synthetic_cache(folder, n=n, targets=targets, shards=2, pooled=POOLED)
 
 
 def tiny_teacher():

@@ -144,7 +144,7 @@ def test_run_dry_run_prints_every_stage_config_resolved_and_runs_nothing(tmp_pat
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     stages = out["stages"]
-    assert stages["pretrain"]["steps"] == 7 and stages["pretrain"]["batch_size"] == 128  # override, preset
+    assert stages["pretrain"]["steps"] == 7 and stages["pretrain"]["batch_size"] == 32  # override, preset
     assert stages["pretrain"]["kd"]["combine"] == "scaled" and stages["pretrain"]["weight_decay"] == 0.0  # defaults
     assert stages["distill"]["lr_g"] == 0.0003 and stages["cache"]["targets_per_sample"] == 0
     assert stages["teacher"]["release"] == "toy-teacher/v2" and stages["student"]["unet"]["channels"] == [32, 64, 64]

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapgen_model.data.wds_io import write_shard
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit
 from snapgen_model.training.state import latest_state
 from snapgen_model.training.stream import SampleStream, ShardSource, StreamBatches, StreamData
+from tests.fixtures.caches import cache_sample, npy, write_cache
 from tests.fixtures.training import StopAt, same, weights
 
 PRESET = get_preset("toy-smoke")
@@ -24,31 +24,8 @@ CACHE = CacheConfig(targets_per_sample=2)
 
 
 
-def npy(a) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(a, dtype=np.float32))
-    return buf.getvalue()
-
-
 def sample(key: str, rng, latent=(16, 8, 8), targets: int = 2, tokens: int = 6) -> dict:
-    s = {"__key__": key, "latent.npy": npy(rng.normal(size=latent)), "clip.tokens.npy": npy(rng.normal(size=(tokens, 24))),
-         "clip.pooled.npy": npy(rng.normal(size=32)), "clip.mask.npy": npy(np.ones(tokens))}
-    for k in range(targets):
-        s[f"t{k}.npy"] = npy([rng.uniform(0.05, 0.95)])
-        s[f"v{k}.npy"] = npy(rng.normal(size=latent))
-    return s
-
-
-def write_cache(folder: Path, shards: list[list[dict]], manifest: bool = True) -> Path:
-    (folder / "shards").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, samples in enumerate(shards):
-        name = f"shards/shard-{i:06d}.tar"
-        info = write_shard(iter(samples), folder / name)
-        records.append({"name": name, "samples": info.samples})
-    if manifest:
-        (folder / "manifest.json").write_text(json.dumps({"shards": records}))
-    return folder
+    return cache_sample(key, rng, latent=latent, targets=targets, tokens=tokens)
 
 
 def clean_cache(folder: Path, sizes=(5, 4, 5)) -> Path:
