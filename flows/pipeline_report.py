@@ -1,6 +1,6 @@
 """The end of a pipeline run: the summary table (terminal and markdown), and the self-contained HTML
 run report (loss curves, per-category eval bars, sample grids, export sizes, lineage) logged to MLflow.
-Orchestration only: numbers come from the stage results and MLflow; drawing is snapgen_model.report_html."""
+Orchestration only: numbers come from the stage results and MLflow; drawing is reporting.html."""
 from __future__ import annotations
 
 import json
@@ -433,7 +433,7 @@ def report_data(summary: dict[str, Any]) -> dict[str, Any]:
 
 def finish_report(summary: dict[str, Any], run: Any) -> dict[str, Any]:
     """Markdown + HTML report; the HTML and the summary are logged to the pipeline's MLflow run."""
-    from snapgen_model.report_html import write_run_report
+    from reporting.html import write_run_report
 
     md = markdown(summary)
     out_dir = Path(get_settings().home) / "reports"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from snapgen_model.report_html import write_run_report
+from reporting.html import write_run_report
 from tests.unit.test_report_html import MODELS, realistic_report_data
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,4 +1,4 @@
-"""snapgen_model.report_html: every section from a realistic run, escaping, gaps, SVG counts, images."""
+"""reporting.html: every section from a realistic run, escaping, gaps, SVG counts, images."""
 from __future__ import annotations
 
 import base64
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from snapgen_model.report_html import (format_bytes, format_number, format_seconds, render_run_report,
+from reporting.html import (format_bytes, format_number, format_seconds, render_run_report,
                                        write_run_report)
 
 MODELS = ("teacher", "student (pretrained)", "student (4-step)", "reference: SD-1.5")

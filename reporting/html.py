@@ -1092,7 +1092,7 @@ def write_run_report(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return target
 
 
-if __name__ == "__main__":  # python -m snapgen_model.report_html data.json report.html
+if __name__ == "__main__":  # python -m reporting.html data.json report.html
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m snapgen_model.report_html DATA.json OUT.html")
+        sys.exit("usage: python -m reporting.html DATA.json OUT.html")
     print(write_run_report(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]))
