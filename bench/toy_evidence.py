@@ -52,7 +52,7 @@ from bench.common import command_line, device_name, now_utc, replace_section, re
 HEADING = "## Toy evidence: teacher, KD ablation, few-step distillation (bench/toy_evidence.py)"
 VARIANTS = ("task_only", "weighted", "scaled")
 RUN_ORDER = ("scaled", "task_only", "weighted")  # the paper's student first: the first piece says whether KD learns
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: pipeline pieces keyed by every stage's resolved config (1: by the preset's name and overrides)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,8 +116,11 @@ class Ledger:
         self.entries: dict[str, Any] = {}
         if path.is_file():
             data = json.loads(path.read_text())
-            if data.get("version") == LEDGER_VERSION:
-                self.entries = data["entries"]
+            if data.get("version") != LEDGER_VERSION:
+                raise SystemExit(f"{path}: an evidence ledger of version {data.get('version')}, and this script keys its "
+                                 f"pieces as version {LEDGER_VERSION} does (every stage's resolved config, not the "
+                                 "preset's name): pass another --ledger path; the old ledger stays as it is")
+            self.entries = data["entries"]
         self.computed: list[str] = []  # what this invocation computed (a finished rerun: empty)
         self.reused: list[str] = []
 
@@ -167,12 +170,12 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> lis
 
 
 def pipeline_key(preset: str, overrides: list[str]) -> str:
-    """A pipeline run's ledger key: the preset, the overrides and the teacher they resolve to (a preset that
-    moves to another shipped teacher does not reuse students distilled from the old one)."""
-    from flows.pipeline_config import build_config
+    """A pipeline run's ledger key: every stage's config as the pipeline resolves it from the preset and the
+    overrides (`snapgen run --dry-run`), teacher included, so a preset that changes a stage's settings (or
+    moves to another shipped teacher) does not reuse pieces trained under the old ones."""
+    from flows.pipeline_config import build_config, resolved_stage_configs
 
-    teacher = build_config(preset, overrides).teacher
-    return _key(["pipeline", preset, teacher.release or teacher.bundle_uri or "bootstrap", overrides])
+    return _key(["pipeline", preset, resolved_stage_configs(build_config(preset, overrides))])
 
 
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:

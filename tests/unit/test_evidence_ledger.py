@@ -1,0 +1,45 @@
+"""bench/toy_evidence.py's ledger: a piece's key follows every stage's resolved config (so a preset edit
+retrains instead of reusing pieces trained under the old settings), and a ledger of another key version
+is refused, not overwritten."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    spec = importlib.util.spec_from_file_location("toy_evidence_for_test", ROOT / "bench" / "toy_evidence.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_preset_edit_changes_the_key_with_the_same_overrides(evidence, monkeypatch):
+    from flows import pipeline_config
+
+    overrides = ["pretrain.train.kd.combine=scaled", "pretrain.train.seed=0"]
+    before = evidence.pipeline_key("toy", overrides)
+    assert evidence.pipeline_key("toy", overrides) == before  # deterministic
+    monkeypatch.setitem(pipeline_config.PRESETS, "toy", [*pipeline_config.PRESETS["toy"], "pretrain.train.steps=77"])
+    assert evidence.pipeline_key("toy", overrides) != before
+    monkeypatch.undo()
+    assert evidence.pipeline_key("toy", overrides) == before
+    # an override that resolves to the preset's own value is the same piece
+    assert evidence.pipeline_key("toy", [*overrides, "curate.scenes=8000"]) == before
+
+
+def test_a_ledger_of_another_version_is_refused_and_left_alone(evidence, tmp_path):
+    old = tmp_path / "ledger.json"
+    old.write_text(json.dumps({"version": 1, "entries": {"k": {"variant": "scaled"}}}))
+    with pytest.raises(SystemExit, match="version 1"):
+        evidence.Ledger(old)
+    assert json.loads(old.read_text())["entries"] == {"k": {"variant": "scaled"}}
+    fresh = evidence.Ledger(tmp_path / "new.json")
+    fresh.put("k2", "piece", {"x": 1})
+    assert json.loads((tmp_path / "new.json").read_text())["version"] == evidence.LEDGER_VERSION
