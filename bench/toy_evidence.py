@@ -25,10 +25,11 @@ reported beside them). Comparisons are paired (same prompts and noise).
 
 Resumable: every pipeline run and every evaluation is recorded in the ledger (`--ledger`, default
 `<home>/evidence/ledger-<preset>.json`) when it finishes, with the git commit it was computed at (the report
-lists them); a rerun reuses every recorded result, and an interrupted pipeline resumes from its stage records
+lists them). A pipeline piece is keyed by every stage's config as the pipeline resolves it (so a preset
+edit trains anew), an evaluation by the model, sampler and seeds; a rerun reuses every recorded result, and an interrupted pipeline resumes from its stage records
 and pretraining checkpoints. Each student's evaluations run right after its pipeline, and an evaluation keeps
 the images the grid shows beside the ledger (`<ledger folder>/pictures/`), so a ledger alone carries a
-finished piece: with `--ledger bench/evidence/ledger-toy.json` committed after each piece, the evidence is
+finished piece: with `--ledger bench/evidence/ledger-toy-v2.json` committed after each piece, the evidence is
 built over sessions on fresh machines (a piece cut off mid-way reruns from its start there). Keep `--home`
 (default `<repo>/.evidence`) between sessions on one machine. Writes the section below into bench/RESULTS.md,
 the figures into --json (default bench/toy_evidence.json) and a sample grid into bench/evidence/.
