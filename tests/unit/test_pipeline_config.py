@@ -166,3 +166,20 @@ def test_the_full_size_student_resolves_with_fsdp_and_fsdp_on_cpu_is_named():
     with pytest.raises(PipelineConfigError, match="pretrain.strategy.*fsdp needs GPUs"):
         validate_stage_configs(build_config("toy", ["pretrain.train.strategy=fsdp",
                                                     "pretrain.train.accelerator=cpu"]))
+
+
+def test_the_few_step_count_is_declared_once():
+    """The student's sampler steps come from StepDistillConfig's default (the paper's 4): no preset or stage
+    default repeats it, and every preset still resolves to it (toy-smoke sets its own 2 for speed)."""
+    from pathlib import Path
+
+    from flows.pipeline_config import build_config, resolved_stage_configs
+    from snapgen_model.training.distill_steps import StepDistillConfig
+
+    source = (Path(__file__).resolve().parents[2] / "flows" / "pipeline_config.py").read_text()
+    assert "sampler_steps=4" not in source
+    default = StepDistillConfig().sampler_steps
+    for preset, extra in (("toy", []), ("toy-gpu", []), ("snapgen-1024", ["teacher.bundle_uri=/nowhere"])):
+        assert resolved_stage_configs(build_config(preset, extra))["distill"]["sampler_steps"] == default == 4
+    assert resolved_stage_configs(build_config("snapgen-1024", ["teacher.bundle_uri=/nowhere"]))["distill"]["steps"] \
+        == StepDistillConfig().steps
