@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -138,8 +139,6 @@ def summary(rows) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import os
-
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     from flows.pipeline_config import build_config
@@ -224,7 +223,6 @@ def write(args, results: dict, cache_dir: Path, n_train: int) -> None:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
 
 
-import os  # noqa: E402  (used by write)
 
 if __name__ == "__main__":
     raise SystemExit(main())
