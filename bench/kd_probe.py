@@ -86,7 +86,7 @@ def split(data, held_out: int):
     return data.select(torch.arange(n - held_out)), data.select(torch.arange(n - held_out, n))
 
 
-def held_out_set(data, preset, seed: int = 1234):
+def held_out_set(data, seed: int = 1234):
     """Fixed (x0, noise, t) rows: every sample at T_GRID timesteps (stratified, jittered), fixed noise."""
     import torch
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         module: PretrainModule = result["module"]
         scorer_teacher = teacher or online_teacher(cfg.with_overrides(["mode=online"]), teacher_folder(
             cfg.with_overrides(["mode=online"]), manifest), manifest.get("feature_layers", [-1]))
-        t_all, noise_all = held_out_set(held, preset)
+        t_all, noise_all = held_out_set(held)
         unet = getattr(module.ema_unet, "_orig_mod", module.ema_unet).float()
         rows = score(unet, module.ema_conditioner.float(), scorer_teacher, module.teacher_condition
                      if module.teacher is not None else _teacher_condition(scorer_teacher, cache_cfg),

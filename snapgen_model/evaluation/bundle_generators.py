@@ -32,10 +32,6 @@ from snapgen_model.artifacts.student import load_conditioner
 from snapgen_model.artifacts.student import read_card as read_student_card
 from snapgen_model.storage.checkpoint import load_model, read_preset
 
-def _sha(obj: Any) -> str:
-    return content_key(obj)
-
-
 def is_bundle_folder(folder: str | Path) -> bool:
     return Path(folder).is_dir() and (Path(folder) / "bundle.json").is_file()
 
@@ -98,7 +94,7 @@ class BundleStudentGenerator:
                              f"takes {channels}")
         self.decoder_name = "bundle VAE" if decoder_path is None else f"tiny decoder ({Path(decoder_path).name})"
         self.device, self.card, self._lock = device, card, threading.Lock()
-        self.identity = _sha({"unet": file_sha256(str(unet_path)),
+        self.identity = content_key({"unet": file_sha256(str(unet_path)),
                               "conditioner": file_sha256(str(folder / student_files.CONDITIONER)),
                               "bundle": card.get("bundle_id") or bundle, "encoders": card["encoders"],
                               "sampler": sampler.to_dict(), "kind": "bundle-student"} | decoder_id)[:32]
@@ -134,7 +130,7 @@ class BundleTeacherGenerator:
         self.guidance = cfg.eval_guidance if guidance is None else guidance
         record = self.bundle.record
         self.image_size, self._lock = int(cfg.resolution), threading.Lock()
-        self.identity = _sha({"bundle": record.get("config_hash"), "files": record.get("files"),
+        self.identity = content_key({"bundle": record.get("config_hash"), "files": record.get("files"),
                               "steps": self.steps, "guidance": self.guidance, "kind": "bundle-teacher"})[:32]
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:

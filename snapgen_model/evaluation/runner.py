@@ -78,18 +78,14 @@ def prompt_seeds(cfg: GenerationConfig, prompt_index: int) -> list[int]:
     return [image_seed(cfg.base_seed, prompt_index, j) for j in range(cfg.images_per_prompt)]
 
 
-def _sha(obj: Any) -> str:
-    return content_key(obj)
-
-
 def prompts_hash(prompts: Sequence[Mapping[str, Any]]) -> str:
     """Content hash of a prompt set (the metadata records, in order)."""
-    return _sha([dict(p) for p in prompts])
+    return content_key([dict(p) for p in prompts])
 
 
 def generation_key(identity: str, prompts: Sequence[Mapping[str, Any]], cfg: GenerationConfig) -> str:
     """What a sample folder's content depends on: generator identity, prompts, count and seeds."""
-    return _sha({"generator": identity, "prompts": prompts_hash(prompts), "images_per_prompt": cfg.images_per_prompt,
+    return content_key({"generator": identity, "prompts": prompts_hash(prompts), "images_per_prompt": cfg.images_per_prompt,
                  "base_seed": cfg.base_seed, "batch_prompts": cfg.batch_prompts})
 
 
@@ -271,7 +267,7 @@ class CheckpointGenerator:
                              "null (no text encoder)" + ("; the conditioner's null" if self.conditioner else ""))
         key = {"unet": file_sha256(str(unet_path)), "decoder": decoder_id, "sampler": sampler.to_dict(),
                "conditioning": self.conditioning}
-        self.identity = _sha(key | ({"conditioner": conditioner_id} if conditioner_id else {}))[:32]
+        self.identity = content_key(key | ({"conditioner": conditioner_id} if conditioner_id else {}))[:32]
 
     def _conditioner(self, conditioner, unet_path, device: str) -> tuple[torch.nn.Module | None, str | None]:
         if self.preset.unet.conditioning != "text":
