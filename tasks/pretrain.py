@@ -16,11 +16,12 @@ from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit, online_teacher, save_student
+from snapgen_model.training.progress import ProgressCallback
 from snapgen_model.training.stream import ShardSource, StreamData
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
-from tasks.progress import training_progress
+from tasks.progress import PROGRESS_EVERY_S, training_progress
 from tasks.settings import get_settings
 from tasks.keys import content_key
 from tasks.storage import Storage, storage
@@ -189,7 +190,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
             # saves the EMA student: the same outputs as the in-process path below
             result = _launch(cache_dir, cache_manifest, preset, overrides, cfg, state_root, encoders, stage_caches,
                              hooks={"mlflow_run_id": run.run_id, "checkpoint_uri": store.join(base, "checkpoints"),
-                                    "student_dir": student_tmp.name})
+                                    "student_dir": student_tmp.name}, resume=resume)
             module, skipped, saved = None, result.get("data_skipped", {}), result.get("student_files")
             log_kd_levels(result, run)
         else:
@@ -258,8 +259,9 @@ def teacher_folder(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> str |
 
 def launch_hooks(spec: dict[str, Any]) -> dict[str, Any]:
     """What each launched rank trains with beyond the library (`launch.py` calls this through the spec's
-    "hooks" entry): the MLflow logger writing into the stage's run (Lightning logs from rank 0) and the
-    uploader of finished checkpoints (called on rank 0, which writes them)."""
+    "hooks" entry): the MLflow logger writing into the stage's run (Lightning logs from rank 0), the
+    uploader of finished checkpoints (called on rank 0, which writes them), and the progress lines (rank 0
+    prints them marked on stderr; the parent forwards them to its run log, see `_forward_progress`)."""
     from tasks.tracking import lightning_logger
 
     out: dict[str, Any] = {}
@@ -267,27 +269,66 @@ def launch_hooks(spec: dict[str, Any]) -> dict[str, Any]:
         out["loggers"] = [lightning_logger(get_settings(), spec["mlflow_run_id"])]
     if spec.get("checkpoint_uri"):
         out["upload"] = _uploader(storage(), spec["checkpoint_uri"])
+    if spec.get("progress"):
+        def report(line: str) -> None:
+            print(f"{PROGRESS_MARK}{line}", file=sys.stderr, flush=True)
+
+        out["callbacks"] = [ProgressCallback(report, int(spec["pretrain"]["steps"]), PROGRESS_EVERY_S)]
     return out
 
 
+PROGRESS_MARK = "snapgen-progress: "  # a launched rank's progress line on its stderr
+TAIL_LINES = 200  # output lines of a launched run kept for its error message
+
+
+def launch_spec(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None,
+                hooks: dict[str, Any] | None = None, resume: str = "latest", result_path: str = "") -> dict[str, Any]:
+    """The spec `python -m snapgen_model.training.launch` trains from: the same inputs as the in-process
+    path (resume policy included), plus the hooks of rank 0 (see `launch_hooks`)."""
+    spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
+            "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root), "resume": resume,
+            "result_path": result_path, "progress": True,
+            "teacher_folder": teacher_folder(cfg, manifest), "feature_layers": manifest.get("feature_layers", [-1])}
+    if hooks:
+        spec |= {k: v for k, v in hooks.items() if v} | {"hooks": "tasks.pretrain:launch_hooks"}
+    if stage_caches:
+        spec["stage_caches"] = stage_caches
+    if cfg.data == "stream":  # each rank streams through the storage layer
+        spec |= {"cache_uri": cache_dir, "stream_source": "tasks.pretrain:stream_source"}
+    return spec
+
+
+def _forward_progress(lines, report, tail: int = TAIL_LINES) -> list[str]:
+    """Pass each marked progress line of a launched run to `report` (without the mark) as it arrives;
+    return the last `tail` other lines (the error message of a failed run)."""
+    from collections import deque
+
+    kept: deque[str] = deque(maxlen=tail)
+    for raw in lines:
+        line = raw.rstrip("\n")
+        if line.startswith(PROGRESS_MARK):
+            report(line[len(PROGRESS_MARK):])
+        else:
+            kept.append(line)
+    return list(kept)
+
+
 def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None,
-            hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+            hooks: dict[str, Any] | None = None, resume: str = "latest") -> dict[str, Any]:
     """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank).
-    `hooks`: {mlflow_run_id, checkpoint_uri, student_dir} (see `launch_hooks`; rank 0 saves the student)."""
+    `hooks`: {mlflow_run_id, checkpoint_uri, student_dir} (see `launch_hooks`; rank 0 saves the student).
+    Rank 0's progress lines reach this run's log while it trains."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
-                "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
-                "result_path": os.path.join(tmp, "result.json"),
-                "teacher_folder": teacher_folder(cfg, manifest), "feature_layers": manifest.get("feature_layers", [-1])}
-        if hooks:
-            spec |= {k: v for k, v in hooks.items() if v} | {"hooks": "tasks.pretrain:launch_hooks"}
-        if stage_caches:
-            spec["stage_caches"] = stage_caches
-        if cfg.data == "stream":  # each rank streams through the storage layer
-            spec |= {"cache_uri": cache_dir, "stream_source": "tasks.pretrain:stream_source"}
+        spec = launch_spec(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches,
+                           hooks, resume, os.path.join(tmp, "result.json"))
         Path(tmp, "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"distributed pretraining failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        with subprocess.Popen([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            tail = _forward_progress(proc.stdout, lambda line: logger.info("[pretrain] %s", line))
+            code = proc.wait()
+        if code != 0:
+            raise RuntimeError(f"distributed pretraining failed (exit {code}): {chr(10).join(tail)[-2000:]}")
         return json.loads(Path(tmp, "result.json").read_text())

@@ -58,7 +58,8 @@ def run(spec: dict) -> dict:
     teacher = online_teacher(cfg, spec.get("teacher_folder"), spec.get("feature_layers", [-1]))
     hooks = _factory(spec["hooks"])(spec) if spec.get("hooks") else {}
     result = fit(preset, cfg, data, CacheConfig.from_dict(spec["cache"]), spec["state_root"], teacher=teacher,
-                 resume=spec.get("resume", "latest"), loggers=hooks.get("loggers"), upload=hooks.get("upload"))
+                 resume=spec.get("resume", "latest"), loggers=hooks.get("loggers"), upload=hooks.get("upload"),
+                 callbacks=hooks.get("callbacks") or ())
     module = result.pop("module", None)
     if module is not None and module.global_rank == 0:
         if spec.get("student_dir"):  # the EMA student, as the in-process path saves it

@@ -56,3 +56,32 @@ def test_line_text_by_hand():
         "step 100/500 (20%), 50 s, loss 0.2134, 256 img/s, about 3 min left"
     # resumed at 400: 20 steps trained in 10 s, 80 left -> 40 s
     assert progress_line(420, 500, 10.0, None, None, 20) == "step 420/500 (84%), 10 s, about 40 s left"
+
+
+def test_a_launched_runs_progress_lines_are_forwarded_and_the_rest_kept_for_errors(capsys):
+    """Several-device pretraining runs in a child process: rank 0 prints marked progress lines on stderr,
+    the parent passes them to its run log as they come and keeps the other output for an error message."""
+    from tasks.pretrain import PROGRESS_MARK, _forward_progress, launch_hooks
+
+    spec = {"progress": True, "pretrain": {"steps": 40}}
+    (cb,) = launch_hooks(spec)["callbacks"]
+    cb.report("step 4/40 (10%), 3 s")
+    printed = capsys.readouterr().err
+    assert printed == f"{PROGRESS_MARK}step 4/40 (10%), 3 s\n" and cb.total == 40
+    seen: list[str] = []
+    tail = _forward_progress(["warning: x\n", printed, "Traceback\n", "boom\n"], seen.append, tail=2)
+    assert seen == ["step 4/40 (10%), 3 s"]
+    assert tail == ["Traceback", "boom"]
+
+
+def test_the_launch_spec_carries_the_resume_policy(tmp_path):
+    """`snapgen pretrain --resume none` on several devices trains from scratch, as in one process: the
+    launcher reads the policy from the spec (it fell back to "latest" when the spec had none)."""
+    from snapgen_model.training.pretrain import PretrainConfig
+    from tasks.pretrain import launch_spec
+
+    cfg = PretrainConfig().with_overrides(["devices=2", "mode=cached"])
+    manifest = {"config": {}, "feature_layers": [-1]}
+    for policy in ("none", "latest", str(tmp_path / "step-00000010")):
+        spec = launch_spec(str(tmp_path), manifest, "toy", [], cfg, tmp_path / "state", ["clip"], resume=policy)
+        assert spec["resume"] == policy and spec["pretrain"]["devices"] == 2
