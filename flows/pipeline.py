@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.pipeline_config import PipelineConfig, build_config, validate_stage_configs
+from flows.pipeline_config import PipelineConfig, build_config, cache_overrides, flow_overrides, validate_stage_configs
 from snapgen_model.artifacts import student as student_files
 from tasks import mlflow_model, registry, tracking
 from tasks.cache import local_folder
@@ -127,7 +127,7 @@ def _cache(cfg: PipelineConfig, teacher: dict[str, Any], data: dict[str, Any]) -
 
     manifest = cache_teacher_flow(CacheParams(dataset_uri=data["dataset_uri"], bundle_uri=teacher["bundle_uri"],
                                               encoders=cfg.cache.encoders or list(TOY_ENCODERS),
-                                              feature_layers=cfg.cache.feature_layers, overrides=cfg.cache.overrides))
+                                              feature_layers=cfg.cache.feature_layers, overrides=cache_overrides(cfg)))
     return _json_safe({"cache_uri": manifest["uri"], "key": manifest["key"], "samples": manifest["samples"],
                        "cache_hit": manifest.get("cache_hit", False), "mlflow_run_id": manifest.get("mlflow_run_id")})
 
@@ -269,7 +269,9 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
         teacher = stages.run("teacher", cfg.teacher.model_dump(), [], lambda: _teacher(cfg))
         data = stages.run("curate", cfg.curate.model_dump(), ["teacher"], lambda: _curate(cfg, teacher),
                           outputs=lambda r: [storage().join(r["dataset_uri"], "manifest.json")])
-        cache = stages.run("cache_teacher", cfg.cache.model_dump(), ["teacher", "curate"],
+        derived = flow_overrides(cfg)  # in the key only where it adds something (older keys stay valid)
+        cache = stages.run("cache_teacher", [cfg.cache.model_dump(), derived] if derived else cfg.cache.model_dump(),
+                           ["teacher", "curate"],
                            lambda: _cache(cfg, teacher, data),
                            outputs=lambda r: [storage().join(r["cache_uri"], "manifest.json")])
         decoder = None

@@ -282,6 +282,24 @@ def build_config(preset: str = "toy", overrides: list[str] | tuple[str, ...] = (
     return cfg
 
 
+def flow_overrides(cfg: PipelineConfig) -> list[str]:
+    """The student preset's timestep density as CacheConfig overrides (`flow.shift=3.0`): the cached
+    (t, noise) pairs must come from the density that pretraining's task term and KD scaling a_t assume
+    (pretraining refuses a cache drawn from another). Empty while the preset's density is CacheConfig's
+    default, so such caches keep their keys."""
+    from snapgen_model.configs import FlowMatchingConfig
+    from snapgen_model.presets import get_preset
+
+    flow, default = get_preset(cfg.pretrain.preset, cfg.pretrain.overrides).flow.to_dict(), FlowMatchingConfig().to_dict()
+    return [f"flow.{k}={json.dumps(v)}" for k, v in flow.items() if default.get(k) != v]
+
+
+def cache_overrides(cfg: PipelineConfig) -> list[str]:
+    """The cache stage's CacheConfig overrides: the preset's density (`flow_overrides`), then the stage's
+    own `cache.overrides` (which win)."""
+    return flow_overrides(cfg) + list(cfg.cache.overrides)
+
+
 def validate_stage_configs(cfg: PipelineConfig) -> None:
     """Build every library config the stages will build, so a bad key fails before any stage runs."""
     resolved_stage_configs(cfg)
@@ -303,7 +321,7 @@ def resolved_stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         ("pretrain", "pretrain.train", lambda: PretrainConfig().with_overrides(cfg.pretrain.train).to_dict()),
         ("distill", "distill.train", lambda: StepDistillConfig().with_overrides(cfg.distill.train).to_dict()),
         ("decoder", "decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train).to_dict()),
-        ("cache", "cache.overrides", lambda: CacheConfig().with_overrides(cfg.cache.overrides).to_dict()),
+        ("cache", "cache.overrides", lambda: CacheConfig().with_overrides(cache_overrides(cfg)).to_dict()),
     ]
     if cfg.teacher.bundle_uri is not None:
         builds.append(("teacher", "teacher.bundle_uri", lambda: {"bundle_uri": cfg.teacher.bundle_uri}))

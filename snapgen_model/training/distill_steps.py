@@ -51,7 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from snapgen_model.config_base import ConfigBase, check, check_choice
 from snapgen_model.configs import SamplerConfig, SnapGenConfig
-from snapgen_model.diffusion.flow import interpolate, x0_from_velocity
+from snapgen_model.diffusion.flow import interpolate, sample_timesteps, x0_from_velocity
 from snapgen_model.diffusion.samplers import make_timesteps
 from snapgen_model.distill.adversarial import (
     DiscriminatorConfig,
@@ -412,8 +412,8 @@ class StepDistillModule(DataFeed, pl.LightningModule):
             t = b.t[rows, k].to(self.device)
             if self.cfg.teacher_guidance == 1.0:
                 return t, noise, b.v[rows, k].to(self.device)
-        else:
-            t = torch.rand(len(b), generator=g).to(self.device)
+        else:  # the preset's timestep density, as pretraining and the cached pairs use
+            t = sample_timesteps(len(b), self.preset.flow, g).to(self.device)
             noise = self._randn(latent, g)
         return t, noise, self.teacher_velocity(interpolate(latent, noise, t), t, tcond)
 

@@ -190,6 +190,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
         ch = self.student.feature_channels()[cfg.kd.student_feature]
         self.projector = FeatureProjector(ch, tdim) if self.use_feat else torch.nn.Identity()
         self.kd_levels, self.kd_levels_note, self.kd_levels_warning = self._kd_levels(ref)
+        self._check_cached_density(ref)
         # one EMA over every module of the saved student (not the projector: training only); the copies are
         # registered (ema_models) so they follow the module's device and are part of the training state
         self.ema = ModuleEMA(self.student_modules(), ema_decay(cfg))
@@ -224,6 +225,18 @@ class PretrainModule(DataFeed, pl.LightningModule):
                             f"{self.cfg.label_dropout:.2f}")
             log.warning(self.kd_note)
         return kd
+
+    def _check_cached_density(self, ref: CachedData) -> None:
+        """KD from cached pairs needs them drawn from the run's own timestep density: the task term draws
+        its t from `preset.flow` and the scaling a_t divides by that density, so pairs from another one
+        would weight every KD term wrongly without a sign. Refused with both densities named."""
+        if self.cfg.mode == "online" or not ref.targets or self.kd_levels == "none":
+            return
+        if self.cache_cfg.flow != self.preset.flow:
+            raise ValueError(f"pretrain: the cache's (t, noise) pairs were drawn from {self.cache_cfg.flow} (cache.flow), "
+                             f"but the student preset trains on {self.preset.flow} (its flow): re-cache with the "
+                             "preset's flow (the pipeline sets it; by hand: cache.flow.shift=...), or train with "
+                             "pretrain.mode=online, or kd.combine=task_only")
 
     kd_note: str = ""  # how a class-conditional student is trained (logged; in the fit result)
 

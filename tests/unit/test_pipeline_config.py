@@ -183,3 +183,21 @@ def test_the_few_step_count_is_declared_once():
         assert resolved_stage_configs(build_config(preset, extra))["distill"]["sampler_steps"] == default == 4
     assert resolved_stage_configs(build_config("snapgen-1024", ["teacher.bundle_uri=/nowhere"]))["distill"]["steps"] \
         == StepDistillConfig().steps
+
+
+def test_the_cache_draws_its_pairs_from_the_students_timestep_density():
+    """KD's timestep density comes from the student preset's flow config, once: the cache stage of a
+    shifted preset (snapgen-1024, shift 3) draws its (t, noise) pairs with that shift; presets on the
+    default density add nothing (their cache keys stay); an explicit cache override still wins."""
+    from flows.pipeline_config import cache_overrides, flow_overrides, resolved_stage_configs
+    from snapgen_model.presets import get_preset
+
+    full = build_config("snapgen-1024", ["teacher.bundle_uri=/nowhere"])
+    assert flow_overrides(full) == ["flow.shift=3.0"]
+    assert resolved_stage_configs(full)["cache"]["flow"] == get_preset("snapgen-1024").flow.to_dict()
+    for preset in ("toy", "toy-smoke", "toy-gpu"):
+        cfg = build_config(preset)
+        assert cache_overrides(cfg) == cfg.cache.overrides
+        assert resolved_stage_configs(cfg)["cache"]["flow"] == get_preset(preset).flow.to_dict()
+    explicit = build_config("snapgen-1024", ["teacher.bundle_uri=/nowhere", "cache.overrides.flow.shift=2.0"])
+    assert resolved_stage_configs(explicit)["cache"]["flow"]["shift"] == 2.0

@@ -144,6 +144,23 @@ def test_a_run_says_which_kd_levels_it_trains(tmp_path, caplog, feat, kd, levels
     assert ("loss/feat" in logged) == ("feature" in levels) and ("loss/out" in logged) == ("output" in levels)
 
 
+def test_kd_from_pairs_drawn_from_another_timestep_density_is_refused(tmp_path):
+    """The task term draws t from the preset's flow and a_t divides by that density: cached pairs drawn
+    from another density (a shift-3 preset on a shift-1 cache) are refused with both named; the same
+    cache is fine with the matching density, online, or task-only."""
+    import dataclasses
+
+    from snapgen_model.configs import FlowMatchingConfig
+
+    shifted = dataclasses.replace(PRESET, flow=FlowMatchingConfig(shift=3.0))
+    with pytest.raises(ValueError, match=r"shift=1\.0.*cache\.flow.*shift=3\.0"):
+        fit(shifted, cfg(steps=1), synthetic_data(), CACHE, tmp_path / "a")
+    assert fit(shifted, cfg(steps=1, kd={"student_feature": "up1", "combine": "task_only"}), synthetic_data(),
+               CACHE, tmp_path / "b")["step"] == 1
+    cache3 = CacheConfig(targets_per_sample=K, flow=FlowMatchingConfig(shift=3.0))
+    assert fit(shifted, cfg(steps=1), synthetic_data(), cache3, tmp_path / "c")["step"] == 1
+
+
 def test_kd_levels_become_mlflow_tags():
     from tasks.pretrain import kd_tags
 
