@@ -60,8 +60,8 @@ class DecoderStage(_Strict):
 class PretrainStage(_Strict):
     preset: str = Field("toy", description="student architecture preset")
     overrides: list[str] = Field(default_factory=list, description="preset overrides k=v")
-    train: list[str] = Field(default_factory=lambda: ["steps=400", "batch_size=32"],
-                             description="PretrainConfig overrides k=v")
+    train: list[str] = Field(default_factory=list,
+                             description="PretrainConfig overrides k=v (its defaults otherwise; presets set their own)")
 
 
 class DistillStage(_Strict):
@@ -74,9 +74,8 @@ class EvaluateStage(_Strict):
     benchmarks: list[str] = Field(default_factory=lambda: ["geneval", "dpg", "fid", "clip"])
     models: list[Literal["teacher", "pretrained", "distilled"]] = Field(
         default_factory=lambda: ["teacher", "pretrained", "distilled"], description="which models to score")
-    options: dict[str, Any] = Field(default_factory=lambda: {"images_per_prompt": 2, "max_prompts_per_task": 4,
-                                                             "fid_images": 64, "fid_reference_images": 64},
-                                    description="other EvaluateParams fields")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="other EvaluateParams fields (their defaults otherwise)")
 
     @field_validator("benchmarks")
     @classmethod
@@ -143,7 +142,7 @@ PRESETS: dict[str, list[str]] = {
         "\"discriminator.head_width=8\", \"discriminator.feature_layers=[0,1]\"]",
         "evaluate.options={\"images_per_prompt\": 1, \"max_prompts_per_task\": 1, \"chunk_size\": 8, "
         "\"fid_images\": 8, \"fid_reference_images\": 8, \"steps\": 2}",
-        "export.formats=[\"onnx\"]", "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]",
+        "export.formats=[\"onnx\"]", "export.overrides.text_length=16",
         "promotion.demo_thresholds=true",
     ],
     "toy": [
@@ -151,7 +150,6 @@ PRESETS: dict[str, list[str]] = {
         # recipe), verified and registered instead of trained. `--set teacher.release=null` trains one from
         # scratch instead: the `toy` bootstrap with a budget that fits the demo (step-starved on 2 cores).
         "teacher.release=toy-teacher/v2",
-        "teacher.bootstrap_preset=toy",
         "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
         "curate.scenes=8000",
         # the teacher's time goes to the students. KD runs online: the teacher (8x cheaper per image than the
@@ -167,7 +165,7 @@ PRESETS: dict[str, list[str]] = {
         # every toy prompt x 2 images for every model
         "evaluate.options={\"images_per_prompt\": 2, \"max_prompts_per_task\": 0, \"fid_images\": 64, "
         "\"fid_reference_images\": 64}",
-        "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]", "promotion.demo_thresholds=true",
+        "export.overrides.text_length=16", "promotion.demo_thresholds=true",
     ],
     "toy-gpu": [
         "teacher.bootstrap_preset=toy-gpu", "curate.scenes=20000", "pretrain.preset=toy-gpu",
@@ -176,7 +174,7 @@ PRESETS: dict[str, list[str]] = {
         "decoder.train=[\"steps=2000\"]",
         "evaluate.options={\"images_per_prompt\": 4, \"max_prompts_per_task\": 0, \"fid_images\": 0, "
         "\"fid_reference_images\": 1000}",
-        "export.overrides=[\"dynamic_batch=false\", \"text_length=16\"]",
+        "export.overrides.text_length=16",
         "promotion.gates=[{\"metric\": \"geneval/overall\", \"threshold\": 0.5}, "
         "{\"metric\": \"dpg/overall\", \"threshold\": 0.5}, {\"metric\": \"fid\", \"higher_is_better\": false}]",
     ],

@@ -201,3 +201,21 @@ def test_the_cache_draws_its_pairs_from_the_students_timestep_density():
         assert resolved_stage_configs(cfg)["cache"]["flow"] == get_preset(preset).flow.to_dict()
     explicit = build_config("snapgen-1024", ["teacher.bundle_uri=/nowhere", "cache.overrides.flow.shift=2.0"])
     assert resolved_stage_configs(explicit)["cache"]["flow"]["shift"] == 2.0
+
+
+def test_no_preset_entry_repeats_a_default(monkeypatch):
+    """Every default is declared once: each entry of every preset changes the resolved pipeline (an entry
+    that restates a stage default or another entry is redundant and fails here, naming it)."""
+    from flows import pipeline_config
+
+    extra = {"snapgen-1024": ["teacher.bundle_uri=/nowhere"]}
+    for preset, items in list(pipeline_config.PRESETS.items()):
+        full = build_config(preset, extra.get(preset, [])).model_dump()
+        for i, item in enumerate(items):
+            monkeypatch.setitem(pipeline_config.PRESETS, preset, items[:i] + items[i + 1:])
+            try:
+                without = build_config(preset, extra.get(preset, [])).model_dump()
+            except PipelineConfigError:
+                continue  # the entry is needed for the preset to be valid at all
+            assert without != full, f"preset {preset}: {item!r} repeats a default"
+        monkeypatch.setitem(pipeline_config.PRESETS, preset, items)
