@@ -176,7 +176,18 @@ def pipeline_key(preset: str, overrides: list[str]) -> str:
     moves to another shipped teacher) does not reuse pieces trained under the old ones."""
     from flows.pipeline_config import build_config, resolved_stage_configs
 
-    return _key(["pipeline", preset, resolved_stage_configs(build_config(preset, overrides))])
+    resolved = resolved_stage_configs(build_config(preset, overrides))
+    for stage, neutral in ADDED_SINCE_V2.items():  # left out at their neutral value: older pieces stay valid
+        for name, value in neutral.items():
+            if resolved.get(stage, {}).get(name, value) == value:
+                resolved.get(stage, {}).pop(name, None)
+    return _key(["pipeline", preset, resolved])
+
+
+# Fields added to a stage's library config after ledger v2 was written, with the value that trains what the
+# config did before they existed: at that value they stay out of a piece's key, so pieces recorded earlier
+# remain valid; any other value is part of the key. (Distillation's device placement: one process.)
+ADDED_SINCE_V2: dict[str, dict[str, Any]] = {"distill": {"strategy": "auto", "devices": 1, "num_nodes": 1}}
 
 
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:

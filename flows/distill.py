@@ -7,7 +7,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.distill import STUDENT_FILES, distill_student, fetch_folder
+from snapgen_model.artifacts.student import WEIGHTS
+from tasks.distill import distill_student, fetch_folder
 from tasks.pretrain import data_mode, fetch_cache
 
 
@@ -24,7 +25,7 @@ class DistillParams(BaseModel):
 @flow(name="distill-steps", log_prints=True)
 def distill_steps_flow(params: DistillParams) -> dict[str, Any]:
     cache_dir, manifest = fetch_cache(params.cache_uri, download=data_mode(params.distill, "distill") == "memory")
-    student_dir = fetch_folder(params.student_uri, STUDENT_FILES)
+    student_dir = fetch_folder(params.student_uri, WEIGHTS)
     bundle_dir = fetch_folder(params.bundle_uri)
     result = distill_student(cache_dir, manifest, student_dir, bundle_dir, params.bundle_uri, params.distill,
                              params.resume)

@@ -3,9 +3,6 @@ upload checkpoints and the student to storage, log to MLflow through Lightning's
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,15 +13,15 @@ from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
 from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit, online_teacher, save_student
-from snapgen_model.training.progress import ProgressCallback
 from snapgen_model.training.stream import ShardSource, StreamData
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.preview import preview_callback
-from tasks.progress import PROGRESS_EVERY_S, training_progress
+from tasks.progress import training_progress
 from tasks.settings import get_settings
 from tasks.keys import content_key
 from tasks.storage import Storage, storage
+from tasks.student import write_student_card
 
 
 @task(name="fetch-cache", **io_task_options())
@@ -233,19 +230,6 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
         return out
 
 
-def write_student_card(store: Storage, folder_uri: str, cache_manifest: dict[str, Any], stage: str, key: str,
-                       run_id: str) -> str:
-    """`student.json` beside the student's weights: what evaluation and export need to use it as a
-    text-to-image model (the teacher bundle whose text encoders and VAE it was trained on), plus
-    its lineage. Written after the weights, so its presence marks a complete student folder."""
-    from snapgen_model.artifacts.student import CARD, make_card, write_card
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_card(tmp, make_card(stage, key, run_id, cache_manifest))
-        store.upload_file(str(path), store.join(folder_uri, CARD))
-    return folder_uri
-
-
 def teacher_folder(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> str | None:
     """The local teacher bundle an online run loads (the one the cache was made with); None when cached."""
     if cfg.mode != "online":
@@ -257,40 +241,15 @@ def teacher_folder(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> str |
     return str(local_folder(uri))
 
 
-def launch_hooks(spec: dict[str, Any]) -> dict[str, Any]:
-    """What each launched rank trains with beyond the library (`launch.py` calls this through the spec's
-    "hooks" entry): the MLflow logger writing into the stage's run (Lightning logs from rank 0), the
-    uploader of finished checkpoints (called on rank 0, which writes them), and the progress lines (rank 0
-    prints them marked on stderr; the parent forwards them to its run log, see `_forward_progress`)."""
-    from tasks.tracking import lightning_logger
-
-    out: dict[str, Any] = {}
-    if spec.get("mlflow_run_id"):
-        out["loggers"] = [lightning_logger(get_settings(), spec["mlflow_run_id"])]
-    if spec.get("checkpoint_uri"):
-        out["upload"] = _uploader(storage(), spec["checkpoint_uri"])
-    if spec.get("progress"):
-        def report(line: str) -> None:
-            print(f"{PROGRESS_MARK}{line}", file=sys.stderr, flush=True)
-
-        out["callbacks"] = [ProgressCallback(report, int(spec["pretrain"]["steps"]), PROGRESS_EVERY_S)]
-    return out
-
-
-PROGRESS_MARK = "snapgen-progress: "  # a launched rank's progress line on its stderr
-TAIL_LINES = 200  # output lines of a launched run kept for its error message
-
-
 def launch_spec(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None,
-                hooks: dict[str, Any] | None = None, resume: str = "latest", result_path: str = "") -> dict[str, Any]:
-    """The spec `python -m snapgen_model.training.launch` trains from: the same inputs as the in-process
-    path (resume policy included), plus the hooks of rank 0 (see `launch_hooks`)."""
-    spec = {"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(), "cache": manifest["config"],
-            "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root), "resume": resume,
-            "result_path": result_path, "progress": True,
-            "teacher_folder": teacher_folder(cfg, manifest), "feature_layers": manifest.get("feature_layers", [-1])}
-    if hooks:
-        spec |= {k: v for k, v in hooks.items() if v} | {"hooks": "tasks.pretrain:launch_hooks"}
+                hooks: dict[str, Any] | None = None, resume: str = "latest") -> dict[str, Any]:
+    """The spec `python -m snapgen_model.training.launch` pretrains from: the same inputs as the in-process
+    path (resume policy included), plus rank 0's hooks (`tasks.launch.launch_hooks`)."""
+    spec = {"stage": "pretrain", "preset": preset, "overrides": overrides, "pretrain": cfg.to_dict(),
+            "cache": manifest["config"], "cache_dir": cache_dir, "encoders": encoders, "state_root": str(state_root),
+            "resume": resume, "teacher_folder": teacher_folder(cfg, manifest),
+            "feature_layers": manifest.get("feature_layers", [-1])}
+    spec |= {k: v for k, v in (hooks or {}).items() if v}
     if stage_caches:
         spec["stage_caches"] = stage_caches
     if cfg.data == "stream":  # each rank streams through the storage layer
@@ -298,37 +257,11 @@ def launch_spec(cache_dir, manifest, preset, overrides, cfg, state_root, encoder
     return spec
 
 
-def _forward_progress(lines, report, tail: int = TAIL_LINES) -> list[str]:
-    """Pass each marked progress line of a launched run to `report` (without the mark) as it arrives;
-    return the last `tail` other lines (the error message of a failed run)."""
-    from collections import deque
-
-    kept: deque[str] = deque(maxlen=tail)
-    for raw in lines:
-        line = raw.rstrip("\n")
-        if line.startswith(PROGRESS_MARK):
-            report(line[len(PROGRESS_MARK):])
-        else:
-            kept.append(line)
-    return list(kept)
-
-
 def _launch(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches=None,
             hooks: dict[str, Any] | None = None, resume: str = "latest") -> dict[str, Any]:
-    """Multi-process run through `python -m snapgen_model.training.launch` (Lightning re-executes it per rank).
-    `hooks`: {mlflow_run_id, checkpoint_uri, student_dir} (see `launch_hooks`; rank 0 saves the student).
-    Rank 0's progress lines reach this run's log while it trains."""
-    from prefect import get_run_logger
+    """Multi-process run through the launcher (`tasks.launch.run_launched`).
+    `hooks`: {mlflow_run_id, checkpoint_uri, student_dir} (rank 0 logs, uploads and saves the student)."""
+    from tasks.launch import run_launched
 
-    logger = get_run_logger()
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = launch_spec(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches,
-                           hooks, resume, os.path.join(tmp, "result.json"))
-        Path(tmp, "spec.json").write_text(json.dumps(spec))
-        with subprocess.Popen([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            tail = _forward_progress(proc.stdout, lambda line: logger.info("[pretrain] %s", line))
-            code = proc.wait()
-        if code != 0:
-            raise RuntimeError(f"distributed pretraining failed (exit {code}): {chr(10).join(tail)[-2000:]}")
-        return json.loads(Path(tmp, "result.json").read_text())
+    return run_launched(launch_spec(cache_dir, manifest, preset, overrides, cfg, state_root, encoders, stage_caches,
+                                    hooks, resume), "pretrain")

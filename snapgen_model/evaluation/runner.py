@@ -40,7 +40,7 @@ from snapgen_model.nn.decoder import TinyDecoder
 from snapgen_model.storage.checkpoint import load_model, read_preset
 
 MANIFEST = "manifest.json"
-UNET_FILE, DECODER_FILE, CONDITIONER_FILE = "unet.safetensors", "decoder.safetensors", "conditioner.safetensors"
+UNET_FILE, DECODER_FILE = "unet.safetensors", "decoder.safetensors"  # a bare UNet checkpoint folder (students: artifacts.student)
 
 
 class ImageGenerator(Protocol):
@@ -277,10 +277,11 @@ class CheckpointGenerator:
             for name, tensor in sorted(conditioner.state_dict().items()):
                 digest.update(name.encode() + tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             return conditioner.to(device).eval(), digest.hexdigest()
-        path = Path(conditioner) if conditioner is not None else Path(unet_path).parent / CONDITIONER_FILE
+        from snapgen_model.artifacts.student import CONDITIONER, load_conditioner
+
+        path = Path(conditioner) if conditioner is not None else Path(unet_path).parent / CONDITIONER
         if conditioner is None and not path.is_file():
             return None, None
-        from snapgen_model.artifacts.student import load_conditioner
 
         return load_conditioner(path).to(device).eval(), file_sha256(str(path))
 

@@ -110,6 +110,12 @@ class StepDistillConfig(ConfigBase):
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    # several processes: DDP (as pretraining; FSDP is for the full-size student's pretraining only). The
+    # two optimisers update disjoint parameter sets from separate backward passes, so DDP runs with
+    # find_unused_parameters (`lightning_strategy`)
+    strategy: Literal["auto", "ddp"] = "auto"
+    devices: int = 1  # devices per node
+    num_nodes: int = 1  # nodes
     log_every: int = 10  # metric logging interval
     sample_every: int = 0  # steps between preview grids, student beside teacher (0 = only at the end)
     # training data: the whole cache in memory, or its shards streamed (as PretrainConfig.data)
@@ -138,6 +144,9 @@ class StepDistillConfig(ConfigBase):
         check(self.adv_weight >= 0, "distill.adv_weight", "must be >= 0")
         check(self.kd_weight >= 0, "distill.kd_weight", "must be >= 0")
         check(self.shift > 0, "distill.shift", "must be > 0")
+        check_choice(self.strategy, "distill.strategy", ("auto", "ddp"))
+        check(self.devices >= 1, "distill.devices", "must be >= 1")
+        check(self.num_nodes >= 1, "distill.num_nodes", "must be >= 1")
         check(self.grad_clip >= 0, "distill.grad_clip", "must be >= 0 (0 = off)")
         check(self.checkpoint_every >= 0, "distill.checkpoint_every", "must be >= 0 (0 = only at the end)")
         check(self.keep_checkpoints >= 1, "distill.keep_checkpoints", "must be >= 1")
@@ -148,6 +157,13 @@ class StepDistillConfig(ConfigBase):
     def sampler(self) -> SamplerConfig:
         """The sampler settings the distilled student carries in its preset."""
         return SamplerConfig(kind="few_step", steps=self.sampler_steps, guidance=self.guidance, shift=self.shift)
+
+    def lightning_strategy(self) -> str:
+        """Lightning's strategy name: several processes run DDP with find_unused_parameters, since the
+        discriminator's backward leaves the generator's parameters without gradients and vice versa."""
+        if self.strategy == "ddp" or (self.strategy == "auto" and self.devices * self.num_nodes > 1):
+            return "ddp_find_unused_parameters_true"
+        return "auto"
 
     def ema(self) -> float:
         """The EMA decay of the run: `ema_decay`, or (0) the one tied to the run length."""
@@ -538,7 +554,8 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: 
         if cfg.precision == "bf16-mixed" and hasattr(transformer, "set_attn_processor"):
             use_fast_attention(transformer)  # bf16 attention on CPU: the explicit form (nn/attention.py)
     trainer = pl.Trainer(
-        max_epochs=1, max_steps=-1, accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
+        max_epochs=1, max_steps=-1, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=cfg.lightning_strategy(), precision=cfg.precision,
         logger=loggers or False, enable_checkpointing=False, enable_progress_bar=progress_bar,
         callbacks=[StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload), *callbacks],
         enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,

@@ -1,10 +1,14 @@
-"""Process entry point of a pretraining run: `python -m snapgen_model.training.launch SPEC.json`.
+"""Process entry point of a training run (pretraining, or step distillation with `"stage": "distill"`):
+`python -m snapgen_model.training.launch SPEC.json`.
 
 Lightning's DDP launcher re-executes this command once per local rank, and torchrun or a
 Kubernetes Job runs it once per node (see docs/training.md), so multi-process and multi-node runs
 go through the same code as the in-process call. The spec is plain JSON (no pickles):
 {preset, overrides, pretrain, cache, cache_dir, encoders, state_root, result_path}, and for an
-online run (`pretrain.mode=online`) the teacher bundle's local folder and feature layers.
+online run (`pretrain.mode=online`) the teacher bundle's local folder and feature layers. A distillation
+spec has {stage: "distill", distill, cache, cache_dir, encoders, encoder_specs, student_folder,
+bundle_folder, state_root, result_path}. Both take `resume`, `hooks` and `student_dir` (rank 0 saves the
+student there).
 
 With `pretrain.data = "stream"` the shards are streamed from `cache_dir` (a local folder), or, when
 the spec names `stream_source` ("module:function", called with `cache_uri`, returning a
@@ -52,6 +56,16 @@ def _factory(name: str):
 
 
 def run(spec: dict) -> dict:
+    """Train the spec's stage ("pretrain", the default, or "distill") on this process's rank."""
+    stage = spec.get("stage", "pretrain")
+    if stage == "distill":
+        return run_distill(spec)
+    if stage != "pretrain":
+        raise SystemExit(f"launch spec: unknown stage {stage!r}; choose pretrain or distill")
+    return run_pretrain(spec)
+
+
+def run_pretrain(spec: dict) -> dict:
     preset = get_preset(spec["preset"], spec.get("overrides", []))
     cfg = PretrainConfig.from_dict(spec["pretrain"])
     data = training_data(spec, cfg)
@@ -70,6 +84,41 @@ def run(spec: dict) -> dict:
             run_cache = data[""] if isinstance(data, dict) else data
             samples = len(run_cache) if cfg.data == "memory" else None  # a stream does not know its length up front
             out = result | {"world_size": module.trainer.world_size, "samples": samples}
+            Path(spec["result_path"]).write_text(json.dumps(out, default=str))
+    return result
+
+
+def run_distill(spec: dict) -> dict:
+    """Step distillation on this rank: the pretrained student folder, the teacher bundle folder (the
+    discriminator's frozen backbone, the KD targets, and with teacher guidance its null condition from
+    the bundle's text encoders `encoder_specs`), the cache; rank 0 saves the distilled student."""
+    from snapgen_model.training.distill_steps import (
+        StepDistillConfig,
+        encode_teacher_null,
+        fit_distill,
+        load_pretrained_student,
+        load_teacher,
+        save_distilled,
+    )
+
+    cfg = StepDistillConfig.from_dict(spec["distill"])
+    cache_cfg = CacheConfig.from_dict(spec["cache"])
+    preset, unet, conditioner = load_pretrained_student(spec["student_folder"])
+    teacher = load_teacher(spec["bundle_folder"], cfg.discriminator)
+    names = [*cache_cfg.teacher_clip_encoders, *([cache_cfg.teacher_t5_encoder] if cache_cfg.teacher_t5_encoder else [])]
+    null = (encode_teacher_null(spec["bundle_folder"], spec["encoder_specs"], names)
+            if cfg.teacher_guidance != 1.0 else None)
+    data = training_data(spec, cfg)
+    hooks = _factory(spec["hooks"])(spec) if spec.get("hooks") else {}
+    result = fit_distill(preset, cfg, data, cache_cfg, spec["state_root"], teacher=teacher, student=unet,
+                         conditioner=conditioner, teacher_null=null, resume=spec.get("resume", "latest"),
+                         loggers=hooks.get("loggers"), upload=hooks.get("upload"), callbacks=hooks.get("callbacks") or ())
+    module = result.pop("module")
+    if module.global_rank == 0:
+        if spec.get("student_dir"):
+            result["student_files"] = save_distilled(module, spec["student_dir"])
+        if spec.get("result_path"):
+            out = result | {"world_size": module.trainer.world_size, "sampler": module.preset.sampler.to_dict()}
             Path(spec["result_path"]).write_text(json.dumps(out, default=str))
     return result
 

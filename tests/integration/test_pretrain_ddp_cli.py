@@ -94,3 +94,35 @@ def test_a_killed_ddp_run_resumes_from_its_last_checkpoint(ddp_env, tmp_path):
     result = result_of(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900))
     assert result["step"] == 60 and result["resumed_from"] and Path(result["resumed_from"]).name >= done[-1]
     assert result["student_uri"].startswith("s3://")
+
+
+def test_ddp_step_distillation_through_the_cli_is_as_complete_as_one_process(ddp_env, mlflow_server, tiny_bundle):
+    """`snapgen distill` on 2 processes: metrics in the stage's MLflow run from rank 0 (every step once),
+    checkpoints uploaded to SeaweedFS, the EMA student saved with its few-step sampler, and it evaluates."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.evaluate import EvaluateParams, evaluate_flow
+    from tasks.settings import get_settings
+    from tasks.storage import Storage
+
+    env, cache_uri = ddp_env
+    student = result_of(subprocess.run(command(cache_uri, 2, 2), env=env, capture_output=True, text=True,
+                                       timeout=900))["student_uri"]
+    train = ["steps=4", "batch_size=2", "checkpoint_every=2", "log_every=1", "accelerator=cpu", "devices=2",
+             "strategy=ddp", "sampler_steps=2", "discriminator.head_width=8", "discriminator.feature_layers=[0,1]"]
+    proc = subprocess.run([str(SNAPGEN), "distill", "--cache", cache_uri, "--student", student, "--bundle", str(tiny_bundle),
+                           *[a for t in train for a in ("--set", t)], "--json"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    result = result_of(proc)
+    assert result["step"] == 4 and result["student_uri"].startswith("s3://") and result["sampler"]["steps"] == 2
+    store = Storage.from_settings(get_settings())
+    uploaded = {o[len(result["checkpoints"]) + 1:] for o in store.list(result["checkpoints"] + "/")}
+    assert {f"step-0000000{s}/state.json" for s in (2, 4)} <= uploaded
+    files = {o.rsplit("/", 1)[-1] for o in store.list(result["student_uri"] + "/")}
+    assert {"unet_ema.safetensors", "conditioner.safetensors", "unet_raw.safetensors", "student.json"} <= files
+    client = MlflowClient(mlflow_server.uri)
+    assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "loss/g")) == [0, 1, 2, 3]
+    assert result["metrics"]["generator_rel_change"] > 0
+    scored = evaluate_flow(EvaluateParams(model=result["student_uri"], benchmarks=["geneval"], images_per_prompt=1,
+                                          max_prompts_per_task=1, reference_rows=False))
+    assert 0.0 <= scored["benchmarks"]["geneval"]["overall"] <= 1.0

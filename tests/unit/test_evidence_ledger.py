@@ -43,3 +43,17 @@ def test_a_ledger_of_another_version_is_refused_and_left_alone(evidence, tmp_pat
     fresh = evidence.Ledger(tmp_path / "new.json")
     fresh.put("k2", "piece", {"x": 1})
     assert json.loads((tmp_path / "new.json").read_text())["version"] == evidence.LEDGER_VERSION
+
+
+def test_fields_added_since_v2_stay_out_of_the_key_at_their_neutral_value(evidence):
+    """Distillation's device placement was added after ledger v2: at one process it leaves a piece's key as it
+    was (pieces recorded before stay valid), on two devices it is a different piece."""
+    from flows.pipeline_config import build_config, resolved_stage_configs
+
+    overrides = ["pretrain.train.kd.combine=scaled", "pretrain.train.seed=0"]
+    resolved = resolved_stage_configs(build_config("toy", overrides))
+    assert {"strategy", "devices", "num_nodes"} <= set(resolved["distill"])
+    for name in ("strategy", "devices", "num_nodes"):
+        resolved["distill"].pop(name)
+    assert evidence.pipeline_key("toy", overrides) == evidence._key(["pipeline", "toy", resolved])
+    assert evidence.pipeline_key("toy", [*overrides, "distill.train.devices=2"]) != evidence.pipeline_key("toy", overrides)

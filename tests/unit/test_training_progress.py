@@ -61,15 +61,15 @@ def test_line_text_by_hand():
 def test_a_launched_runs_progress_lines_are_forwarded_and_the_rest_kept_for_errors(capsys):
     """Several-device pretraining runs in a child process: rank 0 prints marked progress lines on stderr,
     the parent passes them to its run log as they come and keeps the other output for an error message."""
-    from tasks.pretrain import PROGRESS_MARK, _forward_progress, launch_hooks
+    from tasks.launch import PROGRESS_MARK, forward_progress, launch_hooks
 
-    spec = {"progress": True, "pretrain": {"steps": 40}}
+    spec = {"progress": True, "stage": "distill", "distill": {"steps": 40}}
     (cb,) = launch_hooks(spec)["callbacks"]
     cb.report("step 4/40 (10%), 3 s")
     printed = capsys.readouterr().err
     assert printed == f"{PROGRESS_MARK}step 4/40 (10%), 3 s\n" and cb.total == 40
     seen: list[str] = []
-    tail = _forward_progress(["warning: x\n", printed, "Traceback\n", "boom\n"], seen.append, tail=2)
+    tail = forward_progress(["warning: x\n", printed, "Traceback\n", "boom\n"], seen.append, tail=2)
     assert seen == ["step 4/40 (10%), 3 s"]
     assert tail == ["Traceback", "boom"]
 
@@ -84,4 +84,4 @@ def test_the_launch_spec_carries_the_resume_policy(tmp_path):
     manifest = {"config": {}, "feature_layers": [-1]}
     for policy in ("none", "latest", str(tmp_path / "step-00000010")):
         spec = launch_spec(str(tmp_path), manifest, "toy", [], cfg, tmp_path / "state", ["clip"], resume=policy)
-        assert spec["resume"] == policy and spec["pretrain"]["devices"] == 2
+        assert spec["resume"] == policy and spec["pretrain"]["devices"] == 2 and spec["stage"] == "pretrain"
