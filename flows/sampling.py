@@ -59,12 +59,8 @@ def model_generator(ref: str, *, steps: int | None = None, guidance: float | Non
     the tiny decoder a registered version carries, or a TinyDecoder checkpoint path or URI (the pipeline's
     train_decoder output) for a student or a bare checkpoint. A teacher always decodes with its own VAE."""
     from snapgen_model.artifacts.student import is_student_folder, read_card
-    from snapgen_model.evaluation.bundle_generators import (
-        BundleStudentGenerator,
-        BundleTeacherGenerator,
-        is_bundle_folder,
-        is_toy_teacher_bundle,
-    )
+    from snapgen_model.artifacts.teacher_bundle import is_bundle_folder, is_toy_teacher_bundle
+    from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator, BundleTeacherGenerator
     from snapgen_model.evaluation.runner import CheckpointGenerator
 
     path = resolve_source(ref)

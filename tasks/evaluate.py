@@ -26,14 +26,14 @@ from prefect.context import TaskRunContext
 from snapgen_model.artifacts import student as student_files
 from snapgen_model.data.shapes import ShapesWorldConfig
 from snapgen_model.evaluation import atomic, suite
-from snapgen_model.evaluation.bundle_generators import (
-    BundleStudentGenerator,
-    BundleTeacherGenerator,
+from snapgen_model.artifacts.teacher_bundle import (
+    BUNDLE_FILE,
     bundle_image_size,
     bundle_world,
     is_bundle_folder,
     is_toy_teacher_bundle,
 )
+from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator, BundleTeacherGenerator
 from snapgen_model.evaluation.clip_score import ClipScoreConfig, clip_score
 from snapgen_model.evaluation.dpg import DPGConfig, load_prompts, load_questions, write_questions
 from snapgen_model.evaluation.fid import FeatureStats, FIDConfig, file_sha256
@@ -118,7 +118,7 @@ def _model_folder(uri: str) -> Path | None:
         return None
     if uri.startswith("s3://"):
         store = storage()
-        if not (store.exists(store.join(uri, student_files.CARD)) or store.exists(store.join(uri, "bundle.json"))):
+        if not (store.exists(store.join(uri, student_files.CARD)) or store.exists(store.join(uri, BUNDLE_FILE))):
             return None
     folder = local_folder(uri)
     return folder if folder.is_dir() and (student_files.is_student_folder(folder) or is_bundle_folder(folder)) else None

@@ -133,8 +133,10 @@ def package_student(student_folder: str | Path, bundle_folder: str | Path, dst: 
         if not (bundle / sub).is_dir():
             raise FileNotFoundError(f"teacher bundle {bundle}: folder {sub!r} (needed to sample the student) is missing")
         shutil.copytree(bundle / sub, dst / BUNDLE_ARTIFACT / sub, dirs_exist_ok=True)
-    if (bundle / "bundle.json").is_file():
-        shutil.copy2(bundle / "bundle.json", dst / BUNDLE_ARTIFACT / "bundle.json")
+    from snapgen_model.artifacts.teacher_bundle import BUNDLE_FILE
+
+    if (bundle / BUNDLE_FILE).is_file():
+        shutil.copy2(bundle / BUNDLE_FILE, dst / BUNDLE_ARTIFACT / BUNDLE_FILE)
     artifacts = {STUDENT_ARTIFACT: str(dst / STUDENT_ARTIFACT), BUNDLE_ARTIFACT: str(dst / BUNDLE_ARTIFACT)}
     if decoder is not None:
         if not Path(decoder).is_file():

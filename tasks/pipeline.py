@@ -63,12 +63,12 @@ def record_stage(stage: str, key: str, result: dict[str, Any], outputs: list[str
 @task(name="teacher-facts", **io_task_options())
 def teacher_facts(bundle_uri: str) -> dict[str, Any]:
     """{local, world, resolution, text_encoder, bundle_id, toy} of a teacher bundle (downloaded once)."""
-    from snapgen_model.evaluation.bundle_generators import bundle_world, is_toy_teacher_bundle
+    from snapgen_model.artifacts.teacher_bundle import BUNDLE_FILE, bundle_world, is_toy_teacher_bundle
 
     local = local_folder(bundle_uri)
-    if not (local / "bundle.json").is_file():
-        raise FileNotFoundError(f"teacher bundle {bundle_uri}: no bundle.json (not a finished bundle)")
-    record = json.loads((local / "bundle.json").read_text())
+    if not (local / BUNDLE_FILE).is_file():
+        raise FileNotFoundError(f"teacher bundle {bundle_uri}: no {BUNDLE_FILE} (not a finished bundle)")
+    record = json.loads((local / BUNDLE_FILE).read_text())
     world = bundle_world(local)
     return {"local": str(local), "world": world, "resolution": int(world.get("resolution") or 0) or None,
             "text_encoder": str(local / "text_encoder") if (local / "text_encoder").is_dir() else None,

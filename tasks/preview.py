@@ -15,7 +15,7 @@ GENERIC_PROMPTS = ["a red apple on a wooden table", "a lighthouse at sunset", "a
 def _prompts(bundle: str, count: int) -> list[str]:
     """Toy bundles: prompts of the bundle's own world (one per GenEval task, held-out ones included)."""
     from snapgen_model.data.shapes import ShapesWorldConfig
-    from snapgen_model.evaluation.bundle_generators import bundle_world
+    from snapgen_model.artifacts.teacher_bundle import bundle_world
     from snapgen_model.evaluation.toy_reference import toy_prompts
 
     world = bundle_world(bundle)
@@ -34,7 +34,8 @@ def preview_callback(cache_manifest: dict[str, Any], preset: Any, run: Any, ever
     """The callback for a stage run, or None when the cache names no teacher bundle."""
     from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
     from snapgen_model.distill.vae import VAEAdapter, VAEConfig
-    from snapgen_model.evaluation.bundle_generators import BundleTeacherGenerator, _VAEDecode, is_toy_teacher_bundle
+    from snapgen_model.artifacts.teacher_bundle import is_toy_teacher_bundle
+    from snapgen_model.evaluation.bundle_generators import BundleTeacherGenerator, _VAEDecode
 
     bundle_uri = cache_manifest.get("bundle_uri")
     if not bundle_uri:

@@ -115,6 +115,33 @@ def read_bundle_record(folder: str | Path) -> dict[str, Any]:
     return record
 
 
+def is_bundle_folder(folder: str | Path) -> bool:
+    """A folder with a `bundle.json` (finished; toy or not)."""
+    return Path(folder).is_dir() and (Path(folder) / BUNDLE_FILE).is_file()
+
+
+def is_toy_teacher_bundle(folder: str | Path) -> bool:
+    """A bundle written by the toy bootstrap (`bundle.json` of this format): samplable as a teacher."""
+    path = Path(folder) / BUNDLE_FILE
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == BUNDLE_FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+def bundle_image_size(folder: str | Path) -> int:
+    """The image side (pixels) a toy teacher bundle was trained at."""
+    return int(read_bundle_record(folder)["config"]["resolution"])
+
+
+def bundle_world(folder: str | Path) -> dict[str, Any]:
+    """The shapes-world settings a toy teacher bundle was trained on (held-out pairs included), for toy
+    scoring; {} for other bundles (a full SD3 snapshot, a test bundle)."""
+    if not is_toy_teacher_bundle(folder):
+        return {}
+    return dict(json.loads((Path(folder) / BUNDLE_FILE).read_text()).get("world") or {})
+
+
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> TeacherBundle:
     """Load a bundle through the production classes (the code path the full SD3 teacher uses)."""
     record = read_bundle_record(folder)

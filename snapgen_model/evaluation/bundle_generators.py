@@ -13,7 +13,6 @@ scores students, teachers and plain checkpoints with the same code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +30,6 @@ from snapgen_model.artifacts import student as student_files
 from snapgen_model.artifacts.student import load_conditioner
 from snapgen_model.artifacts.student import read_card as read_student_card
 from snapgen_model.storage.checkpoint import load_model, read_preset
-
-def is_bundle_folder(folder: str | Path) -> bool:
-    return Path(folder).is_dir() and (Path(folder) / "bundle.json").is_file()
-
 
 class _VAEDecode(nn.Module):
     """The bundle VAE's decoder as the `decoder` module `generate` expects (latents -> [-1, 1] images)."""
@@ -144,28 +139,3 @@ class BundleTeacherGenerator:
                 "image_size": self.image_size, "identity": self.identity,
                 "sampler": {"kind": "euler", "steps": self.steps, "guidance": self.guidance},
                 "conditioning": "text:clip (teacher bundle)"}
-
-
-def bundle_image_size(bundle_folder: str | Path) -> int:
-    from snapgen_model.artifacts.teacher_bundle import read_bundle_record
-
-    return int(read_bundle_record(bundle_folder)["config"]["resolution"])
-
-
-def is_toy_teacher_bundle(folder: str | Path) -> bool:
-    """A bundle written by the toy bootstrap (bundle.json with its format and config): samplable as a teacher."""
-    from snapgen_model.artifacts.teacher_bundle import BUNDLE_FORMAT
-
-    path = Path(folder) / "bundle.json"
-    try:
-        return path.is_file() and json.loads(path.read_text()).get("format") == BUNDLE_FORMAT
-    except json.JSONDecodeError:
-        return False
-
-
-def bundle_world(bundle_folder: str | Path) -> dict[str, Any]:
-    """The shapes-world settings a toy teacher bundle was trained on (held-out pairs included), for toy
-    scoring; {} for other bundles (a full SD3 snapshot, a test bundle)."""
-    if not is_toy_teacher_bundle(bundle_folder):
-        return {}
-    return dict(json.loads((Path(bundle_folder) / "bundle.json").read_text()).get("world") or {})
