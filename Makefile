@@ -1,6 +1,8 @@
 # snapgen: the two set-up commands (see README.md).
 #   make demo   create .venv, install, run the main job on embedded defaults
-#   make test   install with test extras, run the whole suite
+#   make test   install with test extras, run the suite except the slow-marked suites (under 20 min on 2 cores)
+#   make test-slow  the slow-marked suites (multi-process DDP, kill -9 + resume, outages, the evidence run);
+#               CI (.ci/run) runs both
 # GPU machines: `make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128` installs a CUDA
 # build of the same torch version before the rest.
 PYTHON ?= python3.11
@@ -14,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-slow test-all install install-test clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (Python 3.11)"; exit 1; }
@@ -43,6 +45,12 @@ demo: $(STAMP)
 	$(VENV)/bin/snapgen demo
 
 test: $(TEST_STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest tests -m slow
+
+test-all: $(TEST_STAMP)
 	$(PY) -m pytest tests
 
 clean:
