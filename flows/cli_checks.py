@@ -162,7 +162,7 @@ def check_model(option: str, value: str, settings: Any) -> None:
     """A ``--model`` value: a registry ref that exists, or a local checkpoint file/folder whose
     safetensors files are whole. s3:// models are checked by the flow (it fetches them)."""
     if value.startswith("models:/"):
-        from tasks.tracking import resolve_model_version
+        from tasks.registry import resolve_model_version
 
         try:
             resolve_model_version(settings, value)

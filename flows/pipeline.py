@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from flows.pipeline_config import PipelineConfig, build_config, cache_overrides, flow_overrides, validate_stage_configs
 from snapgen_model.artifacts import student as student_files
 from tasks import mlflow_model, registry, tracking
+from tasks.lineage import lineage_tags
 from tasks.cache import local_folder
 from tasks.pipeline import (
     list_files,
@@ -217,7 +218,7 @@ def _register(cfg: PipelineConfig, run: Any, stages: _Stages, final: dict[str, A
     run.log_dict(model_eval, "model/eval_results.json")
     run.log_dict({"export": export, "files": files}, "model/export_and_files.json")
     teacher, data = stages.results["teacher"], stages.results["curate"]
-    lineage = tracking.lineage_tags(dataset_hash=data["dataset_hash"], teacher_id=teacher["bundle_id"],
+    lineage = lineage_tags(dataset_hash=data["dataset_hash"], teacher_id=teacher["bundle_id"],
                                     config_hash=stages.keys["register"],
                                     parent_runs=[r["mlflow_run_id"] for r in stages.rows if r.get("mlflow_run_id")])
     source = f"runs:/{run.run_id}/model"

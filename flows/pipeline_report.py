@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tasks import registry, tracking
+from tasks import lineage, registry, tracking
 from tasks.settings import get_settings
 
 MODEL_LABELS = {"teacher": "teacher (toy SD3)", "pretrained": "student, KD-pretrained", "distilled": "student, few-step"}
@@ -423,8 +423,8 @@ def report_data(summary: dict[str, Any]) -> dict[str, Any]:
         "champion": champion_comparison(summary),
         "exports": export_rows(summary),
         "lineage": {"dataset hash": data.get("dataset_hash"), "teacher": teacher.get("bundle_id"),
-                    "teacher bundle": teacher.get("bundle_uri"), "git commit": tracking.git_commit(),
-                    "code version": tracking.code_version(), **{f"stage key: {k}": v for k, v in summary["keys"].items()}},
+                    "teacher bundle": teacher.get("bundle_uri"), "git commit": lineage.git_commit(),
+                    "code version": lineage.code_version(), **{f"stage key: {k}": v for k, v in summary["keys"].items()}},
         "links": {"MLflow UI (experiment runs)": tracking.ui_base_url(settings), "Prefect UI (flow runs)": prefect_ui_url(),
                   "MLflow tracking": tracking.mask_uri(settings.mlflow_tracking_uri)},
         "missing": missing,

@@ -42,7 +42,7 @@ def resolve_source(ref: str) -> Path:
     """A local file or folder for `ref` (a path, a file:// or s3:// URI, or a models:/ registry ref)."""
     if ref.startswith("models:/"):
         from tasks.settings import get_settings
-        from tasks.tracking import resolve_model_version
+        from tasks.registry import resolve_model_version
 
         ref = resolve_model_version(get_settings(), ref)["source"]
     path = local_path(ref) if "://" in ref else Path(ref).expanduser()

@@ -20,13 +20,9 @@ from snapgen_model.training import bootstrap as bs
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
 from tasks.storage import storage
-from tasks.tracking import (
-    find_model_versions,
-    lineage_tags,
-    log_metric_series,
-    register_model_version,
-    start_run,
-)
+from tasks.lineage import lineage_tags
+from tasks.registry import find_model_versions, register_model_version
+from tasks.tracking import log_metric_series, start_run
 
 MODEL_NAME = "snapgen-toy-teacher"
 STAGE_TAG = "bootstrap-teacher"

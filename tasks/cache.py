@@ -148,7 +148,8 @@ def write_cache_manifest(out_uri: str, manifest: dict[str, Any]) -> dict[str, An
 
 @task(name="log-cache", **io_task_options())
 def log_cache(manifest: dict[str, Any], out_uri: str) -> str:
-    from tasks.tracking import lineage_tags, start_run
+    from tasks.lineage import lineage_tags
+    from tasks.tracking import start_run
 
     tags = lineage_tags(dataset_hash=manifest["dataset_hash"], teacher_id=manifest["bundle_id"],
                         config_hash=manifest["key"][:16]) | {"snapgen.stage": "cache_teacher", "snapgen.cache_uri": out_uri}

@@ -173,7 +173,8 @@ def log_curation(manifest: dict[str, Any], grid_png: bytes | None, out_uri: str)
 
     from PIL import Image
 
-    from tasks.tracking import lineage_tags, start_run
+    from tasks.lineage import lineage_tags
+    from tasks.tracking import start_run
 
     settings = get_settings()
     tags = lineage_tags(dataset_hash=manifest["dataset_hash"]) | {"snapgen.stage": "curate",

@@ -72,7 +72,8 @@ def train_decoder_task(cache_uri: str, bundle_uri: str, preset: str, overrides: 
 
 @task(name="log-tiny-decoder", **io_task_options())
 def log_decoder(result: dict[str, Any]) -> str:
-    from tasks.tracking import lineage_tags, start_run
+    from tasks.lineage import lineage_tags
+    from tasks.tracking import start_run
 
     with start_run(get_settings(), "train tiny decoder",
                    tags=lineage_tags(config_hash=result["key"]) | {"snapgen.stage": "train_decoder"}) as run:

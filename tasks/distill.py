@@ -58,7 +58,9 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
     """Train the N-step student to the configured step (resuming the latest checkpoint) and save it. With
     several devices or nodes the ranks run through the launcher (`tasks.launch`): rank 0 logs to this
     stage's MLflow run, uploads the checkpoints and saves the EMA student, as this process does alone."""
-    from tasks.tracking import lightning_logger, lineage_tags, start_run
+    from tasks.lineage import lineage_tags
+    from tasks.metric_log import lightning_logger
+    from tasks.tracking import start_run
 
     settings = get_settings()
     cfg = StepDistillConfig().with_overrides(cfg_overrides)

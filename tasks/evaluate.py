@@ -71,6 +71,7 @@ from snapgen_model.evaluation.toy_reference import (
 from snapgen_model.storage.checkpoint import read_preset
 from snapgen_model.artifacts.teacher_bundle import read_bundle_record
 from tasks import tracking
+from tasks.lineage import lineage_tags
 from tasks.cache import local_folder
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
@@ -89,12 +90,10 @@ def code_version() -> str:
 # ----------------------------------------------------------------------------- model and prompts
 
 def _registry_source(ref: str) -> dict[str, Any]:
-    """Resolve `models:/name@alias` or `models:/name/N` through tasks.tracking, when it can."""
-    resolver = getattr(tracking, "resolve_model_version", None)
-    if resolver is None:
-        raise ValueError(f"--model {ref}: MLflow registry references cannot be resolved yet (tasks/tracking.py has "
-                         "no resolve_model_version); pass the checkpoint path or URI instead")
-    return dict(resolver(get_settings(), ref))
+    """Resolve `models:/name@alias` or `models:/name/N` through the registry."""
+    from tasks.registry import resolve_model_version
+
+    return dict(resolve_model_version(get_settings(), ref))
 
 
 def _local_checkpoint(uri: str) -> str:
@@ -419,7 +418,7 @@ def evaluation_run_name(results: dict[str, Any]) -> str:
 def log_evaluation(results: dict[str, Any], markdown: str, grids: dict[str, str], parent_run_id: str | None) -> str:
     """One MLflow run: metrics (consistent names), the table, the results JSON and the sample grids."""
     model = results["model"]
-    tags = tracking.lineage_tags(parent_runs=[parent_run_id] if parent_run_id else None) | {
+    tags = lineage_tags(parent_runs=[parent_run_id] if parent_run_id else None) | {
         "snapgen.stage": "evaluate", "snapgen.model_ref": model["ref"], "snapgen.model_id": model["model_id"]}
     with tracking.start_run(get_settings(), evaluation_run_name(results), tags=tags,
                             parent_run_id=parent_run_id) as run:

@@ -18,6 +18,7 @@ from snapgen_model.artifacts import student as student_files
 from snapgen_model.export import ExportConfig, export_key, export_model, load_inputs
 from snapgen_model.export.pipeline import MANIFEST
 from tasks import tracking
+from tasks.lineage import lineage_tags
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
 from tasks.keys import content_key
@@ -42,17 +43,13 @@ def parent_uri(uri: str) -> str:
 
 
 def resolve_registry_ref(ref: str) -> str:
-    """`models:/name/N` or `models:/name@alias` -> a checkpoint URI, through the registry helpers of
-    `tasks.tracking` (`resolve_model_version`, as the evaluate stage uses) once they exist; until
-    then a clear error."""
-    resolver = getattr(tracking, "resolve_model_version", None) or getattr(tracking, "resolve_model_uri", None)
-    if resolver is None:
-        raise RegistryUnavailableError(
-            f"model ref {ref!r}: registry not available (tasks.tracking has no resolve_model_version yet); "
-            "pass a checkpoint path or a file:// / s3:// URI instead")
-    resolved = resolver(get_settings(), ref)
+    """`models:/name/N` or `models:/name@alias` -> a checkpoint URI (the registry's `resolve_model_version`,
+    as the evaluate stage uses), after checking the registered files' checksums."""
+    from tasks.registry import resolve_model_version
+
+    resolved = resolve_model_version(get_settings(), ref)
     verify_registered_files(ref)
-    return str(resolved["source"] if isinstance(resolved, dict) else resolved)
+    return str(resolved["source"])
 
 
 class TamperedArtifactError(RuntimeError):
@@ -223,7 +220,7 @@ def log_export(report: dict[str, Any], local_dir: str | None, model_ref: str, de
     """One MLflow run: export config as params, figures as metrics, report (+ files) as artifacts.
     A blocked export (`error`) is logged too, as a FAILED-tagged run with its report."""
     settings = get_settings()
-    tags = tracking.lineage_tags(config_hash=content_key(report.get("config", {}), 16))
+    tags = lineage_tags(config_hash=content_key(report.get("config", {}), 16))
     tags |= {"snapgen.stage": "export", "snapgen.export_key": report.get("export_key", ""),
              "snapgen.export_parity": "failed" if error else "passed"}
     with tracking.start_run(settings, f"export {'+'.join(report.get('formats') or ['model'])} ({report.get('preset', 'model')})", tags=tags) as run:

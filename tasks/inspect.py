@@ -9,7 +9,8 @@ from snapgen_model.inspect import inspect_config
 from snapgen_model.presets import get_preset
 from tasks.defaults import compute_task_options, io_task_options
 from tasks.settings import get_settings
-from tasks.tracking import lineage_tags, start_run
+from tasks.lineage import lineage_tags
+from tasks.tracking import start_run
 
 
 @task(name="inspect-preset", **compute_task_options())

@@ -9,7 +9,7 @@ in `snapgen_model.keys`, so the library uses them too; this module names the cod
   expressions, names or constants moves it. Scopes: `pipeline` (the product: snapgen_model, tasks,
   flows; part of every stage key) and `evaluation` (sampling and scoring, the generation cache's key).
 
-Two other identities are deliberately not code hashes: `tasks.tracking.code_version()` names the
+Two other identities are deliberately not code hashes: `tasks.lineage.code_version()` names the
 checkout a run came from (package version, git commit, dirty flag; a lineage tag, not a key), and
 the explicit format versions of long-lived data (`tasks.curate.CODE_VERSION`, `tasks.cache.CODE_VERSION`,
 `snapgen_model.export.EXPORT_CODE_VERSION`) are bumped by hand when their on-disk layout changes, so

@@ -34,7 +34,7 @@ def launch_hooks(spec: dict[str, Any]) -> dict[str, Any]:
     spec asks (`mlflow_run_id`, `checkpoint_uri`, `progress`); the stage's step count is `spec[stage].steps`."""
     from tasks.pretrain import _uploader
     from tasks.storage import storage
-    from tasks.tracking import lightning_logger
+    from tasks.metric_log import lightning_logger
 
     out: dict[str, Any] = {}
     if spec.get("mlflow_run_id"):

@@ -166,7 +166,9 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                   cfg_overrides: list[str], resume: str = "latest") -> dict[str, Any]:
     """Train to the configured step (resuming the latest checkpoint) and save the student: the EMA UNet
     with the EMA conditioner (what evaluation and export use), and the raw pair beside them."""
-    from tasks.tracking import lightning_logger, lineage_tags, start_run
+    from tasks.lineage import lineage_tags
+    from tasks.metric_log import lightning_logger
+    from tasks.tracking import start_run
 
     settings = get_settings()
     cfg = PretrainConfig().with_overrides(cfg_overrides)

@@ -23,24 +23,25 @@ import contextlib
 import fcntl
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.settings import get_settings
 from tasks.storage import storage
+from tasks.secrets import mask_uri
 from tasks.tracking import (
-    CHECKPOINT_TAG,
     RetryPolicy,
+    TrackingSettings,
     call_with_retry,
     configure_mlflow,
-    parse_model_ref,
     prepare_params,
-    register_model_version,
 )
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -50,6 +51,93 @@ PARITY_TAG = "snapgen.export_parity"
 EXPORT_TAG = "snapgen.export_uri"
 DECISION_TAG = "snapgen.promotion.decision"
 HISTORY_TAG = "snapgen.champion_history"
+
+
+# ----------------------------------------------------------------- registered versions and refs
+_MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
+CHECKPOINT_TAG = "snapgen.checkpoint_uri"  # versions whose large files stay in object storage point there
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` or `models:/name/N` -> (name, alias, version); a clear error otherwise."""
+    match = _MODEL_REF.match(ref.strip())
+    if not match:
+        raise ValueError(f"model ref {ref!r} is malformed: expected models:/NAME@ALIAS or models:/NAME/VERSION "
+                         "(e.g. models:/snapgen@champion, models:/snapgen/3)")
+    return match["name"], match["alias"], match["version"]
+
+
+def resolve_model_version(settings: TrackingSettings, ref: str) -> dict[str, str]:
+    """Registry ref -> {"name", "version", "run_id", "source"}: `source` is the storage URI in the
+    version's `snapgen.checkpoint_uri` tag when set, else the version's artifacts downloaded under
+    `<home>/cache/registry/<name>/<version>` (a local folder or file)."""
+    name, alias, number = parse_model_ref(ref)
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        mv = call_with_retry(lambda: client.get_model_version_by_alias(name, alias) if alias
+                             else client.get_model_version(name, number), RetryPolicy(), "get_model_version")
+    except MlflowException as exc:
+        raise LookupError(f"model ref {ref!r}: not found in the registry at {mask_uri(uri)} ({exc.error_code})") from exc
+    out = {"name": name, "version": str(mv.version), "run_id": mv.run_id or ""}
+    if (mv.tags or {}).get(CHECKPOINT_TAG):
+        return out | {"source": mv.tags[CHECKPOINT_TAG]}
+    target = Path(settings.home) / "cache" / "registry" / name / str(mv.version)
+    if not target.exists():
+        target.mkdir(parents=True)
+        source = client.get_model_version_download_uri(name, mv.version)
+        local = call_with_retry(lambda: mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)),
+                                RetryPolicy(), "download model version")
+        (target / ".source").write_text(str(local))
+    return out | {"source": (target / ".source").read_text()}
+
+
+def register_model_version(
+    settings: TrackingSettings,
+    name: str,
+    source: str,
+    *,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> str:
+    """Create registered model ``name`` if it does not exist, add a version from ``source``
+    (e.g. ``runs:/<run_id>/bundle``) with masked, stringified ``tags``; return its version number."""
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    policy = retry or RetryPolicy()
+
+    def ensure_model() -> None:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    call_with_retry(ensure_model, policy, "create_registered_model")
+    version = call_with_retry(
+        lambda: client.create_model_version(
+            name, source, run_id=run_id, tags=prepare_params(tags or {}), description=description
+        ),
+        policy,
+        "create_model_version",
+    )
+    return str(version.version)
+
+
+def find_model_versions(settings: TrackingSettings, name: str, tag: str, value: str) -> list[dict[str, str]]:
+    """Versions of registered model ``name`` whose tag ``tag`` equals ``value``, newest first:
+    ``[{"version", "run_id", "source"}]`` (empty when the model does not exist)."""
+    uri = configure_mlflow(settings)
+    client = MlflowClient(tracking_uri=uri)
+    found = call_with_retry(
+        lambda: client.search_model_versions(f"name = '{name}'"), RetryPolicy(), "search_model_versions"
+    )
+    hits = [v for v in found if (v.tags or {}).get(tag) == value]
+    hits.sort(key=lambda v: int(v.version), reverse=True)
+    return [{"version": str(v.version), "run_id": v.run_id or "", "source": v.source} for v in hits]
+
 
 
 class PromotionError(RuntimeError):

@@ -1,4 +1,5 @@
-"""MLflow tracking for snapgen: the only module in the project that imports mlflow.
+"""MLflow tracking for snapgen: runs (the run side of MLflow; `registry.py` owns registered versions,
+`metric_log.py` the buffered training logger, `lineage.py` the lineage tags).
 
 Everything else logs through :func:`start_run` and the :class:`RunHandle` it yields, so that
 secret masking, parameter flattening, lineage tags and the "tracking is down, keep training"
@@ -20,12 +21,10 @@ Policy in short:
 from __future__ import annotations
 
 import contextvars
-import functools
 import json
 import logging
 import os
 import re
-import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +40,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks.lineage import lineage_tags
 from tasks.secrets import MASK, mask_secrets, mask_uri, mask_value, secret_value
 
 try:  # limits of the MLflow REST API; fall back to the documented values
@@ -57,12 +57,9 @@ __all__ = [
     "RetryPolicy",
     "RunHandle",
     "TrackingSettings",
-    "code_version",
     "configure_mlflow",
     "flatten_params",
     "get_or_create_experiment",
-    "git_commit",
-    "lineage_tags",
     "mask_secrets",
     "start_run",
 ]
@@ -71,8 +68,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
-TAG_PREFIX = "snapgen."
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 # Bound MLflow's own HTTP retries (7 tries with factor 2 by default: minutes per call while a
 # server is down); RetryPolicy retries on top. setdefault: an operator's env wins.
 _MLFLOW_HTTP_ENV_DEFAULTS = {
@@ -480,88 +475,7 @@ def _terminate(handle: RunHandle, status: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# lineage
-# --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def git_commit(repo: Path = _REPO_ROOT) -> str:
-    """``git rev-parse HEAD`` of the code's checkout, or ``"unknown"`` outside a repository."""
-    out = _git(repo, "rev-parse", "HEAD")
-    return out if out and re.fullmatch(r"[0-9a-f]{40,64}", out) else "unknown"
-
-
-@functools.lru_cache(maxsize=4)
-def git_dirty(repo: Path = _REPO_ROOT) -> bool | None:
-    """Whether tracked files differ from HEAD (None when git cannot tell)."""
-    out = _git(repo, "status", "--porcelain", "--untracked-files=no")
-    return None if out is None else bool(out)
-
-
-def _git(repo: Path, *args: str) -> str | None:
-    """Output of a git command in ``repo``, or None if git is missing or fails."""
-    try:
-        proc = subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
-@functools.lru_cache(maxsize=1)
-def package_version() -> str:
-    """The installed ``snapgen`` version, else the one in pyproject.toml, else ``"unknown"``."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("snapgen")
-    except metadata.PackageNotFoundError:
-        pass
-    try:
-        import tomllib
-
-        with open(_REPO_ROOT / "pyproject.toml", "rb") as fh:
-            return str(tomllib.load(fh)["project"]["version"])
-    except (OSError, KeyError, ValueError):
-        return "unknown"
-
-
-def code_version() -> str:
-    """``<package version>[+g<commit12>[.dirty]]``: identifies the code that produced a run."""
-    commit = git_commit()
-    if commit == "unknown":
-        return package_version()
-    suffix = ".dirty" if git_dirty() else ""
-    return f"{package_version()}+g{commit[:12]}{suffix}"
-
-
-def lineage_tags(
-    *,
-    dataset_hash: str | None = None,
-    teacher_id: str | None = None,
-    config_hash: str | None = None,
-    parent_runs: list[str] | tuple[str, ...] | None = None,
-) -> dict[str, str]:
-    """Lineage tags for runs and registered model versions (``snapgen.*`` plus MLflow's own).
-
-    Always includes ``snapgen.git_commit`` (``"unknown"`` outside a repository) and
-    ``snapgen.code_version``; the other keys only when given.
-    """
-    commit = git_commit()
-    tags = {f"{TAG_PREFIX}git_commit": commit, f"{TAG_PREFIX}code_version": code_version()}
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-    optional = {
-        "dataset_hash": dataset_hash,
-        "teacher_id": teacher_id,
-        "config_hash": config_hash,
-        "parent_runs": ",".join(parent_runs) if parent_runs else None,
-    }
-    tags.update({f"{TAG_PREFIX}{k}": str(v) for k, v in optional.items() if v is not None})
-    return tags
-
-
-# --------------------------------------------------------------------------------------------
-# metric histories and the model registry (appended for the toy teacher bootstrap)
+# metric histories and run queries (run reports)
 # --------------------------------------------------------------------------------------------
 def log_metric_series(run: RunHandle, key: str, points: list[tuple[int, float]] | tuple[tuple[int, float], ...]) -> None:
     """Log a whole metric history ``[(step, value), ...]`` (a loss curve) in a few batches.
@@ -570,249 +484,6 @@ def log_metric_series(run: RunHandle, key: str, points: list[tuple[int, float]] 
     """
     stamp = int(time.time() * 1000)
     run.log_metric_items([Metric(key, float(value), stamp, int(step)) for step, value in points])
-
-
-def register_model_version(
-    settings: TrackingSettings,
-    name: str,
-    source: str,
-    *,
-    run_id: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    description: str | None = None,
-    retry: RetryPolicy | None = None,
-) -> str:
-    """Create registered model ``name`` if it does not exist, add a version from ``source``
-    (e.g. ``runs:/<run_id>/bundle``) with masked, stringified ``tags``; return its version number."""
-    uri = configure_mlflow(settings)
-    client = MlflowClient(tracking_uri=uri)
-    policy = retry or RetryPolicy()
-
-    def ensure_model() -> None:
-        try:
-            client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-
-    call_with_retry(ensure_model, policy, "create_registered_model")
-    version = call_with_retry(
-        lambda: client.create_model_version(
-            name, source, run_id=run_id, tags=prepare_params(tags or {}), description=description
-        ),
-        policy,
-        "create_model_version",
-    )
-    return str(version.version)
-
-
-def find_model_versions(settings: TrackingSettings, name: str, tag: str, value: str) -> list[dict[str, str]]:
-    """Versions of registered model ``name`` whose tag ``tag`` equals ``value``, newest first:
-    ``[{"version", "run_id", "source"}]`` (empty when the model does not exist)."""
-    uri = configure_mlflow(settings)
-    client = MlflowClient(tracking_uri=uri)
-    found = call_with_retry(
-        lambda: client.search_model_versions(f"name = '{name}'"), RetryPolicy(), "search_model_versions"
-    )
-    hits = [v for v in found if (v.tags or {}).get(tag) == value]
-    hits.sort(key=lambda v: int(v.version), reverse=True)
-    return [{"version": str(v.version), "run_id": v.run_id or "", "source": v.source} for v in hits]
-
-
-class MetricBuffer:
-    """Metrics queued in memory and uploaded by a background thread, so training never waits on
-    (or crashes because of) the tracking server: an outage keeps them queued and retried with
-    exponential backoff until the server is back; nothing is dropped unless the queue exceeds
-    ``max_pending`` (oldest first, counted in ``dropped``) or the server rejects a batch outright."""
-
-    def __init__(self, client: MlflowClient, run_id: str, policy: RetryPolicy | None = None,
-                 max_pending: int = 1_000_000) -> None:
-        import threading
-
-        self.client, self.run_id = client, run_id
-        self.policy = policy or RetryPolicy()
-        self.max_pending = max_pending
-        self.sent = self.dropped = self.failures = 0
-        self._pending: list[Metric] = []
-        self._inflight = 0
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._urgent = False  # set by flush(): retry now instead of waiting out the back-off
-
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending) + self._inflight
-
-    def add(self, items: list[Metric]) -> None:
-        import threading
-
-        with self._cond:
-            self._pending.extend(items)
-            excess = len(self._pending) - self.max_pending
-            if excess > 0:
-                del self._pending[:excess]
-                self.dropped += excess
-            if self._thread is None or not self._thread.is_alive():
-                self._closed = False
-                self._thread = threading.Thread(target=self._loop, name=f"mlflow-metrics-{self.run_id[:8]}",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def _loop(self) -> None:
-        delay, down_since = self.policy.base_delay_s, None
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                batch = self._pending[:MAX_METRICS_PER_BATCH]
-                del self._pending[:len(batch)]
-                self._inflight = len(batch)
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as exc:  # noqa: BLE001 - nothing may escape into training
-                with self._cond:
-                    self._inflight = 0
-                    if is_transient(exc):
-                        self._pending[:0] = batch  # back to the front, in order
-                    else:
-                        self.dropped += len(batch)
-                self.failures += 1
-                if not is_transient(exc):
-                    log.error("MLflow rejected %d metrics of run %s: %s", len(batch), self.run_id, exc)
-                    continue
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("MLflow unreachable; buffering metrics of run %s and retrying: %s", self.run_id, exc)
-                retry_at = time.monotonic() + delay
-                with self._cond:  # back off (new metrics do not cut it short; a flush does)
-                    while not self._urgent and (left := retry_at - time.monotonic()) > 0:
-                        self._cond.wait(timeout=left)
-                delay = min(self.policy.max_delay_s, delay * 2)
-                continue
-            with self._cond:
-                self._inflight = 0
-                self.sent += len(batch)
-                self._cond.notify_all()
-            if down_since is not None:
-                log.warning("MLflow reachable again after %.1fs; buffered metrics of run %s sent",
-                            time.monotonic() - down_since, self.run_id)
-                down_since = None
-            delay = self.policy.base_delay_s
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until everything queued is sent (True) or ``timeout_s`` passed (False); a retry
-        back-off in progress is cut short."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            self._urgent = True
-            self._cond.notify_all()
-            while self._pending or self._inflight:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None or not self._thread.is_alive():
-                    return False
-                self._cond.wait(timeout=min(left, 0.5))
-        return True
-
-    def close(self, timeout_s: float) -> bool:
-        """Flush (bounded by ``timeout_s``), then stop the uploader; warns about what is left."""
-        done = self.flush(timeout_s)
-        with self._cond:
-            self._closed = True
-            left = len(self._pending) + self._inflight
-            self._cond.notify_all()
-        if not done and left:
-            message = (f"MLflow still unreachable after {timeout_s:.0f}s: {left} metrics of run {self.run_id} "
-                       "could not be sent")
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return done
-
-
-def lightning_logger(settings: Any, run_id: str, *, flush_timeout_s: float = 120.0, retry: RetryPolicy | None = None):
-    """Lightning's MLFlowLogger writing into an existing run (created by `start_run`), with metric
-    uploads buffered in the background (:class:`MetricBuffer`): a tracking outage during training
-    neither blocks nor crashes it, and the metrics arrive once the server is back (the logger
-    waits up to ``flush_timeout_s`` for that when training ends)."""
-    from lightning.pytorch.loggers import MLFlowLogger
-    from lightning.pytorch.utilities import rank_zero_only
-
-    class BufferedMLFlowLogger(MLFlowLogger):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.buffer = MetricBuffer(MlflowClient(tracking_uri=kwargs["tracking_uri"]), kwargs["run_id"],
-                                       retry or RetryPolicy(base_delay_s=1.0, max_delay_s=8.0))
-
-        @rank_zero_only
-        def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-            stamp = int(time.time() * 1000)
-            items = [Metric(re.sub(r"[^a-zA-Z0-9_/. -]+", "", k), float(v), stamp, step or 0)
-                     for k, v in metrics.items() if not isinstance(v, str)]
-            self.buffer.add(items)
-
-        @rank_zero_only
-        def log_hyperparams(self, params: Any) -> None:
-            try:
-                super().log_hyperparams(params)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("MLflow unreachable: hyper-parameters of run %s not logged: %s", run_id, exc)
-
-        @rank_zero_only
-        def finalize(self, status: str = "success") -> None:
-            self.buffer.close(flush_timeout_s)
-            try:
-                super().finalize(status)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("MLflow unreachable: could not mark run %s %s: %s", run_id, status, exc)
-
-    configure_mlflow(settings)
-    return BufferedMLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id, log_model=False)
-
-
-_MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
-CHECKPOINT_TAG = "snapgen.checkpoint_uri"  # versions whose large files stay in object storage point there
-
-
-def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`models:/name@alias` or `models:/name/N` -> (name, alias, version); a clear error otherwise."""
-    match = _MODEL_REF.match(ref.strip())
-    if not match:
-        raise ValueError(f"model ref {ref!r} is malformed: expected models:/NAME@ALIAS or models:/NAME/VERSION "
-                         "(e.g. models:/snapgen@champion, models:/snapgen/3)")
-    return match["name"], match["alias"], match["version"]
-
-
-def resolve_model_version(settings: TrackingSettings, ref: str) -> dict[str, str]:
-    """Registry ref -> {"name", "version", "run_id", "source"}: `source` is the storage URI in the
-    version's `snapgen.checkpoint_uri` tag when set, else the version's artifacts downloaded under
-    `<home>/cache/registry/<name>/<version>` (a local folder or file)."""
-    name, alias, number = parse_model_ref(ref)
-    uri = configure_mlflow(settings)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        mv = call_with_retry(lambda: client.get_model_version_by_alias(name, alias) if alias
-                             else client.get_model_version(name, number), RetryPolicy(), "get_model_version")
-    except MlflowException as exc:
-        raise LookupError(f"model ref {ref!r}: not found in the registry at {mask_uri(uri)} ({exc.error_code})") from exc
-    out = {"name": name, "version": str(mv.version), "run_id": mv.run_id or ""}
-    if (mv.tags or {}).get(CHECKPOINT_TAG):
-        return out | {"source": mv.tags[CHECKPOINT_TAG]}
-    target = Path(settings.home) / "cache" / "registry" / name / str(mv.version)
-    if not target.exists():
-        target.mkdir(parents=True)
-        source = client.get_model_version_download_uri(name, mv.version)
-        local = call_with_retry(lambda: mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)),
-                                RetryPolicy(), "download model version")
-        (target / ".source").write_text(str(local))
-    return out | {"source": (target / ".source").read_text()}
 
 
 def metric_histories(settings: TrackingSettings, run_id: str, prefixes: tuple[str, ...] = ("",),

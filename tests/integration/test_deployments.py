@@ -52,7 +52,8 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 180) -> str:
 
 def _register_toy_checkpoint(tmp_path: Path, tracking_uri: str) -> str:
     from tasks.settings import get_settings
-    from tasks.tracking import CHECKPOINT_TAG, register_model_version, start_run
+    from tasks.registry import CHECKPOINT_TAG, register_model_version
+    from tasks.tracking import start_run
 
     folder = save_toy_checkpoint(tmp_path / "ckpt", "toy")
     settings = get_settings()

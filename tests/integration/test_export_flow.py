@@ -109,7 +109,8 @@ def test_export_by_registry_alias(env, checkpoint, mlflow_server):
 
     from flows.export import ExportParams, export_flow
     from tasks.settings import get_settings
-    from tasks.tracking import CHECKPOINT_TAG, register_model_version, start_run
+    from tasks.registry import CHECKPOINT_TAG, register_model_version
+    from tasks.tracking import start_run
 
     settings = get_settings()
     with start_run(settings, "register-for-export") as run:

@@ -19,13 +19,13 @@ NAME = "snapgen-pyfunc-test"
 def champion(tmp_path_factory, mlflow_server, tiny_student, tiny_bundle, tiny_decoder):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from tasks import mlflow_model, tracking
+    from tasks import mlflow_model, registry, tracking
     from tasks.settings import get_settings
 
     settings = get_settings(home=tmp_path_factory.mktemp("pyfunc-home"), mlflow_tracking_uri=mlflow_server.uri)
     with tracking.start_run(settings, "register tiny student") as run:
         source = mlflow_model.log_pyfunc(run, tiny_student, tiny_bundle, decoder=tiny_decoder)
-    version = tracking.register_model_version(settings, NAME, source, run_id=run.run_id)
+    version = registry.register_model_version(settings, NAME, source, run_id=run.run_id)
     MlflowClient(mlflow_server.uri).set_registered_model_alias(NAME, "champion", version)
     return {"uri": mlflow_server.uri, "run_id": run.run_id, "version": version}
 

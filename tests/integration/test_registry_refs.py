@@ -12,7 +12,8 @@ def test_resolve_alias_version_and_storage_tag(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     from tasks.settings import get_settings
-    from tasks.tracking import CHECKPOINT_TAG, register_model_version, resolve_model_version, start_run
+    from tasks.registry import CHECKPOINT_TAG, register_model_version, resolve_model_version
+    from tasks.tracking import start_run
 
     settings = get_settings(home=tmp_path, mlflow_tracking_uri=mlflow_server.uri)
     ckpt = tmp_path / "model" / "unet.safetensors"

@@ -63,7 +63,7 @@ def test_sample_from_a_registry_ref(tmp_path, monkeypatch, mlflow_server, tiny_s
     VAE by default and with the tiny decoder the version carries under --decoder tiny."""
     from mlflow.tracking import MlflowClient
 
-    from tasks import mlflow_model, tracking
+    from tasks import mlflow_model, registry, tracking
     from tasks.settings import get_settings
 
     monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
@@ -71,7 +71,7 @@ def test_sample_from_a_registry_ref(tmp_path, monkeypatch, mlflow_server, tiny_s
     settings = get_settings()
     with tracking.start_run(settings, "register tiny student for sample") as run:
         source = mlflow_model.log_pyfunc(run, tiny_student, tiny_bundle, decoder=tiny_decoder)
-    version = tracking.register_model_version(settings, "snapgen-sample-test", source, run_id=run.run_id)
+    version = registry.register_model_version(settings, "snapgen-sample-test", source, run_id=run.run_id)
     MlflowClient(mlflow_server.uri).set_registered_model_alias("snapgen-sample-test", "champion", version)
     ref = _sample(tmp_path, "ref", "--model", "models:/snapgen-sample-test@champion", "--prompt", PROMPT, "--seeds", "3")
     direct = _sample(tmp_path, "direct", "--model", str(tiny_student), "--prompt", PROMPT, "--seeds", "3")

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tasks import lineage as lineage_mod
 from tasks import tracking
 from tests.fixtures.mlflow_server import free_port
 
@@ -123,7 +124,7 @@ def test_secrets_are_masked_in_params_tags_and_dicts(
 
 
 def test_lineage_tags_and_nested_runs(mlflow_settings: Any, client: MlflowClient) -> None:
-    lineage = tracking.lineage_tags(
+    lineage = lineage_mod.lineage_tags(
         dataset_hash="d" * 64, teacher_id="toy-teacher", config_hash="c0ffee", parent_runs=["r1"]
     )
     with tracking.start_run(mlflow_settings, "parent", tags=lineage) as parent:
@@ -133,9 +134,9 @@ def test_lineage_tags_and_nested_runs(mlflow_settings: Any, client: MlflowClient
             pass
 
     tags = client.get_run(parent.run_id).data.tags
-    assert tags["snapgen.git_commit"] == tracking.git_commit()
+    assert tags["snapgen.git_commit"] == lineage_mod.git_commit()
     assert tags["snapgen.git_commit"] == "unknown" or len(tags["snapgen.git_commit"]) == 40
-    assert tags["snapgen.code_version"] == tracking.code_version()
+    assert tags["snapgen.code_version"] == lineage_mod.code_version()
     assert tags["snapgen.dataset_hash"] == "d" * 64
     assert tags["snapgen.teacher_id"] == "toy-teacher"
     assert tags["snapgen.config_hash"] == "c0ffee"

@@ -133,7 +133,7 @@ def test_bad_settings_name_the_field(field, value, fragment, tmp_path):
 @pytest.mark.parametrize("ref", ["snapgen@champion", "models:/", "models:/snapgen", "models:/snapgen@",
                                  "models:/snapgen/v3", "models:/a/b/3", "runs:/abc/model", "models:/x@bad alias"])
 def test_malformed_model_refs(ref):
-    from tasks.tracking import parse_model_ref
+    from tasks.registry import parse_model_ref
 
     with pytest.raises(ValueError) as info:
         parse_model_ref(ref)

@@ -53,7 +53,8 @@ class Outage(pl.Callback):
 
 def test_mlflow_outage_during_training(tmp_path, record):
     from tasks.settings import get_settings
-    from tasks.tracking import lightning_logger, start_run
+    from tasks.metric_log import lightning_logger
+    from tasks.tracking import start_run
 
     server = MlflowOnPort(tmp_path / "mlflow")
     server.start()
