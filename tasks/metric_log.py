@@ -2,10 +2,12 @@
 keeps metrics through a tracking outage and sends them when the server is back) and `lightning_logger`
 (Lightning's MLFlowLogger writing into a run that `tracking.start_run` created, through the buffer).
 
-Why not MLflow's own asynchronous logging (`log_metrics(synchronous=False)`): it hands each call to a
-thread pool and surfaces failures when the future is awaited, with no retry across an outage, while
-the reliability suite (tests/reliability/test_mlflow_outage.py) requires that a run training through
-a server outage loses no metric and neither blocks nor fails; this buffer is what passes it.
+Why not MLflow's own asynchronous logging (`log_metrics(synchronous=False)`): its queue
+(`mlflow.utils.async_logging.AsyncLoggingQueue`) sends each batch once; when the server is down it
+logs an ERROR line, stores the exception on the batch (raised only to a caller that waits on it) and
+moves on, so an outage loses those metrics. The reliability suite (tests/reliability/test_mlflow_outage.py)
+requires that a run training through a server outage loses no metric, neither blocks nor fails, and
+prints no ERROR; this buffer retries with backoff until the server is back, which is what passes it.
 """
 from __future__ import annotations
 
