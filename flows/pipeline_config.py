@@ -1,5 +1,6 @@
-"""Parameters of the end-to-end pipeline: one pydantic model per stage, named presets, and `--set`
-overrides validated before any work starts (an error names the field and what it allows).
+"""Parameters of the end-to-end pipeline: one pydantic model per stage, named presets (functions that
+return a typed `PipelineConfig`, setting only what differs from the defaults), and `--set` overrides
+validated before any work starts (an error names the field and what it allows).
 
 `--set` paths address fields (`pretrain.preset=toy-gpu`, `evaluate.options.images_per_prompt=4`,
 `promotion.tolerance=0.05`). A stage's `*_overrides`/`train` list holds the `key=value` overrides of
@@ -128,65 +129,93 @@ class PipelineConfig(_Strict):
     promotion: PromotionStage = Field(default_factory=PromotionStage)
 
 
-# Named presets: each a set of `--set` style overrides on the defaults. `toy` fits the 2-core CPU demo
-# budget of TOY_CALIBRATION.md (mechanics); `toy-gpu` is the quality run; `toy-smoke` is for tests.
-PRESETS: dict[str, list[str]] = {
-    "toy-smoke": [
-        "teacher.bootstrap_preset=toy-smoke", "curate.scenes=24", "curate.overrides=[\"samples_per_shard=12\"]",
-        "decoder.train=[\"steps=4\", \"batch_size=4\", \"heldout=4\"]",
+# Named presets: functions returning a typed PipelineConfig (as torchtitan's recipes are); each sets only
+# what differs from the stage defaults (tests/unit/test_pipeline_config.py checks that). `toy` fits the
+# 2-core CPU demo budget of TOY_CALIBRATION.md; `toy-gpu` is the quality run; `toy-smoke` is for tests.
+def _plus(defaults: list[str], *items: str) -> list[str]:
+    """A stage's default library overrides with `items` added (the default stays declared once)."""
+    return [*defaults, *items]
+
+
+def toy_smoke() -> PipelineConfig:
+    return PipelineConfig(
+        preset="toy-smoke",
+        teacher=TeacherStage(bootstrap_preset="toy-smoke"),
+        curate=CurateStage(scenes=24, overrides=["samples_per_shard=12"]),
+        decoder=DecoderStage(train=["steps=4", "batch_size=4", "heldout=4"]),
         # output KD only (kd.feature_kd=false, so no features are cached; the run says so in its log and tags)
-        "cache.overrides=[\"targets_per_sample=8\"]",
-        "pretrain.preset=toy-smoke", "pretrain.train=[\"steps=4\", \"batch_size=4\", \"checkpoint_every=2\", "
-        "\"log_every=1\", \"accelerator=cpu\", \"kd.feature_kd=false\"]",
-        "distill.train=[\"steps=2\", \"batch_size=2\", \"log_every=1\", \"accelerator=cpu\", \"sampler_steps=2\", "
-        "\"discriminator.head_width=8\", \"discriminator.feature_layers=[0,1]\"]",
-        "evaluate.options={\"images_per_prompt\": 1, \"max_prompts_per_task\": 1, \"chunk_size\": 8, "
-        "\"fid_images\": 8, \"fid_reference_images\": 8, \"steps\": 2}",
-        "export.formats=[\"onnx\"]", "export.overrides.text_length=16",
-        "promotion.demo_thresholds=true",
-    ],
-    "toy": [
+        cache=CacheStage(overrides=["targets_per_sample=8"]),
+        pretrain=PretrainStage(preset="toy-smoke", train=["steps=4", "batch_size=4", "checkpoint_every=2", "log_every=1",
+                                                          "accelerator=cpu", "kd.feature_kd=false"]),
+        distill=DistillStage(train=["steps=2", "batch_size=2", "log_every=1", "accelerator=cpu", "sampler_steps=2",
+                                    "discriminator.head_width=8", "discriminator.feature_layers=[0,1]"]),
+        evaluate=EvaluateStage(options={"images_per_prompt": 1, "max_prompts_per_task": 1, "chunk_size": 8,
+                                        "fid_images": 8, "fid_reference_images": 8, "steps": 2}),
+        export=ExportStage(formats=["onnx"], overrides=_plus(ExportStage().overrides, "text_length=16")),
+        promotion=PromotionStage(demo_thresholds=True),
+    )
+
+
+def toy() -> PipelineConfig:
+    return PipelineConfig(
+        preset="toy",
         # the demo's teacher: the shipped release (releases/toy-teacher/v2, trained once with the toy-release
         # recipe), verified and registered instead of trained. `--set teacher.release=null` trains one from
         # scratch instead: the `toy` bootstrap with a budget that fits the demo (step-starved on 2 cores).
-        "teacher.release=toy-teacher/v2",
-        "teacher.bootstrap_overrides=[\"ae_steps=400\", \"pool_size=4096\", \"teacher_time_budget_s=200\"]",
-        "curate.scenes=8000",
+        teacher=TeacherStage(release="toy-teacher/v2",
+                             bootstrap_overrides=["ae_steps=400", "pool_size=4096", "teacher_time_budget_s=200"]),
+        curate=CurateStage(scenes=8000),
         # the teacher's time goes to the students. KD runs online: the teacher (8x cheaper per image than the
         # student's step on this CPU) gives every step fresh (t, noise) targets for the task and both KD terms
         # on one student forward, so the cache holds latents and text states only (no targets to cache)
-        "cache.overrides=[\"targets_per_sample=0\", \"store_features=false\"]",
+        cache=CacheStage(overrides=["targets_per_sample=0", "store_features=false"]),
         # batch 32: at equal wall time the toy student learns far more from more, smaller steps than from
         # batch 128's higher images/s (bench/RESULTS.md "KD objective probe": held-out flow loss 0.45 after
         # 600 x 32 in 145 s, 0.59 after 300 x 128 in 200 s); 1,200 steps fit the demo's budget
-        "pretrain.train=[\"steps=1200\", \"batch_size=32\", \"lr=0.002\", \"warmup_steps=100\", \"mode=online\", "
-        "\"precision=bf16-mixed\"]",
-        "distill.train=[\"steps=60\"]",
+        pretrain=PretrainStage(train=["steps=1200", "batch_size=32", "lr=0.002", "warmup_steps=100", "mode=online",
+                                      "precision=bf16-mixed"]),
+        distill=DistillStage(train=["steps=60"]),
         # every toy prompt x 2 images for every model
-        "evaluate.options={\"images_per_prompt\": 2, \"max_prompts_per_task\": 0, \"fid_images\": 64, "
-        "\"fid_reference_images\": 64}",
-        "export.overrides.text_length=16", "promotion.demo_thresholds=true",
-    ],
-    "toy-gpu": [
-        "teacher.bootstrap_preset=toy-gpu", "curate.scenes=20000", "pretrain.preset=toy-gpu",
-        "pretrain.train=[\"steps=6000\", \"batch_size=128\", \"accelerator=auto\"]",
-        "distill.train=[\"steps=1500\", \"accelerator=auto\"]",
-        "decoder.train=[\"steps=2000\"]",
-        "evaluate.options={\"images_per_prompt\": 4, \"max_prompts_per_task\": 0, \"fid_images\": 0, "
-        "\"fid_reference_images\": 1000}",
-        "export.overrides.text_length=16",
-        "promotion.gates=[{\"metric\": \"geneval/overall\", \"threshold\": 0.5}, "
-        "{\"metric\": \"dpg/overall\", \"threshold\": 0.5}, {\"metric\": \"fid\", \"higher_is_better\": false}]",
-    ],
-    "snapgen-1024": [
-        "scale=full", "pretrain.preset=snapgen-1024", "teacher.bootstrap_preset=none",
+        evaluate=EvaluateStage(options={"images_per_prompt": 2, "max_prompts_per_task": 0, "fid_images": 64,
+                                        "fid_reference_images": 64}),
+        export=ExportStage(overrides=_plus(ExportStage().overrides, "text_length=16")),
+        promotion=PromotionStage(demo_thresholds=True),
+    )
+
+
+def toy_gpu() -> PipelineConfig:
+    return PipelineConfig(
+        preset="toy-gpu",
+        teacher=TeacherStage(bootstrap_preset="toy-gpu"),
+        curate=CurateStage(scenes=20000),
+        decoder=DecoderStage(train=["steps=2000"]),
+        pretrain=PretrainStage(preset="toy-gpu", train=["steps=6000", "batch_size=128", "accelerator=auto"]),
+        distill=DistillStage(train=["steps=1500", "accelerator=auto"]),
+        evaluate=EvaluateStage(options={"images_per_prompt": 4, "max_prompts_per_task": 0, "fid_images": 0,
+                                        "fid_reference_images": 1000}),
+        export=ExportStage(overrides=_plus(ExportStage().overrides, "text_length=16")),
+        promotion=PromotionStage(gates=[Gate(metric="geneval/overall", threshold=0.5),
+                                        Gate(metric="dpg/overall", threshold=0.5),
+                                        Gate(metric="fid", higher_is_better=False)]),
+    )
+
+
+def snapgen_1024() -> PipelineConfig:
+    return PipelineConfig(
+        preset="snapgen-1024",
+        scale="full",
+        teacher=TeacherStage(bootstrap_preset="none"),
         # one cached pair per image and no cached features (TB-scale otherwise): output KD from the cache
-        "cache.overrides=[\"targets_per_sample=1\"]",
-        "pretrain.train=[\"accelerator=auto\", \"precision=bf16-mixed\"]",
-        "evaluate.models=[\"pretrained\", \"distilled\"]", "evaluate.options={\"images_per_prompt\": 4}",
-        "promotion.gates=[{\"metric\": \"geneval/overall\", \"threshold\": 0.6}, "
-        "{\"metric\": \"dpg/overall\", \"threshold\": 0.8}]",
-    ],
+        cache=CacheStage(overrides=["targets_per_sample=1"]),
+        pretrain=PretrainStage(preset="snapgen-1024", train=["accelerator=auto", "precision=bf16-mixed"]),
+        evaluate=EvaluateStage(models=["pretrained", "distilled"], options={"images_per_prompt": 4}),
+        promotion=PromotionStage(gates=[Gate(metric="geneval/overall", threshold=0.6),
+                                        Gate(metric="dpg/overall", threshold=0.8)]),
+    )
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {
+    "toy-smoke": toy_smoke, "toy": toy, "toy-gpu": toy_gpu, "snapgen-1024": snapgen_1024,
 }
 
 
@@ -262,18 +291,20 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def build_config(preset: str = "toy", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Defaults, then the preset's overrides, then the caller's, validated as a whole."""
+    """The preset's typed config, then the caller's `--set` overrides, validated as a whole."""
     if preset not in PRESETS:
         raise PipelineConfigError(f"unknown pipeline preset {preset!r}; choose from {', '.join(PRESETS)}")
-    data: dict[str, Any] = PipelineConfig(preset=preset).model_dump()
-    for source, items in (("preset " + preset, PRESETS[preset]), ("--set", list(overrides))):
-        for item in items:
-            data = apply_override(copy.deepcopy(data), item)
-        try:
-            PipelineConfig.model_validate(data)
-        except ValidationError as exc:
-            raise PipelineConfigError(_format_errors(exc, source)) from None
-    cfg = PipelineConfig.model_validate(data)
+    try:
+        base = PRESETS[preset]()
+    except ValidationError as exc:  # a preset function's own mistake, named as such
+        raise PipelineConfigError(_format_errors(exc, "preset " + preset)) from None
+    data: dict[str, Any] = base.model_dump()
+    for item in overrides:
+        data = apply_override(copy.deepcopy(data), item)
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise PipelineConfigError(_format_errors(exc, "--set")) from None
     if cfg.teacher.bundle_uri is None and cfg.teacher.bootstrap_preset == "none":
         raise PipelineConfigError("teacher.bundle_uri: the preset needs a teacher bundle (a local SD3 snapshot "
                                   "folder with vae/, transformer/, text encoders); pass --set teacher.bundle_uri=...")

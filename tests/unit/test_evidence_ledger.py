@@ -26,7 +26,9 @@ def test_a_preset_edit_changes_the_key_with_the_same_overrides(evidence, monkeyp
     overrides = ["pretrain.train.kd.combine=scaled", "pretrain.train.seed=0"]
     before = evidence.pipeline_key("toy", overrides)
     assert evidence.pipeline_key("toy", overrides) == before  # deterministic
-    monkeypatch.setitem(pipeline_config.PRESETS, "toy", [*pipeline_config.PRESETS["toy"], "pretrain.train.steps=77"])
+    edited = pipeline_config.toy()
+    edited.pretrain.train = [*edited.pretrain.train, "steps=77"]
+    monkeypatch.setitem(pipeline_config.PRESETS, "toy", lambda: edited)
     assert evidence.pipeline_key("toy", overrides) != before
     monkeypatch.undo()
     assert evidence.pipeline_key("toy", overrides) == before

@@ -203,19 +203,31 @@ def test_the_cache_draws_its_pairs_from_the_students_timestep_density():
     assert resolved_stage_configs(explicit)["cache"]["flow"]["shift"] == 2.0
 
 
-def test_no_preset_entry_repeats_a_default(monkeypatch):
-    """Every default is declared once: each entry of every preset changes the resolved pipeline (an entry
-    that restates a stage default or another entry is redundant and fails here, naming it)."""
-    from flows import pipeline_config
+def _restated_defaults(model, where: str = "") -> list[str]:
+    """Fields a preset set explicitly to the value the field has by default (recursively)."""
+    from pydantic import BaseModel
 
-    extra = {"snapgen-1024": ["teacher.bundle_uri=/nowhere"]}
-    for preset, items in list(pipeline_config.PRESETS.items()):
-        full = build_config(preset, extra.get(preset, [])).model_dump()
-        for i, item in enumerate(items):
-            monkeypatch.setitem(pipeline_config.PRESETS, preset, items[:i] + items[i + 1:])
-            try:
-                without = build_config(preset, extra.get(preset, [])).model_dump()
-            except PipelineConfigError:
-                continue  # the entry is needed for the preset to be valid at all
-            assert without != full, f"preset {preset}: {item!r} repeats a default"
-        monkeypatch.setitem(pipeline_config.PRESETS, preset, items)
+    found = []
+    for name in model.model_fields_set:
+        value, field = getattr(model, name), type(model).model_fields[name]
+        path = f"{where}{name}"
+        if isinstance(value, BaseModel):
+            found += _restated_defaults(value, path + ".")
+        elif name != "preset" and value == field.get_default(call_default_factory=True):
+            found.append(f"{path}={value!r}")
+    return found
+
+
+def test_presets_are_typed_functions_that_set_only_what_differs():
+    """Pipeline presets are functions returning a typed PipelineConfig, and every default is declared once:
+    no preset sets a field to the value it has by default (restating it, or its stage's default list)."""
+    from flows import pipeline_config
+    from flows.pipeline_config import PipelineConfig, PromotionStage
+
+    for name, make in pipeline_config.PRESETS.items():
+        cfg = make()
+        assert isinstance(cfg, PipelineConfig) and cfg.preset == name
+        assert _restated_defaults(cfg) == [], f"preset {name} restates defaults: {_restated_defaults(cfg)}"
+    # the check can fail: a preset restating the default demo thresholds flag is caught
+    restating = PipelineConfig(preset="x", promotion=PromotionStage(demo_thresholds=False))
+    assert _restated_defaults(restating) == ["promotion.demo_thresholds=False"]
