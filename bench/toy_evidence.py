@@ -186,8 +186,11 @@ def pipeline_key(preset: str, overrides: list[str]) -> str:
 
 # Fields added to a stage's library config after ledger v2 was written, with the value that trains what the
 # config did before they existed: at that value they stay out of a piece's key, so pieces recorded earlier
-# remain valid; any other value is part of the key. (Distillation's device placement: one process.)
-ADDED_SINCE_V2: dict[str, dict[str, Any]] = {"distill": {"strategy": "auto", "devices": 1, "num_nodes": 1}}
+# remain valid; any other value is part of the key. Distillation's device placement (one process), and
+# the t of its KD term: "uniform" before 2026-12-07 (the default is now the preset's density), so the
+# batch-32 run continues with `--set distill.train.kd_timesteps=uniform`.
+ADDED_SINCE_V2: dict[str, dict[str, Any]] = {"distill": {"strategy": "auto", "devices": 1, "num_nodes": 1,
+                                                         "kd_timesteps": "uniform"}}
 
 
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:

@@ -98,6 +98,10 @@ class StepDistillConfig(ConfigBase):
     backprop: Literal["random_step", "last_step"] = "random_step"  # which sampler step gets gradients (module doc)
     adv_weight: float = 1.0  # weight of the adversarial generator loss [U]
     kd_weight: float = 1.0  # weight of the scaled output-KD term [U]
+    # t of the KD term when the cache holds no (t, noise) pairs: "flow" draws from the preset's timestep
+    # density (the one the scaling a_t divides by, as in pretraining); "uniform" is the draw of runs
+    # before 2026-12-07 (the batch-32 evidence keeps it so its seeds match)
+    kd_timesteps: Literal["flow", "uniform"] = "flow"
     kd: KDConfig = dataclasses.field(default_factory=lambda: KDConfig(feature_kd=False))  # scaled output KD (SPEC 5)
     discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)
     grad_clip: float = 1.0  # gradient-norm clipping of both optimisers (0 = off)
@@ -145,6 +149,7 @@ class StepDistillConfig(ConfigBase):
         check(self.kd_weight >= 0, "distill.kd_weight", "must be >= 0")
         check(self.shift > 0, "distill.shift", "must be > 0")
         check_choice(self.strategy, "distill.strategy", ("auto", "ddp"))
+        check_choice(self.kd_timesteps, "distill.kd_timesteps", ("flow", "uniform"))
         check(self.devices >= 1, "distill.devices", "must be >= 1")
         check(self.num_nodes >= 1, "distill.num_nodes", "must be >= 1")
         check(self.grad_clip >= 0, "distill.grad_clip", "must be >= 0 (0 = off)")
@@ -428,8 +433,11 @@ class StepDistillModule(DataFeed, pl.LightningModule):
             t = b.t[rows, k].to(self.device)
             if self.cfg.teacher_guidance == 1.0:
                 return t, noise, b.v[rows, k].to(self.device)
-        else:  # the preset's timestep density, as pretraining and the cached pairs use
+        elif self.cfg.kd_timesteps == "flow":  # the preset's density, which a_t divides by (as pretraining)
             t = sample_timesteps(len(b), self.preset.flow, g).to(self.device)
+            noise = self._randn(latent, g)
+        else:  # "uniform": the draw before 2026-12-07 (kept for runs that must match older ones)
+            t = torch.rand(len(b), generator=g).to(self.device)
             noise = self._randn(latent, g)
         return t, noise, self.teacher_velocity(interpolate(latent, noise, t), t, tcond)
 

@@ -48,14 +48,17 @@ def test_a_ledger_of_another_version_is_refused_and_left_alone(evidence, tmp_pat
 
 
 def test_fields_added_since_v2_stay_out_of_the_key_at_their_neutral_value(evidence):
-    """Distillation's device placement was added after ledger v2: at one process it leaves a piece's key as it
+    """Distillation's device placement and KD draw were added after ledger v2: at their old values they leave a key as it
     was (pieces recorded before stay valid), on two devices it is a different piece."""
     from flows.pipeline_config import build_config, resolved_stage_configs
 
-    overrides = ["pretrain.train.kd.combine=scaled", "pretrain.train.seed=0"]
+    overrides = ["pretrain.train.kd.combine=scaled", "pretrain.train.seed=0", "distill.train.kd_timesteps=uniform"]
     resolved = resolved_stage_configs(build_config("toy", overrides))
-    assert {"strategy", "devices", "num_nodes"} <= set(resolved["distill"])
-    for name in ("strategy", "devices", "num_nodes"):
+    added = ("strategy", "devices", "num_nodes", "kd_timesteps")
+    assert set(added) <= set(resolved["distill"])
+    for name in added:
         resolved["distill"].pop(name)
     assert evidence.pipeline_key("toy", overrides) == evidence._key(["pipeline", "toy", resolved])
     assert evidence.pipeline_key("toy", [*overrides, "distill.train.devices=2"]) != evidence.pipeline_key("toy", overrides)
+    # the product's default draw (the preset's density) trains differently: another piece
+    assert evidence.pipeline_key("toy", overrides[:2]) != evidence.pipeline_key("toy", overrides)
