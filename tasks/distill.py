@@ -14,10 +14,9 @@ from snapgen_model.artifacts.student import WEIGHTS
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.training.distill_steps import (
     StepDistillConfig,
-    encode_teacher_null,
     fit_distill,
+    load_distill_teacher,
     load_pretrained_student,
-    load_teacher,
     save_distilled,
 )
 from tasks.cache import local_folder
@@ -89,12 +88,7 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
             result = run_launched(spec, "distill")
             paths, sampler, skipped = result["student_files"], result["sampler"], result.get("data_skipped") or {}
         else:
-            teacher = load_teacher(bundle_dir, cfg.discriminator)
-            # the guided KD target's unconditional branch: the empty prompt through the teacher's text encoders
-            teacher_names = [*cache_cfg.teacher_clip_encoders,
-                             *([cache_cfg.teacher_t5_encoder] if cache_cfg.teacher_t5_encoder else [])]
-            teacher_null = (encode_teacher_null(bundle_dir, cache_manifest["encoders"], teacher_names)
-                            if cfg.teacher_guidance != 1.0 else None)
+            teacher, teacher_null = load_distill_teacher(bundle_dir, cfg, cache_cfg, cache_manifest["encoders"])
             data = training_data(cache_dir, encoders, cfg.data)
             preview = preview_callback(cache_manifest, preset, run, cfg.sample_every)
             result = fit_distill(preset, cfg, data, cache_cfg, state_root,

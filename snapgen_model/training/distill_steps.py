@@ -608,6 +608,19 @@ def load_pretrained_student(folder) -> tuple[SnapGenConfig, torch.nn.Module, Tex
     return load_student(folder)
 
 
+def load_distill_teacher(bundle_folder, cfg: StepDistillConfig, cache_cfg: CacheConfig, encoder_specs: list[dict],
+                         device: str | torch.device = "cpu") -> tuple[Any, dict[str, Encoded] | None]:
+    """(frozen teacher, its null condition) for `fit_distill`, as every process builds them: the bundle's
+    transformer capturing the discriminator's layers and, when the KD target is guided
+    (`cfg.teacher_guidance` != 1), the empty prompt through every text encoder the teacher is conditioned on
+    (`encoder_specs`: the cache manifest's TextEncoderSpec dicts); None when unguided."""
+    teacher = load_teacher(bundle_folder, cfg.discriminator, device)
+    if cfg.teacher_guidance == 1.0:
+        return teacher, None
+    names = [*cache_cfg.teacher_clip_encoders, *([cache_cfg.teacher_t5_encoder] if cache_cfg.teacher_t5_encoder else [])]
+    return teacher, encode_teacher_null(bundle_folder, encoder_specs, names)
+
+
 def load_teacher(bundle_folder, cfg: DiscriminatorConfig, device: str | torch.device = "cpu"):
     """The frozen SD3 teacher of a bundle folder, capturing the discriminator's feature layers."""
     from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig

@@ -94,20 +94,16 @@ def run_distill(spec: dict) -> dict:
     the bundle's text encoders `encoder_specs`), the cache; rank 0 saves the distilled student."""
     from snapgen_model.training.distill_steps import (
         StepDistillConfig,
-        encode_teacher_null,
         fit_distill,
+        load_distill_teacher,
         load_pretrained_student,
-        load_teacher,
         save_distilled,
     )
 
     cfg = StepDistillConfig.from_dict(spec["distill"])
     cache_cfg = CacheConfig.from_dict(spec["cache"])
     preset, unet, conditioner = load_pretrained_student(spec["student_folder"])
-    teacher = load_teacher(spec["bundle_folder"], cfg.discriminator)
-    names = [*cache_cfg.teacher_clip_encoders, *([cache_cfg.teacher_t5_encoder] if cache_cfg.teacher_t5_encoder else [])]
-    null = (encode_teacher_null(spec["bundle_folder"], spec["encoder_specs"], names)
-            if cfg.teacher_guidance != 1.0 else None)
+    teacher, null = load_distill_teacher(spec["bundle_folder"], cfg, cache_cfg, spec["encoder_specs"])
     data = training_data(spec, cfg)
     hooks = _factory(spec["hooks"])(spec) if spec.get("hooks") else {}
     result = fit_distill(preset, cfg, data, cache_cfg, spec["state_root"], teacher=teacher, student=unet,
