@@ -103,7 +103,6 @@ def export(
     from tasks.defaults import prefect_env_defaults
     from flows.cli_checks import (check_checkpoint, check_model, check_storage_access, check_storage_uri,
                                   describe_params_error, settings_or_fail)
-    from tasks.export import RegistryUnavailableError
 
     try:
         preset_overrides, export_overrides = split_overrides(set_)
@@ -126,7 +125,7 @@ def export(
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # the ephemeral API's SQLite lives there
     try:
         report = export_flow(params)
-    except (ParityError, RegistryUnavailableError, ConfigError, FileNotFoundError) as exc:
+    except (ParityError, LookupError, ConfigError, FileNotFoundError) as exc:  # LookupError: an unknown models:/ ref
         _fail(str(exc), code=1 if isinstance(exc, ParityError) else 2)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")

@@ -28,10 +28,6 @@ REGISTRY_SCHEME = "models:/"
 UNET_FILE, DECODER_FILE, TEXT_ENCODER_DIR = "unet.safetensors", "decoder.safetensors", "text_encoder"
 
 
-class RegistryUnavailableError(RuntimeError):
-    """A `models:/` reference was given but no model registry resolver exists yet."""
-
-
 def as_uri(ref: str) -> str:
     """A storage URI for a plain path (made absolute) or an existing file:// / s3:// URI."""
     return ref if "://" in ref else f"file://{Path(ref).expanduser().resolve()}"

@@ -71,9 +71,7 @@ def run_launched(spec: dict[str, Any], label: str) -> dict[str, Any]:
 
     logger = get_run_logger()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = spec | {"result_path": os.path.join(tmp, "result.json"), "progress": True}
-        if any(spec.get(k) for k in ("mlflow_run_id", "checkpoint_uri", "progress")):
-            spec["hooks"] = HOOKS
+        spec = spec | {"result_path": os.path.join(tmp, "result.json"), "progress": True, "hooks": HOOKS}
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         with subprocess.Popen([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
