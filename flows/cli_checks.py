@@ -234,13 +234,17 @@ def preset_names(kind: str) -> list[str]:
     "bootstrap" (the toy teacher's training sizes)."""
     if kind == "model":
         from snapgen_model.presets import PRESETS
-    elif kind == "pipeline":
-        from flows.pipeline_config import PRESETS  # type: ignore[no-redef]
-    elif kind == "bootstrap":
-        from snapgen_model.artifacts.teacher_recipe import BOOTSTRAP_PRESETS as PRESETS  # type: ignore[no-redef]
-    else:
-        raise ValueError(f"preset kind {kind!r}: choose model, pipeline or bootstrap")
-    return list(PRESETS)
+
+        return list(PRESETS)
+    if kind == "pipeline":
+        from flows.pipeline_config import PRESETS as PIPELINE_PRESETS
+
+        return list(PIPELINE_PRESETS)
+    if kind == "bootstrap":
+        from snapgen_model.artifacts.teacher_recipe import BOOTSTRAP_PRESETS
+
+        return list(BOOTSTRAP_PRESETS)
+    raise ValueError(f"preset kind {kind!r}: choose model, pipeline or bootstrap")
 
 
 def preset_option(default: Any, kind: str, help: str) -> Any:

@@ -30,7 +30,8 @@ EXPORT_PREFIX = "export."
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """(preset overrides, ExportConfig overrides) from `--set` values."""
-    preset, export = [], []
+    preset: list[str] = []
+    export: list[str] = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")

@@ -71,7 +71,7 @@ class _LazyFileHandler(logging.FileHandler):
         logging.Handler.__init__(self)
         self.baseFilename = ""
         self.mode, self.encoding, self.errors, self.delay = "a", "utf-8", None, True
-        self.stream = None  # type: ignore[assignment]
+        self.stream = None
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def _open(self) -> Any:

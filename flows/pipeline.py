@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -265,7 +265,7 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
                             tags={"snapgen.stage": "pipeline", "snapgen.preset": preset,
                                   "snapgen.prefect_flow_run": str(flow_run.get_id() or "")},
                             system_metrics=True) as run, \
-            tracking.pipeline_scope(cfg.experiment, run.run_id):
+            tracking.pipeline_scope(cast(str, cfg.experiment), run.run_id):  # set above when None
         run.log_params({"preset": preset, "overrides": list(overrides or []), "config": cfg.model_dump()})
         teacher = stages.run("teacher", cfg.teacher.model_dump(), [], lambda: _teacher(cfg))
         data = stages.run("curate", cfg.curate.model_dump(), ["teacher"], lambda: _curate(cfg, teacher),

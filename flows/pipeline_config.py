@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -252,14 +252,15 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
         if isinstance(model, type) and issubclass(model, BaseModel):
-            if key not in model.model_fields:
+            fields = cast("type[BaseModel]", model).model_fields  # pydantic is Any to mypy: issubclass does not narrow
+            if key not in fields:
                 where = ".".join(keys[:depth]) or "the pipeline config"
                 raise PipelineConfigError(f"--set {path}: {where} has no field {key!r}; allowed: "
                                           f"{', '.join(_fields(model))}")
             if last:
                 node[key] = value
                 return data
-            annotation = model.model_fields[key].annotation
+            annotation = fields[key].annotation
             node = node.setdefault(key, {})
             if isinstance(node, list):  # a list of k=v library overrides: the rest of the path is one key
                 sub = ".".join(keys[depth + 1:])
@@ -358,7 +359,7 @@ def resolved_stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         def _release() -> dict[str, Any]:
             from snapgen_model.training.release import release_path
 
-            return {"release": cfg.teacher.release, "path": str(release_path(cfg.teacher.release))}
+            return {"release": cfg.teacher.release, "path": str(release_path(cast(str, cfg.teacher.release)))}
 
         builds.append(("teacher", "teacher.release", _release))
     else:

@@ -214,7 +214,7 @@ def model_cards(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One card per evaluated model: its headline metrics against the prompt-blind floor and the AE
     ceiling (clean renders when there is no AE row) of the reference rows."""
     models = (summary["results"].get("evaluate") or {}).get("models", {})
-    reference = next((r.get("reference_rows") for r in models.values() if r.get("reference_rows")), {}) or {}
+    reference: dict[str, Any] = next((r.get("reference_rows") for r in models.values() if r.get("reference_rows")), {}) or {}
     floor = reference.get("floor") or {}
     ceiling_name = "ae" if "ae" in reference else "clean"
     ceiling = reference.get(ceiling_name) or {}

@@ -61,8 +61,9 @@ def model_generator(ref: str, *, steps: int | None = None, guidance: float | Non
     from snapgen_model.artifacts.student import is_student_folder, read_card
     from snapgen_model.artifacts.teacher_bundle import is_bundle_folder, is_toy_teacher_bundle
     from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator, BundleTeacherGenerator
-    from snapgen_model.evaluation.runner import CheckpointGenerator
+    from snapgen_model.evaluation.runner import CheckpointGenerator, ImageGenerator
 
+    gen: ImageGenerator
     path = resolve_source(ref)
     if path.is_file() and path.suffix == ".safetensors" and is_student_folder(path.parent):
         path = path.parent  # a student's checkpoint: the student, with its conditioner and text path

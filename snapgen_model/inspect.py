@@ -94,7 +94,8 @@ def _macs_by_stage(model: nn.Module, args: tuple, kwargs: dict, n_stages: int) -
             depth = {"down": 4, "up": 4, "downsample": 2, "upsample": 2}.get(name.split(".")[0], 1)
             if not name or name.count(".") + 1 != depth:
                 continue
-            stage, start = _stage_of(name, n_stages), []
+            stage = _stage_of(name, n_stages)
+            start: list[int] = []
             handles.append(module.register_forward_pre_hook(
                 lambda m, a, start=start: start.append(counter.get_total_flops())))
             handles.append(module.register_forward_hook(

@@ -51,6 +51,6 @@ def violations(root: str | Path, rules: tuple[tuple[str, str], ...] = RULES) -> 
         for node in ast.walk(tree):
             crossing = [name for name in _imported(node, module, path.name == "__init__.py")
                         if any(_within(name, pkg) and not _within(module, owner) for pkg, owner in rules)]
-            if crossing:  # one line per statement, naming the module it imports from
+            if crossing and isinstance(node, (ast.Import, ast.ImportFrom)):  # one line per statement, naming its module
                 found.append(f"{path.relative_to(root.parent).as_posix()}:{node.lineno} ({module}) imports {crossing[0]}")
     return sorted(found)

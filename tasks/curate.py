@@ -60,7 +60,7 @@ def enumerate_sources(specs: list[SourceSpec]) -> list[dict[str, Any]]:
     """All candidates of all sources, in source order (names default to kind + position)."""
     store = storage()
     check_sources_exist(specs, store)
-    cands = []
+    cands: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         named = spec if spec.name else SourceSpec.from_dict(spec.to_dict() | {"name": f"{spec.kind}{i}"})
         cands.extend(enumerate_source(named, store))

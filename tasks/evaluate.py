@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 from prefect import task
@@ -35,7 +35,7 @@ from snapgen_model.artifacts.teacher_bundle import (
 )
 from snapgen_model.evaluation.bundle_generators import BundleStudentGenerator, BundleTeacherGenerator
 from snapgen_model.evaluation.clip_score import ClipScoreConfig, clip_score
-from snapgen_model.evaluation.dpg import DPGConfig, load_prompts, load_questions, write_questions
+from snapgen_model.evaluation.dpg import DPGConfig, VQABackend, load_prompts, load_questions, write_questions
 from snapgen_model.evaluation.fid import FeatureStats, FIDConfig, file_sha256
 from snapgen_model.evaluation.geneval import GenEvalBackend
 from snapgen_model.evaluation.hf_backends import (
@@ -209,9 +209,15 @@ def _generator(kind: str, unet: str | None, decoder: str | None, folder: str | N
                steps: int | None, guidance: float | None, sampler_kind: str | None = None) -> Any:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # images do not depend on it beyond float noise
     if kind == "student":
+        if folder is None or bundle is None:
+            raise RuntimeError("a student model record has a folder and a bundle (resolve_model)")
         return BundleStudentGenerator(folder, bundle, steps=steps, guidance=guidance, kind=sampler_kind, device=device)
     if kind == "teacher":
+        if bundle is None:
+            raise RuntimeError("a teacher model record has a bundle (resolve_model)")
         return BundleTeacherGenerator(bundle, steps=steps, guidance=guidance, kind=sampler_kind, device=device)
+    if unet is None:
+        raise RuntimeError("a checkpoint model record has a unet (resolve_model)")
     return CheckpointGenerator(unet, decoder_path=decoder, steps=steps, guidance=guidance, device=device,
                                kind=sampler_kind)
 
@@ -291,9 +297,9 @@ def score_geneval_task(folder: str, scale: str, model: dict[str, Any], world: di
         w = toy_world(model, world)
         splits = prompt_splits(w) if (w.held_out_pairs or w.held_out_prompts) else None
         return suite.score_geneval(folder, scene_parser_backend(w), splits)
-    try:
-        backend = GenEvalBackend(Mask2FormerDetector(models["detector"]),
-                                 ClipColourClassifier(models.get("colour") or models["clip"]))
+    try:  # a None path (no model given) is BackendUnavailable (check_model_dir)
+        backend = GenEvalBackend(Mask2FormerDetector(cast(str, models["detector"])),
+                                 ClipColourClassifier(cast(str, models.get("colour") or models["clip"])))
     except BackendUnavailable as exc:
         return suite.unavailable(str(exc))
     return suite.score_geneval(folder, backend)
@@ -304,6 +310,8 @@ def score_dpg_task(folder: str, scale: str, model: dict[str, Any], world: dict[s
                    images: int, models: dict[str, str | None], dpg_csv: str | None) -> dict[str, Any]:
     """DPG-Bench: toy question graphs + oracle VQA (toy), or dpg_bench.csv + a VQA model (full)."""
     out = Path(folder) / "dpg"
+    csv_path: str | Path
+    vqa: VQABackend
     if scale == "toy":
         csv_path = write_questions([q for qs in toy_dpg_questions(prompts).values() for q in qs], out / "questions.csv")
         questions = load_questions(csv_path, DPGConfig(official_first_row=False))
@@ -311,8 +319,8 @@ def score_dpg_task(folder: str, scale: str, model: dict[str, Any], world: dict[s
         ids = [item_id(i) for i in range(len(prompts))]
     else:
         csv_path = dpg_csv or (str(Path(get_settings().dpg_bench_dir or ".") / "dpg_bench.csv"))
-        try:
-            questions, vqa = load_questions(csv_path), TransformersVQA(models["vqa"])
+        try:  # a None path (no model given) is BackendUnavailable (check_model_dir)
+            questions, vqa = load_questions(csv_path), TransformersVQA(cast(str, models["vqa"]))
         except (FileNotFoundError, BackendUnavailable) as exc:
             return suite.unavailable(str(exc))
         ids = [p["item_id"] for p in prompts]
@@ -345,7 +353,8 @@ def score_clip_task(folder: str, prompts: list[dict[str, Any]], images: int, cli
     if not clip_model:
         return suite.unavailable("no CLIP model given (--clip-model PATH: a local transformers CLIP folder)")
     texts = suite.folder_prompts(prompts, images)
-    result = clip_score(suite.folder_images(folder, prompts, images), texts, ClipScoreConfig(model_path=clip_model))
+    result = clip_score(suite.folder_images(folder, prompts, images), texts,  # type: ignore[arg-type]  # (N, H, W, 3): N images
+                        ClipScoreConfig(model_path=clip_model))
     return result.to_dict()
 
 
@@ -367,10 +376,11 @@ def reference_rows_task(prompts: list[dict[str, Any]], model: dict[str, Any], wo
     """The toy reference rows (clean, floor, noise, blank, and the AE ceiling when the model has a toy
     teacher bundle: clean renders through its autoencoder) scored by the same rules."""
     decode = None
-    if _ae_bundle(model):
+    ae_bundle = _ae_bundle(model)
+    if ae_bundle:
         from snapgen_model.artifacts.teacher_bundle import autoencoder_roundtrip, load_bundle
 
-        bundle = load_bundle(_ae_bundle(model))
+        bundle = load_bundle(ae_bundle)
         decode = lambda images: autoencoder_roundtrip(bundle, images)  # noqa: E731
     return score_reference_rows(prompts, toy_world(model, world), cfg, decode=decode)
 

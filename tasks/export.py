@@ -118,7 +118,7 @@ def resolve_model_ref(ref: str, decoder: str | None = None, text_encoder: str | 
     if card and not text_encoder and card.get("bundle_uri"):  # a student's text encoder is its teacher bundle's
         bundle_te = store.join(card["bundle_uri"], TEXT_ENCODER_DIR)
         text_encoder = bundle_te if _fetch(store, bundle_te) is not None else None
-    result = {"ref": ref, "uri": uri, "unet": str(_required(store, uri, "model checkpoint"))}
+    result: dict[str, str | None] = {"ref": ref, "uri": uri, "unet": str(_required(store, uri, "model checkpoint"))}
     for name, given, sibling in (("decoder", decoder, DECODER_FILE), ("text_encoder", text_encoder, TEXT_ENCODER_DIR)):
         if given:
             result[name] = str(_required(store, as_uri(given), name.replace("_", " ")))

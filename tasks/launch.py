@@ -75,6 +75,8 @@ def run_launched(spec: dict[str, Any], label: str) -> dict[str, Any]:
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         with subprocess.Popen([sys.executable, "-m", "snapgen_model.training.launch", os.path.join(tmp, "spec.json")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            if proc.stdout is None:
+                raise RuntimeError(f"distributed {label}: no stdout pipe to read progress from (stdout=PIPE)")
             tail = forward_progress(proc.stdout, lambda line: logger.info("[%s] %s", label, line))
             code = proc.wait()
         if code != 0:

@@ -78,6 +78,7 @@ class SnapgenPyfunc(mlflow.pyfunc.PythonModel):
 
     # No type-hint schema (MLflow would ask for one on every import): the explicit signature says what goes in.
     _skip_type_hint_validation = True
+    _generators: dict[tuple[int | None, float | None, str], Any]
 
     def load_context(self, context):  # no type hints: MLflow would read them as an input schema
         import torch
@@ -87,7 +88,7 @@ class SnapgenPyfunc(mlflow.pyfunc.PythonModel):
         self._bundle = context.artifacts[BUNDLE_ARTIFACT]
         tiny = context.artifacts.get(DECODER_ARTIFACT)
         self._tiny = str(Path(tiny) / TINY_DECODER_FILE) if tiny else None
-        self._generators: dict[tuple[int | None, float | None, str], Any] = {}
+        self._generators = {}
         self._generator(None, None, "vae")  # load now: a broken artifact fails at load_model, not at predict
 
     def _generator(self, steps: int | None, guidance: float | None, decoder: str) -> Any:

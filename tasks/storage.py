@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import errno
 import hashlib
@@ -358,7 +359,7 @@ class Storage:
         if loc.scheme == "file":
             return self._open_local(loc)
         response = self._call("read", loc, lambda: self.client.get_object(Bucket=loc.bucket, Key=loc.key))
-        return io.BufferedReader(_S3Reader(self, loc, response), buffer_size=_COPY_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_S3Reader(self, loc, response), buffer_size=_COPY_CHUNK)
 
     def download_file(self, uri: str, local_path: str | Path) -> Path:
         """Atomically copy ``uri`` to ``local_path`` (parents created); returns the path."""
@@ -472,7 +473,7 @@ class Storage:
         self._call("download", loc, lambda: self.client.download_fileobj(
             loc.bucket, loc.key, handle, Config=self.transfer_config))
 
-    def _list_s3(self, loc: StorageURI) -> list[str]:
+    def _list_s3(self, loc: StorageURI) -> builtins.list[str]:
         def keys() -> list[str]:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
             return [item["Key"] for page in pages for item in page.get("Contents", [])]

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -106,7 +106,7 @@ def configure_mlflow(settings: TrackingSettings) -> str:
         os.environ.setdefault(key, value)
     token = getattr(settings, "mlflow_tracking_token", None)
     if token is not None:
-        os.environ["MLFLOW_TRACKING_TOKEN"] = secret_value(token)
+        os.environ["MLFLOW_TRACKING_TOKEN"] = cast(str, secret_value(token))
     if uri.startswith("sqlite:"):
         _prepare_sqlite(uri, settings)
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; settings read that variable as the user's
@@ -277,7 +277,7 @@ class RunHandle:
         prepared = prepare_params(params)
         items = [Param(k, v) for k, v in prepared.items()]
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self._call(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log_params")
+            self._call(lambda: self.client.log_batch(self.run_id, params=chunk), "log_params")
         return prepared
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> bool:
@@ -292,7 +292,7 @@ class RunHandle:
         """Batched metric upload; an outage is warned about, counted and never raised."""
         try:
             for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
-                self._call(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "metrics")
+                self._call(lambda: self.client.log_batch(self.run_id, metrics=chunk), "metrics")
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -315,7 +315,7 @@ class RunHandle:
         """Set run tags (values masked and stringified like params)."""
         items = [RunTag(k, v) for k, v in prepare_params(tags).items()]
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self._call(lambda c=chunk: self.client.log_batch(self.run_id, tags=c), "set_tags")
+            self._call(lambda: self.client.log_batch(self.run_id, tags=chunk), "set_tags")
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` to the run's artifact ``artifact_file``."""
@@ -495,7 +495,7 @@ def metric_histories(settings: TrackingSettings, run_id: str, prefixes: tuple[st
         run = call_with_retry(lambda: client.get_run(run_id), RetryPolicy(), "get_run")
         keys = sorted(k for k in run.data.metrics if any(k.startswith(p) for p in prefixes))[:limit]
         return {k: [(int(m.step), float(m.value)) for m in
-                    call_with_retry(lambda k=k: client.get_metric_history(run_id, k), RetryPolicy(), "metric history")]
+                    call_with_retry(lambda: client.get_metric_history(run_id, k), RetryPolicy(), "metric history")]
                 for k in keys}
     except Exception as exc:  # noqa: BLE001 - the report shows "not available" rather than failing the run
         warnings.warn(f"metric histories of run {run_id}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2)
@@ -522,7 +522,7 @@ def run_experiment_ids(settings: TrackingSettings, run_ids: list[str]) -> dict[s
     out: dict[str, str] = {}
     for run_id in dict.fromkeys(r for r in run_ids if r):
         try:
-            out[run_id] = call_with_retry(lambda r=run_id: client.get_run(r), RetryPolicy(attempts=2), "get_run").info.experiment_id
+            out[run_id] = call_with_retry(lambda: client.get_run(run_id), RetryPolicy(attempts=2), "get_run").info.experiment_id
         except Exception as exc:  # noqa: BLE001 - a report without this link is still a report
             warnings.warn(f"run {run_id}: {type(exc).__name__}: {str(exc)[:160]}", stacklevel=2)
     return out

@@ -17,7 +17,7 @@ bit-for-bit reproducible runs). The config hash (`content_hash`) keys the bootst
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, cast
 
 from snapgen_model.config_base import ConfigBase, ConfigError, check, check_choice
 from snapgen_model.data.shapes import ShapesWorldConfig
@@ -148,9 +148,12 @@ class ToyBootstrapConfig(ConfigBase):
 
     def world(self) -> ShapesWorldConfig:
         """The shapes world this bootstrap trains on."""
+        # typed `...` here (see the fields); ShapesWorldConfig checks both are pairs
         return ShapesWorldConfig(resolution=self.resolution, shapes=self.shapes, colours=self.colours,
-                                 object_size_px=self.object_size_px, max_objects=self.max_objects,
-                                 held_out_pairs=self.held_out_pairs, seed=self.world_seed)
+                                 object_size_px=cast(tuple[int, int], self.object_size_px),
+                                 max_objects=self.max_objects,
+                                 held_out_pairs=cast(tuple[tuple[str, str], ...], self.held_out_pairs),
+                                 seed=self.world_seed)
 
     @property
     def downsample(self) -> int:

@@ -164,6 +164,8 @@ def check_sample(key: str, source: str, data: bytes | None, caption: bytes | str
     if reason:
         rec.reason, rec.detail = reason, detail
         return rec
+    if image is None or data is None:
+        raise RuntimeError("check_sample: probe_image passed a sample without an image (it gives a reason for those)")
     rec.width, rec.height, rec.format = image.width, image.height, image.info.get("snapgen_format", "")
     rec.sha256 = hashlib.sha256(data).hexdigest()
     if min(image.size) < cfg.min_side:

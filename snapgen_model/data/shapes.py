@@ -358,7 +358,7 @@ def shape_coverage(shape: str, height: int, width: int, oversample: int = 4) -> 
     k = oversample
     ys = (np.arange(height * k) + 0.5) / (height * k)
     xs = (np.arange(width * k) + 0.5) / (width * k)
-    inside = unit_shape_inside(shape, xs[None, :], ys[:, None]).astype(np.float32)
+    inside: np.ndarray = unit_shape_inside(shape, xs[None, :], ys[:, None]).astype(np.float32)
     cov = inside.reshape(height, k, width, k).mean(axis=(1, 3))
     cov.setflags(write=False)
     return cov
@@ -417,15 +417,16 @@ def _objects_for(spec: PromptSpec, rng: np.random.Generator,
     return [(s, pick(s, c)) for s, c in zip(spec.shapes, spec.colours)], None
 
 
-def _overlaps(box: tuple[int, ...], boxes: list[tuple[int, ...]], gap: int) -> bool:
+def _overlaps(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]], gap: int) -> bool:
     x0, y0, x1, y1 = box
     return any(x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap for b in boxes)
 
 
 def _random_layout(rng: np.random.Generator, dims: list[tuple[int, int]],
-                   cfg: ShapesWorldConfig) -> list[tuple[int, ...]] | None:
+                   cfg: ShapesWorldConfig) -> list[tuple[int, int, int, int]] | None:
     """Boxes placed one by one at random positions without overlap, or None if one did not fit."""
-    res, gap, boxes = cfg.resolution, cfg.min_gap_px, []
+    res, gap = cfg.resolution, cfg.min_gap_px
+    boxes: list[tuple[int, int, int, int]] = []
     for h, w in dims:
         for _ in range(30):
             x0 = int(rng.integers(gap, res - gap - w + 1))
@@ -440,7 +441,7 @@ def _random_layout(rng: np.random.Generator, dims: list[tuple[int, int]],
 
 
 def _grid_layout(rng: np.random.Generator, dims: list[tuple[int, int]], cfg: ShapesWorldConfig,
-                 relation: str | None) -> list[tuple[int, ...]]:
+                 relation: str | None) -> list[tuple[int, int, int, int]]:
     """Fallback: objects centred in random cells of a 2x2 grid (position: along the relation's axis).
 
     Each cell keeps `min_gap_px` free on its far side; config validation guarantees the fit.
@@ -449,9 +450,11 @@ def _grid_layout(rng: np.random.Generator, dims: list[tuple[int, int]], cfg: Sha
     cell = (cfg.resolution - gap) / 2
     cells: list[tuple[float, float]] = [[(0, 0), (1, 0), (0, 1), (1, 1)][i] for i in rng.permutation(4)]
     if relation is not None:  # subject first, reference second, across the image centre
-        cells = {"left of": [(0, .5), (1, .5)], "right of": [(1, .5), (0, .5)],
-                 "above": [(.5, 0), (.5, 1)], "below": [(.5, 1), (.5, 0)]}[relation]
-    boxes = []
+        by_relation: dict[str, list[tuple[float, float]]] = {
+            "left of": [(0, .5), (1, .5)], "right of": [(1, .5), (0, .5)],
+            "above": [(.5, 0), (.5, 1)], "below": [(.5, 1), (.5, 0)]}
+        cells = by_relation[relation]
+    boxes: list[tuple[int, int, int, int]] = []
     for (h, w), (cx, cy) in zip(dims, cells):
         x0 = int(gap + cx * cell + (cell - gap - w) / 2)
         y0 = int(gap + cy * cell + (cell - gap - h) / 2)
@@ -460,7 +463,7 @@ def _grid_layout(rng: np.random.Generator, dims: list[tuple[int, int]], cfg: Sha
 
 
 def _layout(rng: np.random.Generator, dims: list[tuple[int, int]], cfg: ShapesWorldConfig,
-            relation: str | None) -> list[tuple[int, ...]]:
+            relation: str | None) -> list[tuple[int, int, int, int]]:
     """Non-overlapping in-bounds boxes; for position prompts box 0 holds `relation` to box 1."""
     for _ in range(200):
         boxes = _random_layout(rng, dims, cfg)
@@ -496,7 +499,7 @@ def sample_scene(rng: np.random.Generator | int, cfg: ShapesWorldConfig, split: 
     sizes = [int(rng.integers(lo, hi + 1)) for _ in wanted]
     dims = [object_mask(s, n).shape for (s, _), n in zip(wanted, sizes)]
     boxes = _layout(rng, dims, cfg, spec.relation)
-    objects = tuple(SceneObject(s, c, n, tuple(b)) for (s, c), n, b in zip(wanted, sizes, boxes))
+    objects = tuple(SceneObject(s, c, n, b) for (s, c), n, b in zip(wanted, sizes, boxes))
     caption = _choose_caption(spec, shared, rng, cfg, phrasing)
     return Scene(caption=caption, prompt=spec.prompt, tag=spec.tag, metadata=spec.metadata(caption),
                  objects=objects, texture_seed=int(rng.integers(2**31)))
@@ -562,7 +565,7 @@ class ShapesWorld:
         """(N, H, W, 3) uint8 images and their scenes for the given sample indices."""
         indices = list(indices)
         res = self.cfg.resolution
-        images = np.empty((len(indices), res, res, 3), np.uint8)
+        images: np.ndarray = np.empty((len(indices), res, res, 3), np.uint8)
         scenes = [self.sample(i, split, phrasing) for i in indices]
         for out, scene in zip(images, scenes):
             paint_scene(out, scene, self.cfg)

@@ -13,7 +13,7 @@ import io
 import json
 import posixpath
 import tarfile
-from typing import Any, BinaryIO, Iterator, Literal, Protocol
+from typing import IO, Any, BinaryIO, Iterator, Literal, Protocol, cast
 
 from snapgen_model.config_base import ConfigBase, ConfigError, check, check_choice
 
@@ -196,7 +196,8 @@ def iter_tar_groups(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     (bench/RESULTS.md "WebDataset's tar stages against ours"): the same samples in the same order at the
     same speed, but webdataset's grouping holds a finished sample until the next key arrives, so a tar
     cut inside a sample also loses the complete sample before it; this reader yields it first."""
-    key, group = None, {}
+    key = ""
+    group: dict[str, bytes] = {}
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             if not info.isfile():
@@ -209,7 +210,7 @@ def iter_tar_groups(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
                 yield key, group
                 group = {}
             key = k
-            group[ext.lower()] = tar.extractfile(info).read()
+            group[ext.lower()] = cast(IO[bytes], tar.extractfile(info)).read()  # a regular file: never None
     if group:
         yield key, group
 

@@ -139,6 +139,8 @@ class ShardStream(IterableDataset):
         slot, slots, workers = self._slot()
         limit = None
         if self.resampled:
+            if self.epoch_length is None:
+                raise RuntimeError("ShardStream: resampled=True without epoch_length (refused by __init__)")
             limit = self.epoch_length // workers + (1 if slot % workers < self.epoch_length % workers else 0)
         produced, cycle, empty_cycles = 0, 0, 0
         while True:

@@ -12,7 +12,7 @@ a sample does not depend on the batch it was drawn in (`generate.seeded_generato
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeAlias
 
 import torch
 
@@ -21,7 +21,7 @@ from snapgen_model.diffusion.flow import shift_timesteps, x0_from_velocity
 
 ModelFn = Callable[..., torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
-Generators = torch.Generator | Sequence[torch.Generator]
+Generators: TypeAlias = torch.Generator | Sequence[torch.Generator]
 
 
 class Sampler(Protocol):

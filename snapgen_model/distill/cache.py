@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import io
 import math
-from typing import Literal, Sequence
+from typing import Literal, Sequence, cast
 
 import numpy as np
 import torch
@@ -155,17 +155,18 @@ def load_npy(data: bytes) -> np.ndarray:
 
 @torch.no_grad()
 def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Sequence[str], *, vae, encoders: dict,
-                teacher=None, cfg: CacheConfig, labels: Sequence[int | None] | None = None) -> list[dict[str, bytes]]:
+                teacher=None, cfg: CacheConfig,
+                labels: Sequence[int | None] | None = None) -> list[dict[str, str | bytes]]:
     """Cached WebDataset members for one batch of samples (see module docstring); `labels`: class
     labels stored as `label.npy` (int64), and the condition of "class" teacher targets."""
     device = next(vae.parameters()).device
     latents = vae.encode(images_to_tensor(images).to(device)).cpu()  # (B, C, h, w)
     encoded = {name: enc(list(captions)) for name, enc in encoders.items()}
-    out = []
+    out: list[dict[str, str | bytes]] = []
     for i, key in enumerate(keys):
-        members = {"__key__": key, "latent.npy": _npy(latents[i], cfg.feature_dtype)}
-        if labels is not None and labels[i] is not None:
-            members["label.npy"] = _npy(np.asarray(int(labels[i]), dtype=np.int64), "int64")
+        members: dict[str, str | bytes] = {"__key__": key, "latent.npy": _npy(latents[i], cfg.feature_dtype)}
+        if labels is not None and (label := labels[i]) is not None:
+            members["label.npy"] = _npy(np.asarray(int(label), dtype=np.int64), "int64")
         for name, e in encoded.items():
             members[f"{name}.tokens.npy"] = _npy(e.tokens[i], cfg.feature_dtype)
             members[f"{name}.mask.npy"] = _npy(e.mask[i].to(torch.int8), "int8")
@@ -177,7 +178,7 @@ def cache_batch(keys: Sequence[str], images: Sequence[np.ndarray], captions: Seq
     if cfg.target_condition == "class":
         if labels is None or any(label is None for label in labels):
             raise ValueError("cache.target_condition=class: every sample needs a class label")
-        y = torch.tensor([int(label) for label in labels], device=device)
+        y = torch.tensor([int(label) for label in cast(Sequence[int], labels)], device=device)  # no None: checked above
         run = lambda x, t: teacher(x, t, labels=y)  # noqa: E731
     else:
         cond = teacher_condition(encoded, cfg, teacher.transformer.config.joint_attention_dim)
@@ -208,7 +209,7 @@ def storage_report(members: dict[str, bytes]) -> dict[str, dict[str, float]]:
 
 
 def full_scale_estimate(latent_side: int = 128, channels: int = 16, teacher_width: int = 2432, patch: int = 2,
-                        encoders: dict[str, tuple[int, int]] | None = None, k: int = 4) -> dict[str, float]:
+                        encoders: dict[str, tuple[int, int]] | None = None, k: int = 4) -> dict[str, int]:
     """Analytic bytes/sample at fp16 for SD3.5-Large at 1024^2 (width 38 x 64 = 2432, patch 2)."""
     encoders = encoders or {"clip_l": (77, 768), "clip_g": (77, 1280), "gemma": (256, 2304)}
     tokens = (latent_side // patch) ** 2

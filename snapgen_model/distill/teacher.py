@@ -12,7 +12,7 @@ import threading
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ class Teacher(Protocol):
                  pooled: torch.Tensor) -> TeacherOutput: ...
 
 
-def load_pretrained(cls: type, path: str | Path, *, subfolder: str = "", **kwargs):
+def load_pretrained(cls: type[Any], path: str | Path, *, subfolder: str = "", **kwargs):
     """`cls.from_pretrained` with errors that name the path and the expected class. Refuses folders
     that hold another class, and weights that leave parameters uninitialised (diffusers would only warn)."""
     local = Path(str(path))
@@ -135,7 +135,8 @@ class SD3Teacher(nn.Module):
         # features are captured per thread: the caching flow runs shards in threads that share one teacher,
         # and a shared dict let one thread read another's features (a batch of another size)
         slots = _CAPTURED.__dict__.setdefault("slots", {})
-        slots[id(self)] = captured = {}
+        captured: dict[str, torch.Tensor] = {}
+        slots[id(self)] = captured
         try:
             dtype = next(self.transformer.parameters()).dtype
             out = self.transformer(hidden_states=x_t.to(dtype), encoder_hidden_states=context.to(dtype),

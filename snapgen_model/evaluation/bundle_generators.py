@@ -58,8 +58,8 @@ class BundleStudentGenerator:
         preset = read_preset(unet_path)
         if preset is None:
             raise ValueError(f"{unet_path}: the student checkpoint carries no preset (sampler settings)")
-        sampler = dataclasses.replace(preset.sampler, **{k: v for k, v in {"steps": steps, "guidance": guidance,
-                                                                           "kind": kind}.items() if v is not None})
+        given: dict[str, Any] = {"steps": steps, "guidance": guidance, "kind": kind}
+        sampler = dataclasses.replace(preset.sampler, **{k: v for k, v in given.items() if v is not None})
         self.preset = dataclasses.replace(preset, sampler=sampler)
         self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
         self.conditioner = load_conditioner(folder / student_files.CONDITIONER, device).eval()

@@ -150,13 +150,13 @@ def load_prompts(folder: str | os.PathLike) -> dict[str, str]:
 
 def tile_2x2(images: Sequence[np.ndarray] | np.ndarray) -> Image.Image:
     """Tile up to 4 (H, W, 3) uint8 images into a 2x2 grid, row-major (missing tiles stay black)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or not 1 <= len(images) <= 4:
-        raise ValueError(f"tile_2x2: expected 1-4 (H, W, 3) images, got shape {images.shape}")
-    n, h, w, _ = images.shape
+    arr = np.asarray(images)
+    if arr.ndim != 4 or not 1 <= len(arr) <= 4:
+        raise ValueError(f"tile_2x2: expected 1-4 (H, W, 3) images, got shape {arr.shape}")
+    n, h, w, _ = arr.shape
     grid = np.zeros((2 * h, 2 * w, 3), np.uint8)
     for i in range(n):
-        grid[(i // 2) * h:(i // 2 + 1) * h, (i % 2) * w:(i % 2 + 1) * w] = images[i]
+        grid[(i // 2) * h:(i // 2 + 1) * h, (i % 2) * w:(i % 2 + 1) * w] = arr[i]
     return Image.fromarray(grid)
 
 

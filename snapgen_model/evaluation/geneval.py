@@ -78,7 +78,8 @@ Detections = dict[str, list[Detection]]
 class Detector(Protocol):
     """Finds objects: class name -> every detection (unthresholded; the rules threshold)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def detect(self, image: Image.Image) -> Detections: ...
 
@@ -86,7 +87,8 @@ class Detector(Protocol):
 class ColourClassifier(Protocol):
     """Names the colour (one of COLORS) of each detection of `classname` in `image`."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def classify(self, image: Image.Image, detections: Sequence[Detection], classname: str) -> list[str]: ...
 

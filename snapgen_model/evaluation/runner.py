@@ -32,6 +32,7 @@ from PIL import Image
 
 from snapgen_model.keys import content_key
 from snapgen_model.config_base import ConfigBase, check
+from snapgen_model.configs import SnapGenConfig
 from snapgen_model.evaluation import atomic
 from snapgen_model.diffusion.generate import conditioner_null, generate, null_condition
 from snapgen_model.evaluation.fid import file_sha256
@@ -183,13 +184,13 @@ def ensure_generated(generator: ImageGenerator | None, folder: str | os.PathLike
     Returns {"reused": bool, "key": ..., "folder": ...}.
     """
     folder = Path(folder)
-    key = generation_key(generator.identity, prompts, cfg) if generator is not None else None
     if reuse_images or generator is None:
         missing = missing_prompts(folder, prompts, cfg)
         if missing:
             raise FileNotFoundError(f"--reuse-images: {len(missing)} of {len(prompts)} prompts have no complete "
                                     f"samples in {folder} (first: {missing[:5]}); generate them first")
         return {"reused": True, "key": (read_manifest(folder) or {}).get("generation_key"), "folder": str(folder)}
+    key = generation_key(generator.identity, prompts, cfg)
     claim_folder(folder, key)
     if folder_complete(folder, prompts, cfg, key):
         return {"reused": True, "key": key, "folder": str(folder)}
@@ -250,12 +251,12 @@ class CheckpointGenerator:
                  encode_text: TextEncoder | None = None, text_identity: str = "", steps: int | None = None,
                  guidance: float | None = None, device: str = "cpu",
                  conditioner: torch.nn.Module | str | os.PathLike | None = None, kind: str | None = None) -> None:
-        self.preset = read_preset(unet_path)
-        if self.preset is None:
+        preset = read_preset(unet_path)
+        if preset is None:
             raise ValueError(f"{unet_path}: checkpoint has no preset metadata (save it with save_model(preset=...))")
-        sampler = dataclasses.replace(self.preset.sampler, **{k: v for k, v in
-                                      {"steps": steps, "guidance": guidance, "kind": kind}.items() if v is not None})
-        self.preset = dataclasses.replace(self.preset, sampler=sampler)
+        given: dict[str, Any] = {"steps": steps, "guidance": guidance, "kind": kind}
+        sampler = dataclasses.replace(preset.sampler, **{k: v for k, v in given.items() if v is not None})
+        self.preset: SnapGenConfig = dataclasses.replace(preset, sampler=sampler)
         self.unet = load_model(unet_path, expected_kind="SnapGenUNet", device=device).eval()
         self.decoder, decoder_id = self._decoder(decoder_path, device)
         self.conditioner, conditioner_id = self._conditioner(conditioner, unet_path, device)

@@ -38,7 +38,7 @@ from snapgen_model.data.shapes import (
 )
 
 COLOUR_NAMES: tuple[str, ...] = tuple(PALETTE)  # class k of the label map is COLOUR_NAMES[k - 1]
-_EIGHT = np.ones((3, 3), dtype=bool)
+_EIGHT: np.ndarray = np.ones((3, 3), dtype=bool)
 Box = tuple[int, int, int, int]
 
 
@@ -137,7 +137,7 @@ def _tight_mask(shape: str, height: int, width: int) -> np.ndarray:
 def _templates(shape: str, height: int, width: int) -> tuple[np.ndarray, ...]:
     """Binary templates whose tight box is (height, width): the shape painted in nominal boxes up
     to 3 px larger (thin tips and apexes may paint no pixel), or stretched to the box if none is."""
-    found = []
+    found: list[np.ndarray] = []
     for dh in range(4):
         for dw in range(4):
             mask = _tight_mask(shape, height + dh, width + dw)
@@ -151,7 +151,7 @@ def _templates(shape: str, height: int, width: int) -> tuple[np.ndarray, ...]:
 
 def _shape_fit(mask: np.ndarray, shapes: Sequence[str]) -> list[tuple[float, str]]:
     """Best IoU of a tight component mask with each shape's templates of its size, best first."""
-    m = mask.astype(np.float32)
+    m: np.ndarray = mask.astype(np.float32)
     area = float(m.sum())
     fits = []
     for shape in shapes:

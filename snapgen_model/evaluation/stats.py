@@ -98,8 +98,8 @@ def _replicates(mats: Mapping[str, np.ndarray], others: Sequence[Mapping[str, np
 
 
 def _interval(value: float, draws: np.ndarray, level: float) -> Interval:
-    lo, hi = np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2], method="inverted_cdf")
-    return Interval(float(value), float(lo), float(hi), level, int(draws.size))
+    bounds = np.asarray(np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2], method="inverted_cdf"))
+    return Interval(float(value), float(bounds[0]), float(bounds[1]), level, int(draws.size))
 
 
 def _check(level: float, replicates: int) -> None:

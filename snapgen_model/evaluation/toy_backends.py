@@ -44,8 +44,8 @@ class SceneParserDetector:
     def detect(self, image: Image.Image) -> Detections:
         found: Detections = {}
         for obj in parse_scene(image, self.world, self.parser):
-            found.setdefault(obj.shape, []).append(Detection(tuple(map(float, obj.box)), obj.confidence,
-                                                             colour=obj.colour))
+            x0, y0, x1, y1 = map(float, obj.box)
+            found.setdefault(obj.shape, []).append(Detection((x0, y0, x1, y1), obj.confidence, colour=obj.colour))
         return found
 
 

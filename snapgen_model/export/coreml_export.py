@@ -159,7 +159,7 @@ def spec_summary(path: Path) -> dict:
     main = spec.mlProgram.functions["main"]
     ops = main.block_specializations[main.opset].operations
     kinds = Counter(op.type for op in ops)
-    float_dtypes = Counter()
+    float_dtypes: Counter[str] = Counter()
     for op in ops:
         if op.type == "const":
             continue

@@ -69,7 +69,7 @@ def compare(actual: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Ten
         return ParityMetrics(max_abs=math.inf, rel=math.inf, psnr=-math.inf)
     diff = a - r
     max_abs = float(np.abs(diff).max()) if diff.size else 0.0
-    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-12))
+    rel = float(np.linalg.norm(diff) / max(float(np.linalg.norm(r)), 1e-12))
     return ParityMetrics(max_abs=max_abs, rel=rel, psnr=psnr(a, r))
 
 

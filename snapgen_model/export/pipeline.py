@@ -23,7 +23,7 @@ import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -288,12 +288,13 @@ def _export_all(inputs: ExportInputs, tmp: Path, cfg: ExportConfig, formats: lis
     start = time.perf_counter()
     built, skipped = build_parts(inputs, cfg, parts)
     p = inputs.preset
-    report = {"export_key": key, "code_version": EXPORT_CODE_VERSION, "preset": p.name,
-              "resolution": f"{p.image_size}px, latent {p.latent_size}x{p.latent_size}x{p.latent.channels}",
-              "formats": formats, "config": cfg.to_dict(), "tools": tool_versions(),
-              "platform": f"{sys.platform} {platform.machine()}, {torch.get_num_threads()} torch threads",
-              "sources": inputs.sources, "parts": {}, "skipped_parts": skipped,
-              "coreml_note": _coreml_note(formats)}
+    report: dict[str, Any] = {
+        "export_key": key, "code_version": EXPORT_CODE_VERSION, "preset": p.name,
+        "resolution": f"{p.image_size}px, latent {p.latent_size}x{p.latent_size}x{p.latent.channels}",
+        "formats": formats, "config": cfg.to_dict(), "tools": tool_versions(),
+        "platform": f"{sys.platform} {platform.machine()}, {torch.get_num_threads()} torch threads",
+        "sources": inputs.sources, "parts": {}, "skipped_parts": skipped,
+        "coreml_note": _coreml_note(formats)}
     failures: list[ParityFailure] = []
     for part in built:
         log.info("exporting %s (%s)", part.name, part.resolution)

@@ -56,7 +56,7 @@ def median_ms(fn: Callable[[], object], warmup: int, runs: int) -> float:
 
 
 def latency(sess: ort.InferenceSession, module: nn.Module, inputs: Sequence[torch.Tensor], *,
-            warmup: int, runs: int, threads: int = 0) -> dict[str, float]:
+            warmup: int, runs: int, threads: int = 0) -> dict[str, float | None]:
     """ORT CPU vs PyTorch eager (no grad) median latency on the same inputs and thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, *, context_dim: int, self_attention: bool, head_dim: int,
                  kv_heads: int, qk_norm: bool, ffn_ratio: int, ffn_gated: bool, dropout: float) -> None:
         super().__init__()
-        attn = dict(head_dim=head_dim, kv_heads=kv_heads, qk_norm=qk_norm, dropout=dropout)
+        attn: dict[str, Any] = dict(head_dim=head_dim, kv_heads=kv_heads, qk_norm=qk_norm, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim) if self_attention else None
         self.attn1 = Attention(dim, **attn) if self_attention else None
         self.norm2 = nn.LayerNorm(dim)
@@ -176,7 +176,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if self.attn1 is not None:
-            x = x + self.attn1(self.norm1(x), rope=rope)  # (B, N, C)
+            x = x + self.attn1(cast(nn.Module, self.norm1)(x), rope=rope)  # (B, N, C); norm1 is set with attn1
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

@@ -16,6 +16,8 @@ every layer from then on.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +42,9 @@ class UNetStage(nn.Module):
     def __init__(self, c_ins: list[int], c_out: int, cfg: UNetConfig, depth: int, self_attn: bool, *,
                  up: bool = False) -> None:
         super().__init__()
-        res = dict(time_dim=cfg.time_embed_dim, separable=cfg.separable_conv, expansion=cfg.conv_expansion,
-                   norm_groups=cfg.norm_groups, scale_shift=cfg.time_scale_shift, dropout=cfg.dropout)
+        res: dict[str, Any] = dict(time_dim=cfg.time_embed_dim, separable=cfg.separable_conv,
+                                   expansion=cfg.conv_expansion, norm_groups=cfg.norm_groups,
+                                   scale_shift=cfg.time_scale_shift, dropout=cfg.dropout)
         self.up = up
         self.res = nn.ModuleList(ResBlock(c, c_out, **res) for c in c_ins)
         self.attn = nn.ModuleList(

@@ -74,7 +74,7 @@ class ScenePool:
 class TrainResult:
     """What a training phase reports."""
 
-    metrics: dict[str, float]  # final figures (steps, seconds, losses, ...)
+    metrics: dict[str, float | str]  # final figures (steps, seconds, losses, ...)
     curve: list[dict[str, float]]  # {step, elapsed_s, <loss terms>} every `log_every` steps (interval means)
 
 
@@ -130,7 +130,10 @@ class _Curve:
     records (no device sync per step); a non-finite interval mean stops training with a clear error."""
 
     def __init__(self, phase: str, every: int) -> None:
-        self.phase, self.every, self.points, self._sums, self._n = phase, every, [], {}, 0
+        self.phase, self.every = phase, every
+        self.points: list[dict[str, float]] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._n = 0
 
     def add(self, step: int, elapsed: float, terms: dict[str, torch.Tensor], force: bool = False) -> dict[str, float] | None:
         for k, v in terms.items():
@@ -352,7 +355,8 @@ def train_teacher(cfg: ToyBootstrapConfig, world: ShapesWorld | None, vae: nn.Mo
     ema = ModuleEMA({"transformer": transformer, "text_model": text_model}, teacher_ema_decay(cfg)) if cfg.teacher_ema else None
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     state_path = Path(checkpoint_dir) / TEACHER_STATE if checkpoint_dir else None
-    step, offset_s, points = 0, 0.0, []
+    step, offset_s = 0, 0.0
+    points: list[dict[str, float]] = []
     if state_path is not None and state_path.is_file():
         step, offset_s, points = _load_teacher_state(state_path, cfg, transformer, text_model, ema, opt, gen)
     prep_s = time.monotonic() - started

@@ -66,7 +66,8 @@ def layout_and_bucket(signature: tuple) -> tuple[tuple, tuple] | None:
     latent = shapes.get("latent.npy")
     if latent is None or len(latent) != 3:
         return signature, ()
-    layout, tokens = [], {}
+    layout: list[tuple] = []
+    tokens: dict[str, int] = {}
     for name, shape, dtype in signature:
         if name == "latent.npy" or (name[:1] == "v" and _is_target(name)):
             if shape != latent:
@@ -222,7 +223,7 @@ def load_cache_folder(folder, encoders: list[str]) -> "CachedData | BucketedData
                     seen += 1
                     decoded = decode_members(members)
                     split = None if decoded is None else layout_and_bucket(decoded[0])
-                    if split is None:
+                    if decoded is None or split is None:
                         skipped["bad_samples"] += 1
                     else:
                         good.append((key, decoded[1], *split))
@@ -249,7 +250,7 @@ def load_cache_folder(folder, encoders: list[str]) -> "CachedData | BucketedData
 def global_batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     """Indices of the global batch at `step`: consecutive slices of seeded epoch permutations."""
     start = step * batch
-    out = []
+    out: list[int] = []
     while len(out) < batch:
         epoch, offset = divmod(start + len(out), n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))

@@ -101,7 +101,7 @@ def train_tiny_decoder(decoder: nn.Module, latents: torch.Tensor, images: torch.
         total.backward()
         opt.step()
         sched.step()
-        if disc is not None:
+        if disc is not None and d_opt is not None:
             d_loss = F.relu(1 - disc(images[idx])).mean() + F.relu(1 + disc(pred.detach())).mean()
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()

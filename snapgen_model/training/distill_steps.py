@@ -265,7 +265,7 @@ class StepDistillModule(DataFeed, pl.LightningModule):
             return null
         names = [*cache_cfg.teacher_clip_encoders, *([cache_cfg.teacher_t5_encoder] if cache_cfg.teacher_t5_encoder else [])]
         missing = [n for n in names if null is None or n not in null]
-        if missing:
+        if missing or null is None:
             raise ValueError(f"distill.teacher_guidance={cfg.teacher_guidance} needs the teacher's null condition: "
                              f"pass teacher_null (encode_teacher_null: the empty prompt through the teacher's text "
                              f"encoders {missing}), or set distill.teacher_guidance=1 for the unguided teacher")
@@ -426,6 +426,8 @@ class StepDistillModule(DataFeed, pl.LightningModule):
         """(t, noise, v_teacher): one of the cache's (t, noise) pairs when the cache has targets (else drawn);
         v the cached conditional target when unguided (teacher_guidance 1), else the guided teacher online."""
         if b.targets:
+            if b.t is None or b.v is None:
+                raise RuntimeError("cached KD: the batch has cached timesteps but no velocity targets")
             k = torch.randint(b.targets, (len(b),), generator=g)
             rows = torch.arange(len(b))
             noise = torch.stack([draw_pair(key, int(kk), latent.shape[1:], self.cache_cfg)[1]
@@ -550,6 +552,8 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: 
                                resume_position=meta.get("data_position"))
     module.resume_from = start_path
     if start >= cfg.steps:
+        if start_path is None:
+            raise RuntimeError("distill: a finished run needs its saved state (distill.steps must be >= 1)")
         load_state(start_path, modules=module.trainable_modules())
         module.acc_run = dict(meta.get("d_accuracy") or module.acc_run)
         if module.streaming and module.resume_position:
@@ -592,8 +596,8 @@ def encode_teacher_null(bundle_folder, encoders: list[dict], names=None,
     from snapgen_model.distill.text import TextEncoderAdapter, TextEncoderSpec
 
     out = {}
-    for spec in encoders:
-        spec = TextEncoderSpec.from_dict(dict(spec) | {"path": str(bundle_folder)})
+    for raw in encoders:
+        spec = TextEncoderSpec.from_dict(dict(raw) | {"path": str(bundle_folder)})
         if names is not None and spec.name not in names:
             continue
         e = TextEncoderAdapter.from_pretrained(spec, device)([""])

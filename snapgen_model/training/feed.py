@@ -73,6 +73,8 @@ class DataFeed:
     data: Any
     sources: dict[str, Any]
     plan: list
+    trainer: Any
+    global_rank: int
     resume_position: dict[str, Any] | None = None
     _position: dict[str, Any] | None = None
     _positions: list[dict[str, Any] | None] | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.presets import get_preset
@@ -27,8 +28,11 @@ from snapgen_model.training.data import load_cache_folder
 from snapgen_model.training.pretrain import PretrainConfig, fit, online_teacher
 from snapgen_model.training.stream import ShardSource, StreamData
 
+if TYPE_CHECKING:
+    from snapgen_model.training.distill_steps import StepDistillConfig
 
-def training_data(spec: dict, cfg: PretrainConfig):
+
+def training_data(spec: dict, cfg: PretrainConfig | StepDistillConfig):
     """CachedData (memory) or StreamData (stream) as the spec says; with `stage_caches` ({cache URI
     a stage names: its location}), {"": run cache, uri: data, ...}."""
     def load(where: str):

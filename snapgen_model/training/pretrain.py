@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -45,6 +45,9 @@ from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
 from snapgen_model.training.stages import StageConfig, stage_configs
 from snapgen_model.training.state import load_state, save_state
 from snapgen_model.training.stream import StreamData
+
+if TYPE_CHECKING:
+    from snapgen_model.training.distill_steps import StepDistillConfig
 
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,7 @@ class KDTargets:
     shared: bool
 
 
-def lr_lambda(cfg: PretrainConfig):
+def lr_lambda(cfg: PretrainConfig | StepDistillConfig):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -197,7 +200,8 @@ class PretrainModule(DataFeed, pl.LightningModule):
         self.ema_models = torch.nn.ModuleDict(self.ema.copies)
         self.objective = DistillationObjective(cfg.kd, preset.flow)  # a_t from the run's own timestep density
         self.task_loss, self.out_loss, self.feat_loss = TaskLoss(), OutputKDLoss(), FeatureKDLoss()
-        self.nonfinite_total, self.nonfinite_run, self._t0 = 0, 0, None
+        self.nonfinite_total, self.nonfinite_run = 0, 0
+        self._t0: tuple[float, int] | None = None
         self.setup_plan(stage_configs(cfg.stages, cfg.steps, cfg.batch_size), preset.latent.downsample)
 
     def _check_class_mode(self, ref: CachedData) -> bool:
@@ -311,11 +315,15 @@ class PretrainModule(DataFeed, pl.LightningModule):
         if self.cfg.mode == "cached":
             if not b.targets:
                 return None
+            if b.t is None or b.v is None:
+                raise RuntimeError("cached KD: the batch has cached timesteps but no velocity targets")
             k = torch.randint(b.targets, (n,), generator=g)
             rows = torch.arange(n)
             pairs = [draw_pair(key, int(kk), latent.shape[1:], self.cache_cfg) for key, kk in zip(b.keys, k)]
             feats = b.features[self.feature_name][rows, k] if self.use_feat else None
             return KDTargets(b.t[rows, k], torch.stack([p[1] for p in pairs]), b.v[rows, k], feats, shared=False)
+        if cond_teacher is None:
+            raise RuntimeError("online KD: training_step built no teacher condition for this batch")
         with torch.no_grad():
             out = self.teacher(interpolate(latent, noise, t), t, cond_teacher["context"], cond_teacher["pooled"])
         feats = out.features.get(self.feature_name or next(iter(out.features))) if self.use_feat else None
@@ -331,11 +339,15 @@ class PretrainModule(DataFeed, pl.LightningModule):
         if self.class_cond:
             num = self.preset.unet.num_classes
             labels = b.labels
+            if labels is None:
+                raise ValueError("class-conditional training: a batch without class labels (label.npy)")
             if labels.min() < 0 or labels.max() >= num:
                 raise ValueError(f"class labels out of range [0, {num}) in this batch (min {int(labels.min())}, "
                                  f"max {int(labels.max())}): set unet.num_classes to the dataset's class count")
             drop = torch.rand(len(b), generator=g) < self.cfg.label_dropout
             return {"labels": torch.where(drop, num, labels).to(self.device)}, drop
+        if self.conditioner is None:
+            raise RuntimeError("text conditioning: the module was built without a text conditioner")
         drop = self.conditioner.sample_drop(len(b), {e: self.cfg.encoder_dropout for e in encoded}, g)
         cond = self.conditioner({e: Encoded(x.tokens.to(self.device), None if x.pooled is None else x.pooled.to(self.device),
                                             x.mask) for e, x in encoded.items()}, drop)
@@ -479,6 +491,8 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
     module = PretrainModule(preset, cfg, data, cache_cfg, teacher=teacher, start_step=start,
                             resume_position=meta.get("data_position"))
     if start >= cfg.steps:  # finished before: the trained weights, nothing to train
+        if start_path is None:
+            raise RuntimeError("pretrain: a finished run needs its saved state (pretrain.steps must be >= 1)")
         load_state(start_path, modules=module.trainable_modules())
         if module.streaming and module.resume_position:
             module.data.skipped = summed_stats(module.resume_position["ranks"])

@@ -39,7 +39,7 @@ class PreviewRenderer:
                  teacher_images: np.ndarray | None = None) -> None:
         self.preset, self.prompts, self.seeds = preset, list(prompts), list(seeds)
         self.encode, self.decoder, self.teacher_images = encode, decoder, teacher_images
-        self._encoded = None
+        self._encoded: Mapping[str, object] | None = None
 
     @torch.no_grad()
     def __call__(self, unet: nn.Module, conditioner: nn.Module, preset: SnapGenConfig | None = None) -> np.ndarray:

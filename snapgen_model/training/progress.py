@@ -11,7 +11,8 @@ global batch over every rank. The task layer decides where the line goes (a Pref
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -83,6 +84,7 @@ def _batch_size(batch) -> int:
     """Images in a training batch: the first dimension of its first tensor (0 when it has none)."""
     import torch
 
+    values: Iterable[Any]
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 0
     if isinstance(batch, dict):

@@ -42,7 +42,7 @@ import json
 import logging
 import posixpath
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Generator, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from torch.utils.data import IterableDataset
@@ -61,6 +61,7 @@ from snapgen_model.training.data import (
 log = logging.getLogger(__name__)
 
 Ref = tuple[int, int]  # (shard index in ShardSource.names, sample index in that shard's tar)
+Groups = Generator[tuple[str, dict[str, bytes]], None, None]
 
 
 class Item(NamedTuple):
@@ -110,7 +111,7 @@ class _FolderOpener:
         return open(self.folder / name, "rb")
 
 
-def _read_groups(source: ShardSource, index: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _read_groups(source: ShardSource, index: int) -> Groups:
     with contextlib.closing(source.open(index)) as f:
         yield from iter_tar_groups(f)
 
@@ -125,7 +126,7 @@ def probe_layout(source: ShardSource, encoders: list[str], limit: int = 32) -> t
             for key, members in _read_groups(source, index):
                 decoded = decode_members(members)
                 split = None if decoded is None else layout_and_bucket(decoded[0])
-                if split is not None:
+                if decoded is not None and split is not None:
                     counts[split[0]] += 1
                     first.setdefault(split[0], (key, decoded[1]))
                 if sum(counts.values()) >= limit:
@@ -158,7 +159,7 @@ class StreamData:
         """(bucket, arrays) of a sample of the cache's layout; None when it is corrupt."""
         decoded = decode_members(members)
         split = None if decoded is None else layout_and_bucket(decoded[0])
-        if split is None or split[0] != self.layout:
+        if decoded is None or split is None or split[0] != self.layout:
             return None
         return split[1], decoded[1]
 
@@ -186,7 +187,7 @@ class SampleStream:
         self.epoch_good, self.empty_epochs = False, 0
         self.stats = {"bad_samples": 0, "bad_shards": 0}
         self.buffer: list[Item] = []
-        self._it: Iterator | None = None
+        self._it: Groups | None = None
         self._orders: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ reading
@@ -201,11 +202,12 @@ class SampleStream:
         if self.count and self.epoch == 0 and n > 0:
             self.stats[field] += n
 
-    def _open(self) -> None:
+    def _open(self) -> Groups:
         index = self.order(self.epoch)[self.pos]
-        self._it = _read_groups(self.data.source, index)
+        self._it = it = _read_groups(self.data.source, index)
         for _ in range(self.group):  # resuming inside a shard: these were read before
-            next(self._it)
+            next(it)
+        return it
 
     def _finish_shard(self, damaged: bool) -> None:
         if self._it is not None:
@@ -234,13 +236,14 @@ class SampleStream:
     def next_input(self) -> Item:
         """The next valid (and accepted) sample this rank owns, in reading order."""
         while True:
-            if self._it is None:
+            it = self._it
+            if it is None:
                 if self.pos >= len(self.order(self.epoch)):
                     self._end_epoch()
                     continue
-                self._open()
+                it = self._open()
             try:
-                key, members = next(self._it)
+                key, members = next(it)
             except StopIteration:
                 self._finish_shard(damaged=False)
                 continue
@@ -324,7 +327,7 @@ class StreamBatches(IterableDataset):
     def __init__(self, data: StreamData, *, batch: int, seed: int, start: int, steps: int, rank: int = 0,
                  world: int = 1, buffer_size: int = 256, position: dict[str, Any] | None = None,
                  plan: list[StagePlan] | None = None, sources: dict[str, StreamData] | None = None,
-                 filters: list[Callable[[tuple], bool] | None] | None = None) -> None:
+                 filters: Sequence[Callable[[tuple], bool] | None] | None = None) -> None:
         self.plan = plan or [StagePlan(index=0, start=0, end=start + steps, batch=batch)]
         for stage in self.plan:
             if stage.batch % world:
@@ -349,7 +352,8 @@ class StreamBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pos = self.position
-        current, stream, partial = None, None, {}
+        current, stream = None, None
+        partial: dict[tuple, list[Item]] = {}
         done = dict(pos["done"]) if pos else {"bad_samples": 0, "bad_shards": 0}
         for step in range(self.start, self.start + self.steps):
             stage = stage_at(self.plan, step)
@@ -363,6 +367,8 @@ class StreamBatches(IterableDataset):
                 elif pos and current is None:  # resuming at a stage boundary: the saved stage is complete
                     done = {k: done[k] + int(pos["stream"]["stats"][k]) for k in done}
                 current = stage
+            if stream is None:
+                raise RuntimeError("stream: no stage stream opened before the first batch")
             local = stage.batch // self.world
             while True:
                 item = stream.next_sample()

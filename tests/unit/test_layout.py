@@ -108,6 +108,33 @@ def test_ruff_finds_an_unused_import_and_an_undefined_name(tmp_path):
     assert proc.returncode == 1 and "F401" in proc.stdout and "F821" in proc.stdout, proc.stdout + proc.stderr
 
 
+def _mypy(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_the_source_passes_mypy():
+    """pyproject.toml's [tool.mypy]: the project's packages (snapgen_model, tasks, flows, reporting) type-check."""
+    proc = _mypy()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_mypy_finds_a_wrong_type_against_the_project_configs(tmp_path):
+    """The checker sees the project's own types: a sampler config built with a string step count and a
+    function returning the wrong type are both reported."""
+    bad = tmp_path / "bad_types.py"
+    bad.write_text("from snapgen_model.configs import SamplerConfig\n\n"
+                   "cfg = SamplerConfig(steps=\"4\")\n\n\n"
+                   "def steps(cfg: SamplerConfig) -> str:\n    return cfg.steps\n")
+    proc = _mypy(str(bad))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "bad_types.py:3: error" in proc.stdout and "[arg-type]" in proc.stdout, proc.stdout
+    assert "bad_types.py:7: error" in proc.stdout and "[return-value]" in proc.stdout, proc.stdout
+
+
 def _flow_import_cycles(folder: Path) -> list[list[str]]:
     """Import cycles among the modules of the `flows` package in `folder` (every import statement counts,
     function-level ones included): each cycle as its module names."""
