@@ -5,11 +5,12 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from snapgen_model.artifacts.student import WEIGHTS
+from snapgen_model.training.distill_steps import StepDistillConfig
 from tasks.distill import distill_student, fetch_folder
-from tasks.pretrain import data_mode, fetch_cache
+from tasks.pretrain import fetch_cache
 
 
 class DistillParams(BaseModel):
@@ -20,15 +21,23 @@ class DistillParams(BaseModel):
     bundle_uri: str = Field(description="teacher bundle folder (its frozen transformer is the discriminator backbone)")
     distill: list[str] = Field(default_factory=list, description="StepDistillConfig overrides, e.g. sampler_steps=8")
     resume: str = Field("latest", description="latest | none | a state folder")
+    _config: StepDistillConfig | None = PrivateAttr(None)
+
+    def config(self) -> StepDistillConfig:
+        """The stage's typed config: `distill` parsed and validated once, here at the flow boundary (a bad
+        override raises ConfigError naming it); the task receives this object, not the strings."""
+        if self._config is None:
+            self._config = StepDistillConfig().with_overrides(self.distill)
+        return self._config
 
 
 @flow(name="distill-steps", log_prints=True)
 def distill_steps_flow(params: DistillParams) -> dict[str, Any]:
-    cache_dir, manifest = fetch_cache(params.cache_uri, download=data_mode(params.distill, "distill") == "memory")
+    cfg = params.config()
+    cache_dir, manifest = fetch_cache(params.cache_uri, download=cfg.data == "memory")
     student_dir = fetch_folder(params.student_uri, WEIGHTS)
     bundle_dir = fetch_folder(params.bundle_uri)
-    result = distill_student(cache_dir, manifest, student_dir, bundle_dir, params.bundle_uri, params.distill,
-                             params.resume)
+    result = distill_student(cache_dir, manifest, student_dir, bundle_dir, params.bundle_uri, cfg, params.resume)
     s, m = result["sampler"], result.get("metrics") or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     create_markdown_artifact(f"### Step distillation `{result['key']}`\n\n{s['steps']}-step student ({s['kind']}, "

@@ -5,9 +5,10 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from tasks.pretrain import data_mode, fetch_cache, train_student
+from snapgen_model.training.pretrain import PretrainConfig
+from tasks.pretrain import fetch_cache, train_student
 
 
 class PretrainParams(BaseModel):
@@ -18,13 +19,22 @@ class PretrainParams(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="preset overrides")
     pretrain: list[str] = Field(default_factory=list, description="PretrainConfig overrides, e.g. steps=300")
     resume: str = Field("latest", description="latest | none | a state folder")
+    _config: PretrainConfig | None = PrivateAttr(None)
+
+    def config(self) -> PretrainConfig:
+        """The stage's typed config: `pretrain` parsed and validated once, here at the flow boundary (a bad
+        override raises ConfigError naming it); the tasks receive this object, not the strings."""
+        if self._config is None:
+            self._config = PretrainConfig().with_overrides(self.pretrain)
+        return self._config
 
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(params: PretrainParams) -> dict[str, Any]:
     # the in-memory data path needs a local copy; the streaming one reads the shards where they are
-    cache_dir, manifest = fetch_cache(params.cache_uri, download=data_mode(params.pretrain) == "memory")
-    result = train_student(cache_dir, manifest, params.preset, params.overrides, params.pretrain, params.resume)
+    cfg = params.config()
+    cache_dir, manifest = fetch_cache(params.cache_uri, download=cfg.data == "memory")
+    result = train_student(cache_dir, manifest, params.preset, params.overrides, cfg, params.resume)
     create_markdown_artifact(f"### Pretraining `{result['key']}`\n\nstep {result['step']}, checkpoints at "
                              f"{result['checkpoints']}, MLflow run {result['mlflow_run_id']}",
                              key="pretrain", description="student pretraining")

@@ -53,8 +53,9 @@ def run_key(cache_manifest: dict, student_dir: str, bundle_uri: str, cfg: StepDi
 
 @task(name="distill-student", **compute_task_options())
 def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir: str, bundle_dir: str,
-                    bundle_uri: str, cfg_overrides: list[str], resume: str = "latest") -> dict[str, Any]:
-    """Train the N-step student to the configured step (resuming the latest checkpoint) and save it. With
+                    bundle_uri: str, cfg: StepDistillConfig, resume: str = "latest") -> dict[str, Any]:
+    """Train the N-step student to `cfg.steps` (resuming the latest checkpoint) and save it; `cfg` comes
+    parsed from the flow's parameters (`DistillParams.config`). With
     several devices or nodes the ranks run through the launcher (`tasks.launch`): rank 0 logs to this
     stage's MLflow run, uploads the checkpoints and saves the EMA student, as this process does alone."""
     from tasks.lineage import lineage_tags
@@ -62,7 +63,6 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
     from tasks.tracking import start_run
 
     settings = get_settings()
-    cfg = StepDistillConfig().with_overrides(cfg_overrides)
     key = run_key(cache_manifest, student_dir, bundle_uri, cfg)
     store = storage()
     base = store.join(settings.storage_root, "runs", f"distill-{key}")

@@ -36,15 +36,6 @@ def fetch_cache(cache_uri: str, download: bool = True) -> tuple[str, dict[str, A
     return str(folder), manifest
 
 
-def data_mode(cfg_overrides: list[str], stage: str = "pretrain") -> str:
-    """"memory" or "stream": the training data path the stage's config overrides select."""
-    if stage == "distill":
-        from snapgen_model.training.distill_steps import StepDistillConfig
-
-        return StepDistillConfig().with_overrides(cfg_overrides).data
-    return PretrainConfig().with_overrides(cfg_overrides).data
-
-
 class StoreOpener:
     """open_fn of a cache in storage: shard names relative to the cache URI, opened with
     `Storage.open_read` (one persistent client; s3:// bodies resume on broken connections)."""
@@ -163,15 +154,15 @@ def log_kd_levels(result: dict[str, Any], run) -> None:
 
 @task(name="train-student", **compute_task_options())
 def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, overrides: list[str],
-                  cfg_overrides: list[str], resume: str = "latest") -> dict[str, Any]:
-    """Train to the configured step (resuming the latest checkpoint) and save the student: the EMA UNet
-    with the EMA conditioner (what evaluation and export use), and the raw pair beside them."""
+                  cfg: PretrainConfig, resume: str = "latest") -> dict[str, Any]:
+    """Train to `cfg.steps` (resuming the latest checkpoint) and save the student: the EMA UNet with the
+    EMA conditioner (what evaluation and export use), and the raw pair beside them. `cfg` comes parsed
+    from the flow's parameters (`PretrainParams.config`); `overrides` are the preset's."""
     from tasks.lineage import lineage_tags
     from tasks.metric_log import lightning_logger
     from tasks.tracking import start_run
 
     settings = get_settings()
-    cfg = PretrainConfig().with_overrides(cfg_overrides)
     stage_caches, stage_manifests = fetch_stage_caches(cfg)
     key = run_key(cache_manifest, preset, overrides, cfg, stage_manifests)
     store = storage()

@@ -1,0 +1,79 @@
+"""The training flows parse their stage config once, at the flow boundary, and hand the tasks the typed
+config: `PretrainParams.config()` / `DistillParams.config()`. The flows' bodies run undecorated here
+(`.fn`) with their tasks replaced by recorders: what is tested is the flow's wiring (what it parses, how
+often, and what it passes on), not the tasks, which the integration suite runs against real servers."""
+from __future__ import annotations
+
+import pytest
+
+from snapgen_model.config_base import ConfigBase, ConfigError
+from snapgen_model.training.distill_steps import StepDistillConfig
+from snapgen_model.training.pretrain import PretrainConfig
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    """Counts ConfigBase.with_overrides calls per config class (the override parser every stage config uses)."""
+    counts: dict[str, int] = {}
+    original = ConfigBase.with_overrides
+
+    def counting(self, overrides):
+        counts[type(self).__name__] = counts.get(type(self).__name__, 0) + 1
+        return original(self, overrides)
+
+    monkeypatch.setattr(ConfigBase, "with_overrides", counting)
+    return counts
+
+
+def test_pretrain_flow_parses_once_and_passes_the_typed_config(monkeypatch, parses):
+    import flows.pretrain as fp
+
+    seen: dict = {}
+    monkeypatch.setattr(fp, "fetch_cache", lambda uri, download: seen.update(download=download) or ("/c", {"k": 1}))
+    monkeypatch.setattr(fp, "train_student", lambda *a: seen.update(args=a) or {"key": "k", "step": 3, "checkpoints": "x",
+                                                                             "mlflow_run_id": "r"})
+    monkeypatch.setattr(fp, "create_markdown_artifact", lambda *a, **k: None)
+    params = fp.PretrainParams(cache_uri="file:///c", preset="toy-smoke", pretrain=["steps=3", "data=stream"])
+    fp.pretrain_flow.fn(params)
+    cfg = seen["args"][4]
+    assert isinstance(cfg, PretrainConfig) and cfg.steps == 3 and cfg.data == "stream"
+    assert seen["download"] is False  # the streamed data path reads the shards where they are
+    assert parses == {"PretrainConfig": 1}
+    assert params.config() is cfg and parses == {"PretrainConfig": 1}  # parsed once, kept
+
+
+def test_distill_flow_parses_once_and_passes_the_typed_config(monkeypatch, parses):
+    import flows.distill as fd
+
+    seen: dict = {}
+    monkeypatch.setattr(fd, "fetch_cache", lambda uri, download: seen.update(download=download) or ("/c", {"k": 1}))
+    monkeypatch.setattr(fd, "fetch_folder", lambda uri, names=None: "/folder")
+    result = {"key": "k", "step": 2, "sampler": {"steps": 4, "kind": "few_step", "shift": 1.0, "guidance": 1.0},
+              "student": {"unet": "u"}, "mlflow_run_id": "r", "metrics": {}}
+    monkeypatch.setattr(fd, "distill_student", lambda *a: seen.update(args=a) or result)
+    monkeypatch.setattr(fd, "create_markdown_artifact", lambda *a, **k: None)
+    params = fd.DistillParams(cache_uri="file:///c", student_uri="file:///s", bundle_uri="file:///b",
+                              distill=["steps=2", "sampler_steps=4"])
+    fd.distill_steps_flow.fn(params)
+    cfg = seen["args"][5]
+    assert isinstance(cfg, StepDistillConfig) and cfg.steps == 2 and cfg.sampler_steps == 4
+    assert seen["download"] is True
+    assert parses == {"StepDistillConfig": 1}
+
+
+@pytest.mark.parametrize("module, params", [
+    ("flows.pretrain", {"cache_uri": "c", "pretrain": ["stepz=3"]}),
+    ("flows.distill", {"cache_uri": "c", "student_uri": "s", "bundle_uri": "b", "distill": ["steps=-1"]}),
+])
+def test_a_bad_stage_override_fails_at_the_flow_boundary_naming_it(monkeypatch, module, params):
+    """Before any task runs (no cache fetched, nothing trained): the error names the override."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    called: list[str] = []
+    monkeypatch.setattr(mod, "fetch_cache", lambda *a, **k: called.append("fetch"))
+    flow = mod.pretrain_flow if module == "flows.pretrain" else mod.distill_steps_flow
+    model = mod.PretrainParams if module == "flows.pretrain" else mod.DistillParams
+    with pytest.raises(ConfigError, match="stepz|steps"):
+        flow.fn(model(**params))
+    assert called == []
