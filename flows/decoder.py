@@ -7,6 +7,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from snapgen_model.training.decoder import DecoderTrainConfig
 from tasks.decoder import log_decoder, train_decoder_task
 
 
@@ -20,11 +21,14 @@ class DecoderParams(BaseModel):
     train_overrides: list[str] = Field(default_factory=list, description="DecoderTrainConfig overrides")
     track: bool = True
 
+    def config(self) -> DecoderTrainConfig:
+        """The stage's typed config: `train_overrides` parsed and validated here, at the flow boundary."""
+        return DecoderTrainConfig().with_overrides(self.train_overrides)
+
 
 @flow(name="train-decoder", log_prints=True)
 def train_decoder_flow(params: DecoderParams) -> dict[str, Any]:
-    result = train_decoder_task(params.cache_uri, params.bundle_uri, params.preset, params.overrides,
-                                params.train_overrides)
+    result = train_decoder_task(params.cache_uri, params.bundle_uri, params.preset, params.overrides, params.config())
     r = result["report"]
     create_markdown_artifact(
         "### Tiny decoder\n\n| metric | tiny decoder | teacher VAE decoder |\n|---|---|---|\n"

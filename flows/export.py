@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from snapgen_model.export import ParityError
+from snapgen_model.export import ExportConfig, ParityError
 from snapgen_model.export.report import report_markdown
 from tasks.export import (
     default_destination,
@@ -60,21 +60,24 @@ class ExportParams(BaseModel):
             raise ValueError("palettize: needs the coreml format (--formats onnx,coreml)")
         return self
 
-    def config_overrides(self) -> list[str]:
+    def config(self) -> ExportConfig:
+        """The typed export config: `export_overrides` (and `palettize`) parsed and validated here, at the
+        flow boundary."""
         extra = [f"palettize_bits={self.palettize}"] if self.palettize is not None else []
-        return list(self.export_overrides) + extra
+        return ExportConfig().with_overrides(list(self.export_overrides) + extra)
 
 
 @flow(name="export", log_prints=True)
 def export_flow(params: ExportParams) -> dict[str, Any]:
     """Returns the export report with `uri`, `cache_hit` and (when tracked) `mlflow_run_id`."""
     logger = get_run_logger()
+    cfg = params.config()
     paths = resolve_model_ref(params.model, params.decoder, params.text_encoder)
     destination = params.out or default_destination(paths["uri"])
     remote = read_export_manifest(destination)
     local = str(work_dir(destination))
     try:
-        report = export_checkpoint(paths, params.preset, params.overrides, params.config_overrides(),
+        report = export_checkpoint(paths, params.preset, params.overrides, cfg,
                                    list(params.formats), list(params.parts), local,
                                    remote.get("export_key") if remote else None, params.force)
     except ParityError as exc:

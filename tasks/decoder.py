@@ -44,9 +44,9 @@ def load_latents(cache_uri: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @task(name="train-tiny-decoder", **compute_task_options())
 def train_decoder_task(cache_uri: str, bundle_uri: str, preset: str, overrides: list[str],
-                       train_overrides: list[str]) -> dict[str, Any]:
-    """Train and report; the checkpoint goes next to the cache, keyed by its inputs."""
-    cfg = DecoderTrainConfig().with_overrides(train_overrides)
+                       cfg: DecoderTrainConfig) -> dict[str, Any]:
+    """Train and report; the checkpoint goes next to the cache, keyed by its inputs. `cfg` comes parsed
+    from the flow's parameters (`DecoderParams.config`)."""
     dec_cfg = get_preset(preset, overrides).decoder
     key = content_key([cache_uri, dec_cfg.to_dict(), cfg.to_dict()], 16)
     store = storage()

@@ -154,14 +154,14 @@ def read_export_report(destination: str) -> dict[str, Any]:
 
 
 @task(name="export-model", **compute_task_options(persist_result=False))
-def export_checkpoint(paths: dict[str, Any], preset: str | None, overrides: list[str], export_overrides: list[str],
+def export_checkpoint(paths: dict[str, Any], preset: str | None, overrides: list[str], cfg: ExportConfig,
                       formats: list[str], parts: list[str], local_dir: str, known_key: str | None,
                       force: bool) -> dict[str, Any]:
     """`snapgen_model.export.export_model` on local files; a destination already holding this export's
-    key (`known_key`) is a cache hit without exporting."""
+    key (`known_key`) is a cache hit without exporting. `cfg` comes parsed from the flow's parameters
+    (`ExportParams.config`)."""
     inputs = load_inputs(paths["unet"], preset=preset, overrides=overrides, decoder=paths.get("decoder"),
                          text_encoder=paths.get("text_encoder"))
-    cfg = ExportConfig().with_overrides(export_overrides)
     key = export_key(inputs, cfg, formats, parts)
     if known_key == key and not force:
         return {"export_key": key, "skipped": True, "remote_hit": True}

@@ -77,3 +77,28 @@ def test_a_bad_stage_override_fails_at_the_flow_boundary_naming_it(monkeypatch, 
     with pytest.raises(ConfigError, match="stepz|steps"):
         flow.fn(model(**params))
     assert called == []
+
+
+def test_decoder_flow_passes_the_typed_config(monkeypatch, parses):
+    import flows.decoder as fdec
+    from snapgen_model.training.decoder import DecoderTrainConfig
+
+    seen: dict = {}
+    report = {"params": 1, "vae_decoder_params": 2, "psnr_vs_images": 1.0, "vae_psnr_vs_images": 2.0, "batch": 1,
+              "latency_ms": 1.0, "vae_latency_ms": 2.0, "psnr_vs_vae_decoder": 3.0, "ssim_vs_vae_decoder": 0.5}
+    monkeypatch.setattr(fdec, "train_decoder_task", lambda *a: seen.update(args=a) or {"report": report})
+    monkeypatch.setattr(fdec, "create_markdown_artifact", lambda *a, **k: None)
+    fdec.train_decoder_flow.fn(fdec.DecoderParams(cache_uri="c", bundle_uri="b", train_overrides=["steps=7"],
+                                                  track=False))
+    cfg = seen["args"][4]
+    assert isinstance(cfg, DecoderTrainConfig) and cfg.steps == 7 and parses == {"DecoderTrainConfig": 1}
+
+
+def test_export_params_parse_the_export_config_with_palettization():
+    from flows.export import ExportParams
+    from snapgen_model.export import ExportConfig
+
+    cfg = ExportParams(model="m", formats=["onnx", "coreml"], palettize=6, export_overrides=["opset=18"]).config()
+    assert isinstance(cfg, ExportConfig) and cfg.palettize_bits == 6 and cfg.opset == 18
+    with pytest.raises(ConfigError, match="opsett"):
+        ExportParams(model="m", export_overrides=["opsett=18"]).config()
