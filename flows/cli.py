@@ -337,8 +337,10 @@ def pretrain(
 
     prefect_env_defaults(settings_or_fail())
     try:
-        result = pretrain_flow(PretrainParams(cache_uri=_as_uri(cache_uri), preset=preset, overrides=preset_set,
-                                              pretrain=set_, resume=resume))
+        params = PretrainParams(cache_uri=_as_uri(cache_uri), preset=preset, overrides=preset_set, pretrain=set_,
+                                resume=resume)
+        params.config()  # a bad --set is named here, before a flow run starts (no Prefect traceback)
+        result = pretrain_flow(params)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if as_json:

@@ -36,8 +36,10 @@ def distill(
 
     prefect_env_defaults(get_settings())
     try:
-        result = distill_steps_flow(DistillParams(cache_uri=as_uri(cache_uri), student_uri=as_uri(student_uri),
-                                                  bundle_uri=as_uri(bundle_uri), distill=set_, resume=resume))
+        params = DistillParams(cache_uri=as_uri(cache_uri), student_uri=as_uri(student_uri),
+                               bundle_uri=as_uri(bundle_uri), distill=set_, resume=resume)
+        params.config()  # a bad --set is named here, before a flow run starts (no Prefect traceback)
+        result = distill_steps_flow(params)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2)

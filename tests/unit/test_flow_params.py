@@ -102,3 +102,20 @@ def test_export_params_parse_the_export_config_with_palettization():
     assert isinstance(cfg, ExportConfig) and cfg.palettize_bits == 6 and cfg.opset == 18
     with pytest.raises(ConfigError, match="opsett"):
         ExportParams(model="m", export_overrides=["opsett=18"]).config()
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--cache", "/nonexistent", "--set", "stepz=3"],
+                                  ["distill", "--cache", "/c", "--student", "/s", "--bundle", "/b", "--set", "stepz=3"]])
+def test_the_cli_names_a_bad_stage_override_before_any_flow_run(argv):
+    """What a user with a typo reads: one error line naming the key, exit code 2, no traceback and no
+    flow run started (the config is parsed at the boundary before the flow is called)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "stepz: unknown key" in out and "Traceback" not in out and "Flow run" not in out, out
