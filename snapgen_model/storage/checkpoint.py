@@ -93,10 +93,12 @@ def _check_safetensors(path: Path) -> None:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(f"{path}: looks like a pickled torch checkpoint; snapgen loads safetensors only "
-                              "(pickles can run arbitrary code)")
+    # a safetensors file is an 8-byte header length, then the JSON header; its length may well begin with the
+    # bytes of a pickle (0x80 0x02 = 640 bytes) or a zip signature, so the structure is checked first
     if len(head) < 9 or head[8:9] != b"{":
+        if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise CheckpointError(f"{path}: looks like a pickled torch checkpoint; snapgen loads safetensors only "
+                                  "(pickles can run arbitrary code)")
         raise CheckpointError(f"{path}: not a safetensors file (bad header)")
     header_len = struct.unpack("<Q", head[:8])[0]
     if 8 + header_len > size:

@@ -49,6 +49,24 @@ def test_pickle_is_refused(tmp_path, toy_unet):
         load_model(raw)
 
 
+@pytest.mark.parametrize("first_bytes", [b"\x80\x02", b"PK"])
+def test_a_safetensors_header_whose_length_reads_like_a_pickle_loads(tmp_path, first_bytes):
+    """The 8-byte header length of a real safetensors file can begin with a pickle's (0x80 0x02: 640 bytes)
+    or a zip's bytes ("PK": 19,280 bytes); such a file is an intact checkpoint, not a pickle."""
+    from safetensors.torch import save_file
+
+    from snapgen_model.storage.checkpoint import check_safetensors
+
+    target = int.from_bytes(first_bytes, "little")
+    path = tmp_path / "w.safetensors"
+    for pad in range(0, target):
+        save_file({"w": torch.zeros(3)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:len(first_bytes)] == first_bytes:
+            break
+    assert path.read_bytes()[:len(first_bytes)] == first_bytes
+    check_safetensors(path)  # no CheckpointError
+
+
 def test_truncated_file_is_refused(tmp_path, toy_unet):
     path = save_model(toy_unet, tmp_path / "unet.safetensors")
     data = path.read_bytes()
