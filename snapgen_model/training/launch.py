@@ -79,11 +79,13 @@ def run_pretrain(spec: dict) -> dict:
                  resume=spec.get("resume", "latest"), loggers=hooks.get("loggers"), upload=hooks.get("upload"),
                  callbacks=hooks.get("callbacks") or ())
     module = result.pop("module", None)
+    # the student's modules, gathered on every rank when the run is sharded (collective), saved by rank 0
+    parts = module.student_parts() if module is not None and spec.get("student_dir") else None
     if module is not None and module.global_rank == 0:
-        if spec.get("student_dir"):  # the EMA student, as the in-process path saves it
+        if parts is not None:  # the EMA student, as the in-process path saves it
             from snapgen_model.training.pretrain import save_student
 
-            result["student_files"] = save_student(module, spec["student_dir"])
+            result["student_files"] = save_student(module, spec["student_dir"], parts)
         if spec.get("result_path"):
             run_cache = data[""] if isinstance(data, dict) else data
             samples = len(run_cache) if cfg.data == "memory" else None  # a stream does not know its length up front

@@ -121,8 +121,10 @@ class PretrainConfig(ConfigBase):
         check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", "must be >= 0 (0 = only at the end)")
         check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints", "must be >= 1")
         check(self.devices >= 1, "pretrain.devices", "must be >= 1")
-        check(not (self.strategy == "fsdp" and self.accelerator == "cpu"), "pretrain.strategy",
-              "fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU accelerator): use ddp on CPU")
+        check(not (self.strategy == "fsdp" and self.devices * self.num_nodes < 2), "pretrain.strategy",
+              "fsdp shards over several processes: set pretrain.devices (per node) x pretrain.num_nodes >= 2")
+        check(not (self.strategy == "fsdp" and self.compile), "pretrain.compile",
+              "cannot be combined with strategy=fsdp here (the student is sharded after it would be compiled)")
         check(self.num_nodes >= 1, "pretrain.num_nodes", "must be >= 1")
         check(self.log_every >= 1, "pretrain.log_every", "must be >= 1")
         check(not (self.fused_optimizer and self.precision != "32-true" and self.grad_clip > 0),
@@ -288,9 +290,13 @@ class PretrainModule(DataFeed, pl.LightningModule):
     def ema_conditioner(self) -> torch.nn.Module | None:
         return self.ema.copies.get("conditioner")
 
-    def preview_modules(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        """(UNet, conditioner) a preview renders: the EMA pair, as saved."""
-        return self.ema_unet, self.ema_conditioner
+    def preview_modules(self) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        """(UNet, conditioner) a preview renders: the EMA pair, as saved. Collective in a sharded run
+        (`student_parts`: the pair on rank 0, (None, None) on the other ranks)."""
+        if not self._sharded:
+            return self.ema_unet, self.ema_conditioner
+        parts = self.student_parts()
+        return parts["ema_unet"], parts["ema_conditioner"]
 
     def current_step(self) -> int:
         return self.start_step + self.global_step
@@ -454,19 +460,92 @@ class PretrainModule(DataFeed, pl.LightningModule):
                    "projector": self.projector}
         return {k: m for k, m in modules.items() if m is not None}
 
+    @property
+    def sharded(self) -> bool:
+        """Whether this run shards its modules over the ranks (`strategy=fsdp`, after `configure_model`)."""
+        return self._sharded
+
+    _sharded = False
+    _gathered: tuple[dict[str, dict], dict] | None = None
+
+    def configure_model(self) -> None:
+        """Lightning hook, run on every rank before the optimiser is built: with `strategy=fsdp`, shard the
+        trained modules and their EMA copies over the data-parallel mesh (training/fsdp.py); else nothing."""
+        if self.cfg.strategy != "fsdp" or self._sharded:
+            return
+        from snapgen_model.training.fsdp import shard_pretraining
+
+        shard_pretraining(self.student, self.conditioner, self.projector, self.ema.copies,
+                          self.device_mesh["data_parallel"])
+        self._sharded = True
+
+    def before_state_save(self, trainer) -> None:
+        """Collective, before global rank 0 writes a checkpoint: the stream position of every rank, and in
+        a sharded run the full module and optimiser states (gathered onto rank 0)."""
+        super().before_state_save(trainer)
+        if self._sharded:
+            from snapgen_model.training.fsdp import full_module_state, full_optimizer_state
+
+            modules = {name: full_module_state(m) for name, m in self.trainable_modules().items()}
+            self._gathered = (modules, full_optimizer_state(self, trainer.optimizers[0]))
+
     def save_training_state(self, folder, trainer) -> Any:
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
-        return save_state(folder, modules=self.trainable_modules(), optimizer=trainer.optimizers[0], scheduler=sched,
+        modules: dict[str, Any] = dict(self.trainable_modules())
+        optimizer: Any = trainer.optimizers[0]
+        if self._sharded:
+            if self._gathered is None:
+                raise RuntimeError("sharded checkpoint: before_state_save did not gather the states on every rank")
+            (modules, optimizer), self._gathered = self._gathered, None
+        return save_state(folder, modules=modules, optimizer=optimizer, scheduler=sched,
                           step=self.current_step(), extra={"nonfinite_total": self.nonfinite_total,
                                                            "preset": self.preset.to_dict(), "pretrain": self.cfg.to_dict(),
                                                            "data_position": self.data_position()})
 
     def restore(self, folder) -> None:
-        """Called from on_train_start when resuming: modules, optimiser, scheduler, RNG, counters."""
+        """Called from on_train_start when resuming: modules, optimiser, scheduler, RNG, counters (a
+        sharded run loads the full state onto its shards)."""
         trainer = self.trainer
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
-        meta = load_state(folder, modules=self.trainable_modules(), optimizer=trainer.optimizers[0], scheduler=sched)
+        loaders: dict[str, Any] = {}
+        if self._sharded:
+            from snapgen_model.training.fsdp import load_module_state, load_optimizer_state
+
+            loaders = {"load_module": load_module_state,
+                       "load_optimizer": lambda opt, state: load_optimizer_state(self, opt, state)}
+        meta = load_state(folder, modules=self.trainable_modules(), optimizer=trainer.optimizers[0], scheduler=sched,
+                          **loaders)
         self.nonfinite_total = meta.get("nonfinite_total", 0)
+
+    def student_parts(self) -> dict[str, torch.nn.Module | None]:
+        """The saved student's modules as plain (unsharded, uncompiled) modules: {"ema_unet", "ema_conditioner",
+        "raw_unet", "raw_conditioner"}. Collective in a sharded run (every rank calls it; the modules are
+        rebuilt from the gathered weights on rank 0, None elsewhere)."""
+        raw_unet = getattr(self.student, "_orig_mod", self.student)  # (torch.compile)
+        parts = {"ema_unet": self.ema_unet, "ema_conditioner": self.ema_conditioner, "raw_unet": raw_unet,
+                 "raw_conditioner": self.conditioner}
+        if not self._sharded:
+            return parts
+        from snapgen_model.training.fsdp import full_module_state
+
+        states = {name: full_module_state(m) if m is not None else None for name, m in parts.items()}
+        if self.global_rank != 0:
+            return dict.fromkeys(parts)
+        out: dict[str, torch.nn.Module | None] = {}
+        cond = self.conditioner
+        for name, state in states.items():
+            if state is None:
+                out[name] = None
+                continue
+            if name.endswith("unet"):
+                fresh: torch.nn.Module = SnapGenUNet(self.preset.unet)
+            elif isinstance(cond, TextConditioner):
+                fresh = TextConditioner(cond.cfg, cond.encoder_dims())
+            else:
+                raise RuntimeError(f"student_parts: {name} has weights but the module has no text conditioner")
+            fresh.load_state_dict(state, strict=True)
+            out[name] = fresh.eval() if name.startswith("ema") else fresh
+        return out
 
     resume_from: Any = None
 
@@ -504,7 +583,7 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
     ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
     trainer = pl.Trainer(
         max_steps=cfg.steps - start, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, precision=cfg.precision, logger=loggers or False, callbacks=[ckpt, *callbacks],
+        strategy=lightning_strategy(cfg), precision=cfg.precision, logger=loggers or False, callbacks=[ckpt, *callbacks],
         enable_checkpointing=False, gradient_clip_val=cfg.grad_clip or None, enable_progress_bar=progress_bar,
         enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=cfg.log_every,
     )
@@ -520,9 +599,22 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,
+            "sharded": module.sharded,
             "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note,
             "kd_levels": module.kd_levels, "kd_levels_note": module.kd_levels_note,
             "kd_levels_warning": module.kd_levels_warning}
+
+
+def lightning_strategy(cfg: PretrainConfig) -> Any:
+    """The Lightning strategy of `cfg.strategy`: "fsdp" is torch FSDP2 through `ModelParallelStrategy` on a
+    data-parallel mesh of every rank (GPU with NCCL, CPU with gloo; `PretrainModule.configure_model` shards);
+    the other names are Lightning's own."""
+    if cfg.strategy != "fsdp":
+        return cfg.strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=cfg.devices * cfg.num_nodes, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False)
 
 
 def online_teacher(cfg: PretrainConfig, bundle_folder, feature_layers=(-1,)):
@@ -542,11 +634,17 @@ def online_teacher(cfg: PretrainConfig, bundle_folder, feature_layers=(-1,)):
     return SD3Teacher.from_pretrained(TeacherConfig(path=str(bundle_folder), feature_layers=tuple(feature_layers)))
 
 
-def save_student(module: PretrainModule, folder) -> dict[str, str]:
+def save_student(module: PretrainModule, folder, parts: dict[str, torch.nn.Module | None] | None = None
+                 ) -> dict[str, str]:
     """The trained student for evaluation and export (`artifacts.student`): the EMA UNet (preset in its
-    metadata) with the EMA text conditioner (one EMA over both), and beside them the raw (last-step) pair."""
+    metadata) with the EMA text conditioner (one EMA over both), and beside them the raw (last-step) pair.
+    `parts`: `module.student_parts()` when the caller gathered them (a sharded run: collectively, before
+    rank 0 saves)."""
     from snapgen_model.artifacts.student import save_student as save_folder
 
-    return save_folder(folder, module.preset, module.ema_unet, module.ema_conditioner,
-                       raw_unet=getattr(module.student, "_orig_mod", module.student),  # (torch.compile)
-                       raw_conditioner=module.conditioner)
+    parts = parts if parts is not None else module.student_parts()
+    ema_unet = parts["ema_unet"]
+    if ema_unet is None:
+        raise RuntimeError("save_student: no gathered weights on this rank (a sharded run saves on global rank 0)")
+    return save_folder(folder, module.preset, ema_unet, parts["ema_conditioner"], raw_unet=parts["raw_unet"],
+                       raw_conditioner=parts["raw_conditioner"])

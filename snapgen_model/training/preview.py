@@ -75,12 +75,14 @@ class PreviewCallback(pl.Callback):
 
     def _emit(self, trainer, pl_module) -> None:
         step = pl_module.current_step()
-        if not trainer.is_global_zero or step in self.logged:
+        if step in self.logged:
             return
-        pair = getattr(pl_module, "preview_modules", None)  # the (EMA UNet, EMA conditioner) the module saves
-        unet, conditioner = pair() if pair is not None else (pl_module.ema, pl_module.conditioner)
-        self.sink(self.render(unet, conditioner, getattr(pl_module, "preset", None)), step)
         self.logged.append(step)
+        # the (EMA UNet, EMA conditioner) the module saves; collective in a sharded run (every rank calls it)
+        pair = getattr(pl_module, "preview_modules", None)
+        unet, conditioner = pair() if pair is not None else (pl_module.ema, pl_module.conditioner)
+        if trainer.is_global_zero:
+            self.sink(self.render(unet, conditioner, getattr(pl_module, "preset", None)), step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every and pl_module.current_step() % self.every == 0:

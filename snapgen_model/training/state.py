@@ -41,16 +41,19 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_state(folder: str | os.PathLike, *, modules: dict[str, torch.nn.Module], optimizer, scheduler, step: int,
+def save_state(folder: str | os.PathLike, *, modules: dict[str, Any], optimizer, scheduler, step: int,
                extra: dict[str, Any]) -> Path:
-    """Write the state folder atomically (temp folder + rename; state.json last)."""
+    """Write the state folder atomically (temp folder + rename; state.json last). `modules` maps a name to a
+    module or to its (full) state dict; `optimizer` is an optimiser or its state dict (a sharded run passes
+    the states it gathered, `training.fsdp`)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {f"{m}/{k}": v.detach().cpu().contiguous() for m, mod in modules.items() for k, v in mod.state_dict().items()}
+    states = {m: mod if isinstance(mod, dict) else mod.state_dict() for m, mod in modules.items()}
+    weights = {f"{m}/{k}": v.detach().cpu().contiguous() for m, state in states.items() for k, v in state.items()}
     save_file(weights, tmp / "modules.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
     meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict() if scheduler else None} | extra
@@ -97,9 +100,12 @@ def _mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
 
 
 def load_state(folder: str | os.PathLike, *, modules: dict[str, torch.nn.Module], optimizer=None,
-               scheduler=None) -> dict[str, Any]:
+               scheduler=None, load_module: Callable[[torch.nn.Module, dict], None] | None = None,
+               load_optimizer: Callable[[Any, dict], None] | None = None) -> dict[str, Any]:
     """Restore modules (strict), optimiser, scheduler and RNG from a state folder; returns state.json.
-    A truncated, pickled or foreign-architecture state raises `CheckpointError` naming the file."""
+    A truncated, pickled or foreign-architecture state raises `CheckpointError` naming the file.
+    `load_module(module, state)` / `load_optimizer(optimizer, state)` replace `load_state_dict` (a sharded
+    run loads the full state onto its shards, `training.fsdp`)."""
     from snapgen_model.storage.checkpoint import CheckpointError
 
     folder = Path(folder)
@@ -113,11 +119,18 @@ def load_state(folder: str | os.PathLike, *, modules: dict[str, torch.nn.Module]
         if detail:
             raise CheckpointError(f"{weights_path}: weights of {name!r} do not fit the model being trained ({detail}); "
                                   "the state comes from another architecture or configuration")
-        mod.load_state_dict(sub, strict=True)
+        if load_module is not None:
+            load_module(mod, sub)
+        else:
+            mod.load_state_dict(sub, strict=True)
     if optimizer is not None:
         opt_path = folder / "optimizer.safetensors"
         try:
-            optimizer.load_state_dict(_unflatten_optimizer(_load_tensors(opt_path), meta["optimizer"]))
+            opt_state = _unflatten_optimizer(_load_tensors(opt_path), meta["optimizer"])
+            if load_optimizer is not None:
+                load_optimizer(optimizer, opt_state)
+            else:
+                optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{opt_path}: optimiser state does not fit this run ({exc})") from None
     if scheduler is not None and meta.get("scheduler"):

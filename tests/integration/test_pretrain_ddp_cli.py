@@ -38,9 +38,9 @@ def ddp_env(tmp_path, seaweed_s3, mlflow_server, tiny_bundle, prefect_harness, m
     return env | settings | {"OMP_NUM_THREADS": "1"}, cache["uri"]
 
 
-def command(cache_uri: str, steps: int, every: int) -> list[str]:
+def command(cache_uri: str, steps: int, every: int, strategy: str = "ddp") -> list[str]:
     train = [f"steps={steps}", "batch_size=4", f"checkpoint_every={every}", "log_every=1", "devices=2",
-             "strategy=ddp", "accelerator=cpu", "kd.feature_kd=false"]
+             f"strategy={strategy}", "accelerator=cpu", "kd.feature_kd=false"]
     return [str(SNAPGEN), "pretrain", "--cache", cache_uri, "--preset", "toy-smoke", "--preset-set",
             "unet.context_dim=32", "--preset-set", "unet.pooled_dim=32", *[a for t in train for a in ("--set", t)],
             "--json"]
@@ -52,7 +52,9 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
     return json.loads("\n".join(lines[lines.index("{"):]))
 
 
-def test_ddp_through_the_cli_logs_uploads_and_saves_an_evaluable_student(ddp_env, mlflow_server):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ddp_through_the_cli_logs_uploads_and_saves_an_evaluable_student(ddp_env, mlflow_server, strategy):
+    """`fsdp`: the same run with the student sharded over the two processes (torch FSDP2 on gloo)."""
     from mlflow.tracking import MlflowClient
 
     from flows.evaluate import EvaluateParams, evaluate_flow
@@ -60,7 +62,7 @@ def test_ddp_through_the_cli_logs_uploads_and_saves_an_evaluable_student(ddp_env
     from tasks.storage import Storage
 
     env, cache_uri = ddp_env
-    result = result_of(subprocess.run(command(cache_uri, 4, 2), env=env, capture_output=True, text=True,
+    result = result_of(subprocess.run(command(cache_uri, 4, 2, strategy), env=env, capture_output=True, text=True,
                                       timeout=900))
     assert result["step"] == 4 and result["student_uri"].startswith("s3://")
     store = Storage.from_settings(get_settings())

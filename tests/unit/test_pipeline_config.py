@@ -153,9 +153,9 @@ def test_run_dry_run_prints_every_stage_config_resolved_and_runs_nothing(tmp_pat
     assert bad.exit_code != 0 and "pretrain.train" in bad.output and "stepz" in bad.output
 
 
-def test_the_full_size_student_resolves_with_fsdp_and_fsdp_on_cpu_is_named():
-    """FSDP is for the full-size student on GPU nodes (Lightning refuses FSDP on the CPU accelerator, so it is
-    not run here): its configuration resolves, and asking for it on the CPU is a config error, not a deep one."""
+def test_the_full_size_student_resolves_with_fsdp_and_a_one_process_fsdp_is_named():
+    """FSDP (torch FSDP2, run on CPU by tests/integration/test_pretrain_fsdp.py) resolves for the full-size
+    student on GPU nodes; FSDP on a single process, or with torch.compile, is a config error naming the key."""
     from flows.pipeline_config import resolved_stage_configs
 
     cfg = build_config("snapgen-1024", ["teacher.bundle_uri=s3://models/sd35", "pretrain.train.strategy=fsdp",
@@ -163,9 +163,13 @@ def test_the_full_size_student_resolves_with_fsdp_and_fsdp_on_cpu_is_named():
     stages = resolved_stage_configs(cfg)
     assert stages["pretrain"]["strategy"] == "fsdp" and stages["pretrain"]["precision"] == "bf16-mixed"
     assert stages["student"]["name"] == "snapgen-1024"
-    with pytest.raises(PipelineConfigError, match="pretrain.strategy.*fsdp needs GPUs"):
-        validate_stage_configs(build_config("toy", ["pretrain.train.strategy=fsdp",
-                                                    "pretrain.train.accelerator=cpu"]))
+    validate_stage_configs(build_config("toy", ["pretrain.train.strategy=fsdp", "pretrain.train.devices=2",
+                                                "pretrain.train.accelerator=cpu"]))  # runs on CPU (gloo)
+    with pytest.raises(PipelineConfigError, match="pretrain.strategy.*fsdp shards over several processes"):
+        validate_stage_configs(build_config("toy", ["pretrain.train.strategy=fsdp", "pretrain.train.accelerator=cpu"]))
+    with pytest.raises(PipelineConfigError, match="pretrain.compile.*strategy=fsdp"):
+        validate_stage_configs(build_config("toy", ["pretrain.train.strategy=fsdp", "pretrain.train.devices=2",
+                                                    "pretrain.train.compile=true"]))
 
 
 def test_the_few_step_count_is_declared_once():
