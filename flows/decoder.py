@@ -18,11 +18,15 @@ class DecoderParams(BaseModel):
     bundle_uri: str = Field(description="teacher bundle folder (its vae/ is the reference decoder)")
     preset: str = "toy"
     overrides: list[str] = Field(default_factory=list, description="preset overrides (decoder.*)")
-    train_overrides: list[str] = Field(default_factory=list, description="DecoderTrainConfig overrides")
+    train_overrides: list[str] | DecoderTrainConfig = Field(
+        default_factory=list, description="DecoderTrainConfig overrides, or the typed config itself (the pipeline "
+                                          "passes the one it validated)")
     track: bool = True
 
     def config(self) -> DecoderTrainConfig:
-        """The stage's typed config: `train_overrides` parsed and validated here, at the flow boundary."""
+        """The stage's typed config: `train_overrides` as given, or parsed and validated here, at the flow boundary."""
+        if isinstance(self.train_overrides, DecoderTrainConfig):
+            return self.train_overrides
         return DecoderTrainConfig().with_overrides(self.train_overrides)
 
 

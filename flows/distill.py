@@ -19,15 +19,18 @@ class DistillParams(BaseModel):
     cache_uri: str = Field(description="teacher cache (cache_teacher_flow output)")
     student_uri: str = Field(description="pretrained student folder (unet_ema.safetensors + conditioner.safetensors)")
     bundle_uri: str = Field(description="teacher bundle folder (its frozen transformer is the discriminator backbone)")
-    distill: list[str] = Field(default_factory=list, description="StepDistillConfig overrides, e.g. sampler_steps=8")
+    distill: list[str] | StepDistillConfig = Field(
+        default_factory=list, description="StepDistillConfig overrides, e.g. sampler_steps=8, or the typed config "
+                                          "itself (the pipeline passes the one it validated)")
     resume: str = Field("latest", description="latest | none | a state folder")
     _config: StepDistillConfig | None = PrivateAttr(None)
 
     def config(self) -> StepDistillConfig:
-        """The stage's typed config: `distill` parsed and validated once, here at the flow boundary (a bad
-        override raises ConfigError naming it); the task receives this object, not the strings."""
+        """The stage's typed config: `distill` as given, or its overrides parsed and validated once, here at
+        the flow boundary (a bad override raises ConfigError naming it); the task receives this object."""
         if self._config is None:
-            self._config = StepDistillConfig().with_overrides(self.distill)
+            self._config = (self.distill if isinstance(self.distill, StepDistillConfig)
+                            else StepDistillConfig().with_overrides(self.distill))
         return self._config
 
 

@@ -38,7 +38,9 @@ class ExportParams(BaseModel):
         description="parts to export (a part without a module, e.g. no text encoder, is skipped and reported)")
     preset: str | None = Field(None, description="preset name (default: the preset stored with the checkpoint)")
     overrides: list[str] = Field(default_factory=list, description="preset overrides key=value")
-    export_overrides: list[str] = Field(default_factory=list, description="ExportConfig overrides key=value")
+    export_overrides: list[str] | ExportConfig = Field(
+        default_factory=list, description="ExportConfig overrides key=value, or the typed config itself (the pipeline "
+                                          "passes the one it validated)")
     palettize: int | None = Field(None, description="Core ML palettization bits (4, 6 or 8)")
     decoder: str | None = Field(None, description="tiny decoder checkpoint (default: a seeded fresh-init decoder)")
     text_encoder: str | None = Field(None, description="CLIPTextModelWithProjection folder (save_pretrained)")
@@ -61,9 +63,11 @@ class ExportParams(BaseModel):
         return self
 
     def config(self) -> ExportConfig:
-        """The typed export config: `export_overrides` (and `palettize`) parsed and validated here, at the
-        flow boundary."""
+        """The typed export config: `export_overrides` as given, or parsed and validated here, at the flow
+        boundary (and `palettize` applied to it)."""
         extra = [f"palettize_bits={self.palettize}"] if self.palettize is not None else []
+        if isinstance(self.export_overrides, ExportConfig):
+            return self.export_overrides.with_overrides(extra) if extra else self.export_overrides
         return ExportConfig().with_overrides(list(self.export_overrides) + extra)
 
 

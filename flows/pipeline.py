@@ -20,7 +20,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.pipeline_config import PipelineConfig, build_config, cache_overrides, flow_overrides, validate_stage_configs
+from flows.pipeline_config import (
+    PipelineConfig,
+    StageConfigs,
+    build_config,
+    cache_overrides,
+    flow_overrides,
+    validate_stage_configs,
+)
 from snapgen_model.artifacts import student as student_files
 from tasks import mlflow_model, registry, tracking
 from tasks.lineage import lineage_tags
@@ -133,30 +140,30 @@ def _cache(cfg: PipelineConfig, teacher: dict[str, Any], data: dict[str, Any]) -
                        "cache_hit": manifest.get("cache_hit", False), "mlflow_run_id": manifest.get("mlflow_run_id")})
 
 
-def _decoder(cfg: PipelineConfig, teacher: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+def _decoder(cfg: PipelineConfig, typed: StageConfigs, teacher: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
     from flows.decoder import DecoderParams, train_decoder_flow
 
     result = train_decoder_flow(DecoderParams(cache_uri=cache["cache_uri"], bundle_uri=teacher["bundle_uri"],
                                               preset=cfg.pretrain.preset, overrides=cfg.pretrain.overrides,
-                                              train_overrides=cfg.decoder.train))
+                                              train_overrides=typed.decoder))
     return _json_safe({"checkpoint": result["checkpoint"], "report": result["report"],
                        "cache_hit": result.get("cache_hit", False), "mlflow_run_id": result.get("mlflow_run_id")})
 
 
-def _pretrain(cfg: PipelineConfig, cache: dict[str, Any]) -> dict[str, Any]:
+def _pretrain(cfg: PipelineConfig, typed: StageConfigs, cache: dict[str, Any]) -> dict[str, Any]:
     from flows.pretrain import PretrainParams, pretrain_flow
 
     result = pretrain_flow(PretrainParams(cache_uri=cache["cache_uri"], preset=cfg.pretrain.preset,
-                                          overrides=cfg.pretrain.overrides, pretrain=cfg.pretrain.train))
+                                          overrides=cfg.pretrain.overrides, pretrain=typed.pretrain))
     return _json_safe({k: result.get(k) for k in ("key", "step", "mlflow_run_id", "checkpoints", "student",
                                                   "student_uri", "nonfinite_total")})
 
 
-def _distill(cfg: PipelineConfig, teacher: dict[str, Any], cache: dict[str, Any], student: dict[str, Any]) -> dict:
+def _distill(typed: StageConfigs, teacher: dict[str, Any], cache: dict[str, Any], student: dict[str, Any]) -> dict:
     from flows.distill import DistillParams, distill_steps_flow
 
     result = distill_steps_flow(DistillParams(cache_uri=cache["cache_uri"], student_uri=student["student_uri"],
-                                              bundle_uri=teacher["bundle_uri"], distill=cfg.distill.train))
+                                              bundle_uri=teacher["bundle_uri"], distill=typed.distill))
     return _json_safe({k: result.get(k) for k in ("key", "step", "mlflow_run_id", "checkpoints", "student",
                                                   "student_uri", "sampler", "nonfinite_total")})
 
@@ -175,7 +182,8 @@ def _evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str) -> 
     return {"models": out, "mlflow_run_id": next((r.get("mlflow_run_id") for r in out.values()), None)}
 
 
-def _export(cfg: PipelineConfig, teacher: dict[str, Any], final: dict[str, Any], decoder: dict | None) -> dict:
+def _export(cfg: PipelineConfig, typed: StageConfigs, teacher: dict[str, Any], final: dict[str, Any],
+            decoder: dict | None) -> dict:
     from flows.export import ExportParams, export_flow
 
     facts = teacher_facts(teacher["bundle_uri"])
@@ -186,7 +194,7 @@ def _export(cfg: PipelineConfig, teacher: dict[str, Any], final: dict[str, Any],
                                       formats=list(cfg.export.formats), parts=parts,
                                       decoder=decoder["checkpoint"] if decoder else None,
                                       text_encoder=facts["text_encoder"] if "text_encoder" in parts else None,
-                                      export_overrides=cfg.export.overrides,
+                                      export_overrides=typed.export,
                                       out=store.join(final["student_uri"], "export")))
     return _json_safe({"uri": report["uri"], "parts": report.get("parts", {}), "seconds": report.get("seconds"),
                        "parity_passed": _parity_passed(report), "cache_hit": report.get("cache_hit", False),
@@ -255,7 +263,7 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
 
     logger = get_run_logger()
     cfg = build_config(preset, list(overrides or []))
-    validate_stage_configs(cfg)
+    typed = validate_stage_configs(cfg)  # every stage config parsed once; the flows receive the typed ones
     settings = get_settings()
     if cfg.experiment is None:  # one experiment for pipelines and stand-alone stage runs alike
         cfg = cfg.model_copy(update={"experiment": settings.experiment_name})
@@ -278,16 +286,16 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
         decoder = None
         if cfg.decoder.enabled:
             decoder = stages.run("train_decoder", [cfg.decoder.model_dump(), cfg.pretrain.preset, cfg.pretrain.overrides],
-                                 ["cache_teacher"], lambda: _decoder(cfg, teacher, cache),
+                                 ["cache_teacher"], lambda: _decoder(cfg, typed, teacher, cache),
                                  outputs=lambda r: [r["checkpoint"]])
         else:
             stages.skip("train_decoder", "decoder.enabled=false")
-        student = stages.run("pretrain", cfg.pretrain.model_dump(), ["cache_teacher"], lambda: _pretrain(cfg, cache),
+        student = stages.run("pretrain", cfg.pretrain.model_dump(), ["cache_teacher"], lambda: _pretrain(cfg, typed, cache),
                              outputs=lambda r: [storage().join(r["student_uri"], student_files.CARD)])
         final = student
         if cfg.distill.enabled:
             final = stages.run("distill_steps", cfg.distill.model_dump(), ["pretrain"],
-                               lambda: _distill(cfg, teacher, cache, student),
+                               lambda: _distill(typed, teacher, cache, student),
                                outputs=lambda r: [storage().join(r["student_uri"], student_files.CARD)])
         else:
             stages.skip("distill_steps", "distill.enabled=false")
@@ -303,7 +311,7 @@ def snapgen_pipeline(preset: str = "toy", overrides: list[str] | None = None, fo
         run.log_metrics(headline_metrics(evaluated.get("models") or {}))  # cached or not: the run shows them
         if cfg.export.enabled:
             stages.run("export", cfg.export.model_dump(), ["distill_steps", "train_decoder"],
-                       lambda: _export(cfg, teacher, final, decoder),
+                       lambda: _export(cfg, typed, teacher, final, decoder),
                        outputs=lambda r: [storage().join(r["uri"], "manifest.json")])
         else:
             stages.skip("export", "export.enabled=false")

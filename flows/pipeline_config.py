@@ -10,13 +10,20 @@ replaces or appends `steps=300`), so every knob of every stage is reachable from
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from snapgen_model.config_base import ConfigError, parse_override
+
+if TYPE_CHECKING:
+    from snapgen_model.export.config import ExportConfig
+    from snapgen_model.training.decoder import DecoderTrainConfig
+    from snapgen_model.training.distill_steps import StepDistillConfig
+    from snapgen_model.training.pretrain import PretrainConfig
 
 
 class _Strict(BaseModel):
@@ -330,27 +337,68 @@ def cache_overrides(cfg: PipelineConfig) -> list[str]:
     return flow_overrides(cfg) + list(cfg.cache.overrides)
 
 
-def validate_stage_configs(cfg: PipelineConfig) -> None:
-    """Build every library config the stages will build, so a bad key fails before any stage runs."""
-    resolved_stage_configs(cfg)
+def validate_stage_configs(cfg: PipelineConfig) -> StageConfigs:
+    """Build every library config the stages will build, so a bad key fails before any stage runs; returns
+    the typed configs the pipeline hands to the training and export flows."""
+    return _resolve(cfg)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfigs:
+    """The library configs of the training and export stages, typed and validated once from the pipeline
+    config; the pipeline hands these objects to the stage flows (their parameters accept them), so no stage
+    parses its overrides a second time."""
+
+    pretrain: PretrainConfig
+    distill: StepDistillConfig
+    decoder: DecoderTrainConfig
+    export: ExportConfig
+
+
+def _build(name: str, build: Callable[[], Any]) -> Any:
+    """`build()`, with a bad key or value raised as a `PipelineConfigError` naming the stage field `name`."""
+    try:
+        return build()
+    except (ValueError, KeyError, TypeError) as exc:
+        message = _format_errors(exc, name) if isinstance(exc, ValidationError) else f"{name}: {exc}"
+        raise PipelineConfigError(message) from None
+
+
+def typed_stage_configs(cfg: PipelineConfig) -> StageConfigs:
+    """`StageConfigs` of `cfg` (a bad override is a `PipelineConfigError` naming the stage field)."""
+    from snapgen_model.export.config import ExportConfig
+    from snapgen_model.training.decoder import DecoderTrainConfig
+    from snapgen_model.training.distill_steps import StepDistillConfig
+    from snapgen_model.training.pretrain import PretrainConfig
+
+    return StageConfigs(
+        pretrain=_build("pretrain.train", lambda: PretrainConfig().with_overrides(cfg.pretrain.train)),
+        distill=_build("distill.train", lambda: StepDistillConfig().with_overrides(cfg.distill.train)),
+        decoder=_build("decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train)),
+        export=_build("export.overrides", lambda: ExportConfig().with_overrides(cfg.export.overrides)))
 
 
 def resolved_stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     """Every library config the stages will build from `cfg`, built here (typed and validated, every default
     filled in) and returned as plain data: what `snapgen run --dry-run` prints. A bad key or value is a
     `PipelineConfigError` naming the stage field."""
+    return _resolve(cfg)[0]
+
+
+def _resolve(cfg: PipelineConfig) -> tuple[dict[str, Any], StageConfigs]:
+    """(`resolved_stage_configs`, `typed_stage_configs`), each config built once."""
     from snapgen_model.artifacts.teacher_recipe import get_bootstrap_config
     from snapgen_model.distill.cache import CacheConfig
     from snapgen_model.presets import get_preset
-    from snapgen_model.training.decoder import DecoderTrainConfig
-    from snapgen_model.training.distill_steps import StepDistillConfig
-    from snapgen_model.training.pretrain import PretrainConfig
 
+    student = _build("pretrain.preset/overrides", lambda: get_preset(cfg.pretrain.preset, cfg.pretrain.overrides))
+    typed = typed_stage_configs(cfg)
     builds: list[tuple[str, str, Callable[[], Any]]] = [
-        ("student", "pretrain.preset/overrides", lambda: get_preset(cfg.pretrain.preset, cfg.pretrain.overrides).to_dict()),
-        ("pretrain", "pretrain.train", lambda: PretrainConfig().with_overrides(cfg.pretrain.train).to_dict()),
-        ("distill", "distill.train", lambda: StepDistillConfig().with_overrides(cfg.distill.train).to_dict()),
-        ("decoder", "decoder.train", lambda: DecoderTrainConfig().with_overrides(cfg.decoder.train).to_dict()),
+        ("student", "pretrain.preset/overrides", student.to_dict),
+        ("pretrain", "pretrain.train", typed.pretrain.to_dict),
+        ("distill", "distill.train", typed.distill.to_dict),
+        ("decoder", "decoder.train", typed.decoder.to_dict),
+        ("export", "export.overrides", typed.export.to_dict),
         ("cache", "cache.overrides", lambda: CacheConfig().with_overrides(cache_overrides(cfg)).to_dict()),
     ]
     if cfg.teacher.bundle_uri is not None:
@@ -373,11 +421,4 @@ def resolved_stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         return params.model_dump(exclude={"model"}) | {"models": cfg.evaluate.models}
 
     builds.append(("evaluate", "evaluate.options", _evaluate_options))
-    out: dict[str, Any] = {}
-    for key, name, build in builds:
-        try:
-            out[key] = build()
-        except (ValueError, KeyError, TypeError) as exc:
-            message = _format_errors(exc, name) if isinstance(exc, ValidationError) else f"{name}: {exc}"
-            raise PipelineConfigError(message) from None
-    return out
+    return {key: _build(name, build) for key, name, build in builds}, typed

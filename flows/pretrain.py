@@ -17,15 +17,18 @@ class PretrainParams(BaseModel):
     cache_uri: str = Field(description="teacher cache (cache_teacher_flow output)")
     preset: str = "toy"
     overrides: list[str] = Field(default_factory=list, description="preset overrides")
-    pretrain: list[str] = Field(default_factory=list, description="PretrainConfig overrides, e.g. steps=300")
+    pretrain: list[str] | PretrainConfig = Field(
+        default_factory=list, description="PretrainConfig overrides, e.g. steps=300, or the typed config itself "
+                                          "(the pipeline passes the one it validated)")
     resume: str = Field("latest", description="latest | none | a state folder")
     _config: PretrainConfig | None = PrivateAttr(None)
 
     def config(self) -> PretrainConfig:
-        """The stage's typed config: `pretrain` parsed and validated once, here at the flow boundary (a bad
-        override raises ConfigError naming it); the tasks receive this object, not the strings."""
+        """The stage's typed config: `pretrain` as given, or its overrides parsed and validated once, here at
+        the flow boundary (a bad override raises ConfigError naming it); the tasks receive this object."""
         if self._config is None:
-            self._config = PretrainConfig().with_overrides(self.pretrain)
+            self._config = (self.pretrain if isinstance(self.pretrain, PretrainConfig)
+                            else PretrainConfig().with_overrides(self.pretrain))
         return self._config
 
 

@@ -70,7 +70,7 @@ from snapgen_model.training.data import CachedData
 from snapgen_model.training.ema import ModuleEMA, decay_for_run, relative_change
 from snapgen_model.training.feed import DataFeed, as_sources, summed_stats
 from snapgen_model.training.stages import stage_configs
-from snapgen_model.training.pretrain import NonFiniteLossError, lr_lambda, save_student
+from snapgen_model.training.pretrain import NonFiniteLossError, lr_lambda
 from snapgen_model.training.state import load_state, save_state
 from snapgen_model.training.stream import StreamData
 
@@ -583,7 +583,11 @@ def save_distilled(module: StepDistillModule, folder) -> dict[str, str]:
     """The few-step student, as `save_student`: the EMA UNet (its preset carries sampler kind=few_step,
     steps N, shift and guidance: `read_preset(path).sampler`) with the EMA conditioner, and the raw
     pair beside them (the student folder of `artifacts.student`)."""
-    return save_student(module, folder)
+    from snapgen_model.artifacts.student import save_student
+
+    return save_student(folder, module.preset, module.ema_unet, module.ema_conditioner,
+                        raw_unet=getattr(module.student, "_orig_mod", module.student),  # (torch.compile)
+                        raw_conditioner=module.conditioner)
 
 
 @torch.no_grad()

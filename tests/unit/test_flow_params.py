@@ -119,3 +119,52 @@ def test_the_cli_names_a_bad_stage_override_before_any_flow_run(argv):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "stepz: unknown key" in out and "Traceback" not in out and "Flow run" not in out, out
+
+
+def test_the_pipeline_parses_each_stage_config_once_and_hands_the_flows_the_typed_objects(monkeypatch, parses):
+    """`validate_stage_configs` builds each stage's library config once; the pipeline's stage calls pass those
+    objects as the flows' parameters, and the flows use them without parsing again."""
+    import flows.decoder as fdec
+    import flows.distill as fd
+    import flows.pretrain as fp
+    from flows.pipeline import _decoder, _distill, _pretrain
+    from flows.pipeline_config import build_config, validate_stage_configs
+
+    cfg = build_config("toy-smoke", ["pretrain.train.steps=7", "distill.train.steps=5", "decoder.train.steps=3"])
+    parses.clear()
+    typed = validate_stage_configs(cfg)
+    assert (typed.pretrain.steps, typed.distill.steps, typed.decoder.steps) == (7, 5, 3)
+    once = dict(parses)
+    assert once["PretrainConfig"] == once["StepDistillConfig"] == once["DecoderTrainConfig"] == 1
+
+    received: dict = {}
+
+    def recorder(name, result):
+        def flow(params):
+            received[name] = params.config()
+            return result
+        return flow
+
+    monkeypatch.setattr(fp, "pretrain_flow", recorder("pretrain", {"student_uri": "s"}))
+    monkeypatch.setattr(fd, "distill_steps_flow", recorder("distill", {"student_uri": "d"}))
+    monkeypatch.setattr(fdec, "train_decoder_flow", recorder("decoder", {"checkpoint": "c", "report": {}}))
+    _pretrain(cfg, typed, {"cache_uri": "file:///c"})
+    _distill(typed, {"bundle_uri": "file:///b"}, {"cache_uri": "file:///c"}, {"student_uri": "file:///s"})
+    _decoder(cfg, typed, {"bundle_uri": "file:///b"}, {"cache_uri": "file:///c"})
+    assert received["pretrain"] is typed.pretrain and received["distill"] is typed.distill
+    assert received["decoder"] is typed.decoder
+    assert parses == once  # nothing parsed after the pipeline's one pass
+
+
+def test_flow_parameters_carrying_a_typed_config_survive_json(parses):
+    """A deployment stores flow parameters as JSON: a typed config round-trips to an equal config."""
+    import flows.export as fe
+    import flows.pretrain as fp
+    from snapgen_model.export.config import ExportConfig
+
+    cfg = PretrainConfig().with_overrides(["steps=9", "kd.combine=weighted"])
+    params = fp.PretrainParams(cache_uri="file:///c", pretrain=cfg)
+    again = fp.PretrainParams.model_validate_json(params.model_dump_json())
+    assert isinstance(again.pretrain, PretrainConfig) and again.config() == cfg
+    export = fe.ExportParams(model="m", formats=["onnx", "coreml"], export_overrides=ExportConfig(), palettize=6)
+    assert export.config().palettize_bits == 6  # palettize applies to a typed config too
