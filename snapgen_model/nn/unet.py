@@ -116,11 +116,14 @@ class SnapGenUNet(nn.Module):
         self.up, self.upsample = self._build_up(cfg, skip_ch)
         self.norm_out = group_norm(ch[0], cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-        self.zero_init()
+        self.initialize_weights()
 
     @torch.no_grad()
-    def zero_init(self) -> None:
-        """Zero the output conv and every residual branch's last layer (module docstring)."""
+    def initialize_weights(self) -> None:
+        """The UNet's whole initialisation, in one place (DiT's `initialize_weights`): every convolution and
+        linear layer keeps PyTorch's default (Kaiming-uniform weights, uniform biases in +-1/sqrt(fan_in)),
+        norms start at the identity (weight 1, bias 0), then the output conv and every residual branch's last
+        layer (`zero_init_modules`) are zeroed, the UNet's counterpart of DiT's adaLN-Zero (module docstring)."""
         for m in zero_init_modules(self):
             for p in m.parameters(recurse=False):
                 p.zero_()

@@ -32,15 +32,9 @@ def write_cache(folder: Path, n: int = 8, targets: int = 2) -> Path:
 
 def tiny_teacher():
     """A random 2-block SD3 transformer (8x8x16 latents), the discriminator backbone."""
-    from diffusers import SD3Transformer2DModel
+    from tests.fixtures.memory_data import tiny_teacher as build
 
-    from snapgen_model.distill.teacher import SD3Teacher
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
-                                  num_attention_heads=2, joint_attention_dim=CONTEXT, caption_projection_dim=32,
-                                  pooled_projection_dim=POOLED, out_channels=16, pos_embed_max_size=16)
-    return SD3Teacher(model, (0, -1))
+    return build(context=CONTEXT, pooled=POOLED)
 
 
 def teacher_null():

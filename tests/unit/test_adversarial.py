@@ -18,20 +18,7 @@ from snapgen_model.distill.adversarial import (
     sample_renoise_t,
 )
 from snapgen_model.config_base import ConfigError
-
-
-
-def tiny_teacher(layers=(0, -1)):
-    """A random 2-block SD3 transformer (8x8x16 latents, patch 2: 16 tokens of width 32)."""
-    from diffusers import SD3Transformer2DModel
-
-    from snapgen_model.distill.teacher import SD3Teacher
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
-                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
-                                  pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16)
-    return SD3Teacher(model, layers)
+from tests.fixtures.memory_data import tiny_teacher
 
 
 def inputs(b=2):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from snapgen_model.distill.cache import CacheConfig, draw_pair
+from snapgen_model.distill.cache import CacheConfig
 from snapgen_model.distill.text import Encoded, TextConditioner, TextConditionerConfig
 from snapgen_model.nn.unet import SnapGenUNet
 from snapgen_model.presets import get_preset
@@ -18,8 +18,9 @@ from snapgen_model.training.distill_steps import (
     save_distilled,
 )
 from snapgen_model.training.state import latest_state
+from tests.fixtures import memory_data
 from tests.fixtures.training import StopAt
-from tests.unit.test_adversarial import tiny_teacher
+from tests.fixtures.memory_data import tiny_teacher
 
 PRESET = get_preset("toy-smoke")  # context_dim 32, pooled_dim 32, 8x8x16 latents
 CACHE = CacheConfig(targets_per_sample=2)
@@ -27,13 +28,7 @@ CACHE = CacheConfig(targets_per_sample=2)
 
 
 def synthetic_data(n: int = 8, k: int = 2) -> CachedData:
-    g = torch.Generator().manual_seed(0)
-    latent = torch.randn(n, 16, 8, 8, generator=g)
-    keys = [f"s{i}" for i in range(n)]
-    t = torch.stack([torch.stack([draw_pair(key, j, latent.shape[1:], CACHE)[0] for j in range(k)]) for key in keys])
-    return CachedData(keys=keys, latent=latent, tokens={"clip": torch.randn(n, 6, 24, generator=g)},
-                      pooled={"clip": torch.randn(n, 32, generator=g)}, mask={"clip": torch.ones(n, 6)},
-                      t=t, v=torch.randn(n, k, 16, 8, 8, generator=g), features={})
+    return memory_data.synthetic_data(CACHE, n, k, width=24, pooled=32, feat=False)
 
 
 def teacher_null() -> dict[str, Encoded]:

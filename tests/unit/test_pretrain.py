@@ -13,6 +13,7 @@ from snapgen_model.presets import get_preset
 from snapgen_model.training.data import CachedData, global_batch_indices
 from snapgen_model.training.pretrain import NonFiniteLossError, PretrainConfig, fit
 from snapgen_model.training.state import latest_state
+from tests.fixtures import memory_data
 from tests.fixtures.training import StopAt
 
 PRESET = get_preset("toy-smoke")
@@ -20,14 +21,7 @@ CACHE = CacheConfig(targets_per_sample=2)
 
 
 def synthetic_data(n: int = 16, k: int = 2, feat: bool = True) -> CachedData:
-    g = torch.Generator().manual_seed(0)
-    latent = torch.randn(n, 16, 8, 8, generator=g)
-    keys = [f"s{i}" for i in range(n)]
-    t = torch.stack([torch.stack([draw_pair(key, j, latent.shape[1:], CACHE)[0] for j in range(k)]) for key in keys])
-    return CachedData(keys=keys, latent=latent, tokens={"clip": torch.randn(n, 6, 24, generator=g)},
-                      pooled={"clip": torch.randn(n, 24, generator=g)}, mask={"clip": torch.ones(n, 6)},
-                      t=t, v=torch.randn(n, k, 16, 8, 8, generator=g),
-                      features={"block1": torch.randn(n, k, 16, 32, generator=g)} if feat else {})
+    return memory_data.synthetic_data(CACHE, n, k, width=24, pooled=24, feat=feat)
 
 
 def cfg(**kw) -> PretrainConfig:

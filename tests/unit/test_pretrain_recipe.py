@@ -15,6 +15,7 @@ from snapgen_model.training.data import CachedData, global_batch_indices
 from snapgen_model.training.ema import decay_for_run
 from snapgen_model.training.pretrain import PretrainConfig, fit, save_student
 from snapgen_model.training.state import latest_state
+from tests.fixtures import memory_data
 from tests.fixtures.training import StopAt
 
 PRESET = get_preset("toy-smoke")
@@ -25,18 +26,7 @@ LOGGER = "snapgen_model.training.pretrain"
 
 def synthetic_data(n: int = 4, k: int = K, feat: bool = True, t5: bool = False) -> CachedData:
     """A cache in the caching stage's layout: pair j of sample `key` is `draw_pair(key, j)`."""
-    g = torch.Generator().manual_seed(0)
-    latent = torch.randn(n, 16, 8, 8, generator=g)
-    keys = [f"s{i}" for i in range(n)]
-    t = torch.stack([torch.stack([draw_pair(key, j, latent.shape[1:], CACHE)[0] for j in range(k)])
-                     for key in keys]) if k else None
-    tokens = {"clip": torch.randn(n, 6, 32, generator=g)}
-    if t5:  # a T5-style encoder: tokens only (no pooled vector), as wide as the teacher's joint dim
-        tokens["t5"] = torch.randn(n, 5, 32, generator=g)
-    return CachedData(keys=keys, latent=latent, tokens=tokens, pooled={"clip": torch.randn(n, 32, generator=g)},
-                      mask={e: torch.ones(x.shape[:2]) for e, x in tokens.items()},
-                      t=t, v=torch.randn(n, k, 16, 8, 8, generator=g) if k else None,
-                      features={"block1": torch.randn(n, k, 16, 32, generator=g)} if feat and k else {})
+    return memory_data.synthetic_data(CACHE, n, k, width=32, pooled=32, feat=feat, t5=t5)
 
 
 def cfg(**kw) -> PretrainConfig:
