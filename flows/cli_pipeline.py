@@ -123,7 +123,7 @@ def demo(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
         err.print(f"[bold yellow]warning:[/] {warning}")
     console.rule(f"[bold]snapgen demo: the `{preset}` pipeline on this machine")
     console.print(settings.render_table())
-    console.print("stages: teacher bootstrap (cached once trained) -> curate -> cache teacher -> tiny decoder -> "
+    console.print(f"stages: {_teacher_stage(preset, list(set_))} -> curate -> cache teacher -> tiny decoder -> "
                   "KD pretraining -> 4-step adversarial distillation -> GenEval/DPG/FID -> ONNX + Core ML -> "
                   "registry + promotion gate")
     summary = _run_pipeline(preset, list(set_), False)
@@ -134,13 +134,28 @@ def demo(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
-def _gates(preset: str, overrides: list[str]):
+def _teacher_stage(preset: str, overrides: list[str]) -> str:
+    """How this run gets its teacher, in the words of the stages line."""
+    teacher = _pipeline_config(preset, overrides).teacher
+    if teacher.bundle_uri is not None:
+        return f"teacher (the bundle at {teacher.bundle_uri})"
+    if teacher.release:
+        return f"teacher (the shipped release {teacher.release}, checksums verified)"
+    return "teacher bootstrap (trained once, then reused)"
+
+
+def _pipeline_config(preset: str, overrides: list[str]) -> Any:
+    """The pipeline config of `preset` with `overrides`; a bad one ends the command with its message."""
     from flows.pipeline_config import PipelineConfigError, build_config
 
     try:
-        return build_config(preset, overrides).promotion
+        return build_config(preset, overrides)
     except PipelineConfigError as exc:
         _fail(str(exc))
+
+
+def _gates(preset: str, overrides: list[str]):
+    return _pipeline_config(preset, overrides).promotion
 
 
 def promote(model: str = typer.Option(..., "--model", "-m", help="models:/NAME/VERSION or models:/NAME@ALIAS"),

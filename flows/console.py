@@ -33,6 +33,11 @@ NOISY_LOGGERS: dict[str, tuple[str, ...]] = {
     "mlflow.store.db.utils": (r".",),
     "mlflow.tracking.fluent": (r"System metrics", r"Autologging"),
     "alembic": (r".",),
+    # Prefect's bookkeeping of every task and subflow that completed (~150 lines in the demo; the stage lines,
+    # progress and results stay, and any other state, a failure or a retry, still reaches the console)
+    "prefect.task_runs": (r"Finished in state (Completed\(\)|Cached\(type=COMPLETED\))$",),
+    "prefect.flow_runs": (r"Beginning subflow run", r"Finished in state Completed\(\)$"),
+    "prefect": (r"^See https://www\.prefect\.io/docs",),
     "coremltools": (r"not been tested", r"untested", r"libcoremlpython", r"_MLModelProxy", r"int64", r"int32",
                     r"fp64 dtype", r"scikit-learn", r"Tensorflow", r"TensorFlow", r"Tuple detected at graph output"),
 }
@@ -63,6 +68,16 @@ QUIET_ENV = {
 _state: dict[str, Any] = {"verbosity": "normal", "handler": None, "showwarning": None}
 
 
+class _FileFormatter(logging.Formatter):
+    """The log file's lines; a Prefect run's record keeps the run it belongs to ("Task run 'name' - ...",
+    as Prefect's console prints it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        task, flow = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.run_prefix = f"Task run '{task}' - " if task else f"Flow run '{flow}' - " if flow else ""
+        return super().format(record)
+
+
 class _LazyFileHandler(logging.FileHandler):
     """A file handler that opens `<home>/logs/console.log` at the first record (the home may change
     until settings are read; nothing is created for `--help`)."""
@@ -72,7 +87,7 @@ class _LazyFileHandler(logging.FileHandler):
         self.baseFilename = ""
         self.mode, self.encoding, self.errors, self.delay = "a", "utf-8", None, True
         self.stream = None
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(_FileFormatter("%(asctime)s %(levelname)s %(name)s: %(run_prefix)s%(message)s"))
 
     def _open(self) -> Any:
         path = log_path()
