@@ -148,6 +148,7 @@ def test_run_dry_run_prints_every_stage_config_resolved_and_runs_nothing(tmp_pat
     assert stages["pretrain"]["kd"]["combine"] == "scaled" and stages["pretrain"]["weight_decay"] == 0.0  # defaults
     assert stages["distill"]["lr_g"] == 0.0003 and stages["cache"]["targets_per_sample"] == 0
     assert stages["teacher"]["release"] == "toy-teacher/v2" and stages["student"]["unet"]["channels"] == [32, 64, 64]
+    assert stages["student"]["sampler"]["guidance"] == 1.0  # the CPU student samples best without CFG
     assert not (tmp_path / "home").exists()  # nothing ran, nothing was written
     bad = CliRunner().invoke(app, ["run", "--preset", "toy", "--set", "pretrain.train.stepz=7", "--dry-run"])
     assert bad.exit_code != 0 and "pretrain.train" in bad.output and "stepz" in bad.output
