@@ -149,9 +149,15 @@ def eval_seed(args: argparse.Namespace, seed: int | None) -> int:
     return args.eval_seed + (0 if seed is None else 1000 * (1 + args.seed_list.index(seed)))
 
 
-def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
+def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int, preset: str = "toy") -> list[str]:
     """The pipeline run of one student: the shared overrides, what differs (KD combine, seed), then the
-    user's `--set` (last: they win). Promotion is off and the registry is the evidence's own."""
+    user's `--set` (last: they win). Promotion is off and the registry is the evidence's own. The students
+    keep their model preset's own sampling guidance, as the evidence recorded it (the `toy` pipeline samples
+    its demo student at guidance 1 since 2026-12-07; the evidence sweeps guidance itself)."""
+    from flows.pipeline_config import PRESETS
+
+    student = list(PRESETS[preset]().pretrain.overrides)
+    kept = [o for o in student if not o.replace(" ", "").startswith("sampler.guidance=")]
     options = {"images_per_prompt": args.images, "max_prompts_per_task": args.max_prompts_per_task,
                "base_seed": eval_seed(args, seed), "reference_rows": True}
     models = (["teacher"] if seed == args.seed_list[0] else []) + ["pretrained"] + \
@@ -159,7 +165,8 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int) -> lis
     out = ["evaluate.benchmarks=[\"geneval\"]", *[f"evaluate.options.{k}={json.dumps(v)}" for k, v in options.items()],
            f"evaluate.models={json.dumps(models)}", "export.enabled=false", "promotion.enabled=false",
            "promotion.pyfunc=false", "promotion.model_name=snapgen-evidence",
-           f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}"]
+           f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}",
+           *([f"pretrain.overrides={json.dumps(kept)}"] if kept != student else [])]
     if args.pretrain_steps:
         out.append(f"pretrain.train.steps={args.pretrain_steps}")
     if variant == "scaled":
@@ -177,6 +184,8 @@ def pipeline_key(preset: str, overrides: list[str]) -> str:
     from flows.pipeline_config import build_config, resolved_stage_configs
 
     resolved = resolved_stage_configs(build_config(preset, overrides))
+    for stage in STAGES_ADDED_SINCE_V2:  # resolved configs of stages the evidence does not run
+        resolved.pop(stage, None)
     for stage, neutral in ADDED_SINCE_V2.items():  # left out at their neutral value: older pieces stay valid
         for name, value in neutral.items():
             if resolved.get(stage, {}).get(name, value) == value:
@@ -189,12 +198,15 @@ def pipeline_key(preset: str, overrides: list[str]) -> str:
 # remain valid; any other value is part of the key. Distillation's device placement (one process), and
 # the t of its KD term: "uniform" before 2026-12-07 (the default is now the preset's density), so the
 # batch-32 run continues with `--set distill.train.kd_timesteps=uniform`.
+# Stages whose resolved config joined `snapgen run --dry-run` after ledger v2 (the export config, 2026-12-07);
+# the evidence turns export off, so it is not part of a piece's key.
+STAGES_ADDED_SINCE_V2: tuple[str, ...] = ("export",)
 ADDED_SINCE_V2: dict[str, dict[str, Any]] = {"distill": {"strategy": "auto", "devices": 1, "num_nodes": 1,
                                                          "kd_timesteps": "uniform"}}
 
 
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:
-    overrides = pipeline_overrides(args, variant, seed)
+    overrides = pipeline_overrides(args, variant, seed, preset)
     key, label = pipeline_key(preset, overrides), f"pipeline {variant} seed {seed}"
     done = ledger.get(key, label)
     if done is not None:
@@ -435,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = [(v, s) for s in args.seed_list for v in RUN_ORDER]
     if args.status:
         for v, s in plan:
-            key = pipeline_key(preset, pipeline_overrides(args, v, s))
+            key = pipeline_key(preset, pipeline_overrides(args, v, s, preset))
             print(f"pipeline {v} seed {s}: {'finished' if key in ledger.entries else 'to do'}")
         print(f"{len(ledger.entries)} finished pieces recorded in {ledger.path}")
         return {}
