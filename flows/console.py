@@ -37,7 +37,6 @@ NOISY_LOGGERS: dict[str, tuple[str, ...]] = {
     # progress and results stay, and any other state, a failure or a retry, still reaches the console)
     "prefect.task_runs": (r"Finished in state (Completed\(\)|Cached\(type=COMPLETED\))$",),
     "prefect.flow_runs": (r"Beginning subflow run", r"Finished in state Completed\(\)$"),
-    "prefect": (r"^See https://www\.prefect\.io/docs",),
     "coremltools": (r"not been tested", r"untested", r"libcoremlpython", r"_MLModelProxy", r"int64", r"int32",
                     r"fp64 dtype", r"scikit-learn", r"Tensorflow", r"TensorFlow", r"Tuple detected at graph output"),
 }
