@@ -186,11 +186,23 @@ def pipeline_key(preset: str, overrides: list[str]) -> str:
     resolved = resolved_stage_configs(build_config(preset, overrides))
     for stage in STAGES_ADDED_SINCE_V2:  # resolved configs of stages the evidence does not run
         resolved.pop(stage, None)
+    teacher = resolved.get("teacher") or {}
+    if isinstance(teacher.get("path"), str):  # a shipped release: where this checkout lies is not part of the key
+        teacher["path"] = checkout_relative(teacher["path"])
     for stage, neutral in ADDED_SINCE_V2.items():  # left out at their neutral value: older pieces stay valid
         for name, value in neutral.items():
             if resolved.get(stage, {}).get(name, value) == value:
                 resolved.get(stage, {}).pop(name, None)
     return _key(["pipeline", preset, resolved])
+
+
+def checkout_relative(path: str) -> str:
+    """`path` relative to this checkout when it lies inside it (a release committed under releases/), so a key
+    is the same in every clone (CI clones to another folder); any other path as given."""
+    for candidate, root in ((Path(path), ROOT), (Path(path).resolve(), ROOT.resolve())):
+        if candidate.is_relative_to(root):
+            return candidate.relative_to(root).as_posix()
+    return path
 
 
 # Fields added to a stage's library config after ledger v2 was written, with the value that trains what the

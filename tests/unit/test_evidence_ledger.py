@@ -59,6 +59,7 @@ def test_fields_added_since_v2_stay_out_of_the_key_at_their_neutral_value(eviden
     for name in added:
         resolved["distill"].pop(name)
     resolved.pop("export")  # a stage the evidence does not run, resolved by --dry-run since 2026-12-07
+    resolved["teacher"]["path"] = "releases/toy-teacher/v2"  # the shipped release, relative to the checkout
     assert evidence.pipeline_key("toy", overrides) == evidence._key(["pipeline", "toy", resolved])
     assert evidence.pipeline_key("toy", [*overrides, "distill.train.devices=2"]) != evidence.pipeline_key("toy", overrides)
     # the product's default draw (the preset's density) trains differently: another piece
@@ -76,3 +77,19 @@ def test_the_committed_ledger_holds_every_pipeline_of_the_committed_evidence_com
     missing = [(variant, seed) for variant in ("task_only", "weighted", "scaled") for seed in args.seed_list
                if evidence.pipeline_key("toy", evidence.pipeline_overrides(args, variant, seed)) not in entries]
     assert missing == []
+
+
+def test_a_pipeline_key_is_the_same_in_a_clone_at_another_path(evidence, tmp_path, monkeypatch):
+    """CI clones the project to another folder: the shipped teacher's absolute path must not enter the key (it did,
+    and the committed ledger's six students would be retrained in every clone that is not at /work/main)."""
+    from snapgen_model.training import release
+
+    here = evidence.pipeline_key("toy", ["pretrain.train.seed=0"])
+    clone = tmp_path / "elsewhere"
+    clone.mkdir()
+    (clone / "releases").symlink_to(ROOT / "releases")
+    monkeypatch.setattr(evidence, "ROOT", clone)
+    monkeypatch.setattr(release, "RELEASES_DIR", clone / "releases")
+    assert evidence.checkout_relative(str(clone / "releases" / "toy-teacher" / "v2")) == "releases/toy-teacher/v2"
+    assert evidence.checkout_relative("/somewhere/else/teacher") == "/somewhere/else/teacher"
+    assert evidence.pipeline_key("toy", ["pretrain.train.seed=0"]) == here
