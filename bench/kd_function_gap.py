@@ -17,7 +17,7 @@ Students are read from an evidence ledger (`bench/toy_evidence.py`): every finis
 student, grouped by KD variant, training seeds pooled. The scaled-KD minus task-only difference of KD error
 is paired by scene (same x_t for both), averaged over the training seeds run, with a 95% bootstrap interval
 over scenes; per-seed means are listed beside it, since the interval does not cover training-seed variation.
-Forward passes only: about 2 minutes for six students on 2 CPU cores.
+Forward passes only: a few minutes for six students on 2 CPU cores (6 min beside a training run).
 """
 from __future__ import annotations
 

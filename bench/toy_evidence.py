@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import command_line, device_name, now_utc, replace_section, resolve_device  # noqa: E402
 
-HEADING = "## Toy evidence: teacher, KD ablation, few-step distillation (bench/toy_evidence.py)"
+# one section per ledger, so a longer run (another ledger) reports beside the finished one instead of over it
+HEADING = "## Toy evidence of {ledger}: teacher, KD ablation, few-step distillation (bench/toy_evidence.py)"
 VARIANTS = ("task_only", "weighted", "scaled")
 RUN_ORDER = ("scaled", "task_only", "weighted")  # the paper's student first: the first piece says whether KD learns
 LEDGER_VERSION = 2  # 2: pipeline pieces keyed by every stage's resolved config (1: by the preset's name and overrides)
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines += [f"![teacher above the students, caption under each column]({rel})", "",
                   "Rows: teacher, the three students (first seed), the undistilled and distilled few-step samples at "
                   "their best guidance; columns: two prompts per GenEval task, image 0 of each.", ""]
-    replace_section(Path(args.out), HEADING, "\n".join(lines))
+    replace_section(Path(args.out), HEADING.format(ledger=ledger.path.stem), "\n".join(lines))
     figures = {"preset": preset, "device": device_name(device), "seeds": seeds, "images": args.images,
                "eval_seed": args.eval_seed, "wall_s": wall, "computed": ledger.computed, "reused": ledger.reused,
                "runs": {f"{v}/{s}": r for (v, s), r in runs.items()},

@@ -93,3 +93,10 @@ def test_a_pipeline_key_is_the_same_in_a_clone_at_another_path(evidence, tmp_pat
     assert evidence.checkout_relative(str(clone / "releases" / "toy-teacher" / "v2")) == "releases/toy-teacher/v2"
     assert evidence.checkout_relative("/somewhere/else/teacher") == "/somewhere/else/teacher"
     assert evidence.pipeline_key("toy", ["pretrain.train.seed=0"]) == here
+
+
+def test_each_ledger_reports_in_its_own_section(evidence):
+    """A longer run (another ledger) must not overwrite the finished one's tables in bench/RESULTS.md."""
+    v2, long = evidence.HEADING.format(ledger="ledger-toy-v2"), evidence.HEADING.format(ledger="ledger-toy-long")
+    assert v2 != long and v2.startswith("## ") and long.startswith("## ")
+    assert v2 in (ROOT / "bench" / "RESULTS.md").read_text()  # the committed section is the finished v2 run's
