@@ -94,7 +94,8 @@ def distill_student(cache_dir: str, cache_manifest: dict[str, Any], student_dir:
             result = fit_distill(preset, cfg, data, cache_cfg, state_root,
                                  teacher=teacher, student=unet, conditioner=conditioner, teacher_null=teacher_null,
                                  loggers=[lightning_logger(settings, run.run_id)],
-                                 upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
+                                 upload=_uploader(store, store.join(base, "checkpoints"), cfg.keep_checkpoints),
+                                 resume=resume,
                                  callbacks=[*([preview] if preview else []), training_progress("distill", cfg.steps)])
             module = result.pop("module")
             skipped = result.get("data_skipped", data.skipped)

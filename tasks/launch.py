@@ -40,7 +40,8 @@ def launch_hooks(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("mlflow_run_id"):
         out["loggers"] = [lightning_logger(get_settings(), spec["mlflow_run_id"])]
     if spec.get("checkpoint_uri"):
-        out["upload"] = _uploader(storage(), spec["checkpoint_uri"])
+        out["upload"] = _uploader(storage(), spec["checkpoint_uri"],
+                                  int(spec[spec.get("stage", "pretrain")]["keep_checkpoints"]))
     if spec.get("progress"):
         stage = spec.get("stage", "pretrain")
 

@@ -121,15 +121,50 @@ def upload_with_retry(store: Storage, local: Path, uri: str, delays: tuple[float
             time.sleep(wait)
 
 
-def _uploader(store: Storage, base_uri: str, delays: tuple[float, ...] = UPLOAD_RETRY_DELAYS_S):
+def _uploader(store: Storage, base_uri: str, keep: int, delays: tuple[float, ...] = UPLOAD_RETRY_DELAYS_S):
     """Upload a finished state folder; `state.json` goes last, so a checkpoint in storage without
-    it is an unfinished upload, never a finished checkpoint."""
+    it is an unfinished upload, never a finished checkpoint. Then the stored copies keep the same
+    retention as the local ones (`keep_checkpoints`): `prune_uploaded`."""
     from snapgen_model.training.state import STATE_FILE
 
     def upload(folder: Path) -> None:
         for f in sorted(folder.iterdir(), key=lambda p: (p.name == STATE_FILE, p.name)):
             upload_with_retry(store, f, store.join(base_uri, folder.name, f.name), delays)
+        prune_uploaded(store, base_uri, keep)
     return upload
+
+
+def prune_uploaded(store: Storage, base_uri: str, keep: int) -> list[str]:
+    """Delete the stored checkpoints older than the newest `keep` finished ones (a `step-*` folder with its
+    `state.json`), unfinished uploads among them; returns the folders deleted. A run's storage then holds
+    `keep` full states, not one per `checkpoint_every` steps for ever (a full-size state is ~6 GB). Retention
+    is housekeeping: a failed delete is logged and retried at the next checkpoint, never fails training."""
+    import logging
+
+    from snapgen_model.training.state import STATE_FILE
+
+    prefix = base_uri.rstrip("/") + "/"
+    try:
+        objects = store.list(prefix)
+        folders: dict[str, list[str]] = {}
+        for uri in objects:
+            name = uri[len(prefix):].split("/", 1)[0]
+            if name.startswith("step-"):
+                folders.setdefault(name, []).append(uri)
+        finished = sorted(n for n, uris in folders.items() if any(u.endswith("/" + STATE_FILE) for u in uris))
+        if len(finished) <= keep:
+            return []
+        oldest_kept = finished[-keep]
+        stale = sorted(n for n in folders if n < oldest_kept)
+        for name in stale:
+            # state.json first: a half-deleted folder then reads as an unfinished upload, never as a checkpoint
+            for uri in sorted(folders[name], key=lambda u: not u.endswith("/" + STATE_FILE)):
+                store.delete(uri)
+        return stale
+    except Exception as exc:  # noqa: BLE001 - housekeeping must not stop a training run
+        logging.getLogger(__name__).warning("could not prune old checkpoints under %s (%s): they stay until the next "
+                                            "checkpoint", base_uri, exc)
+        return []
 
 
 def kd_tags(result: dict[str, Any]) -> dict[str, str]:
@@ -192,7 +227,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
             teacher = online_teacher(cfg, teacher_folder(cfg, cache_manifest), cache_manifest.get("feature_layers", [-1]))
             result = fit(student_preset, cfg, data, CacheConfig.from_dict(cache_manifest["config"]),
                          state_root, teacher=teacher, loggers=[lightning_logger(settings, run.run_id)],
-                         upload=_uploader(store, store.join(base, "checkpoints")), resume=resume,
+                         upload=_uploader(store, store.join(base, "checkpoints"), cfg.keep_checkpoints), resume=resume,
                          callbacks=[*([preview] if preview else []), training_progress("pretrain", cfg.steps)])
             module = result.pop("module", None)
             skipped = result.get("data_skipped", {})

@@ -110,7 +110,7 @@ class StepDistillConfig(ConfigBase):
     ema_decay: float = 0.0
     seed: int = 0  # seeds the heads' init and every per-step draw
     checkpoint_every: int = 100  # steps between full-state checkpoints (0 = only at the end)
-    keep_checkpoints: int = 3  # retention
+    keep_checkpoints: int = 3  # retention: the newest full states kept, locally and in storage (uploads)
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"

@@ -77,7 +77,7 @@ class PretrainConfig(ConfigBase):
     label_dropout: float = 0.1  # class-conditional students: probability a label is replaced by the null label (CFG)
     seed: int = 0  # seeds init, batches and every per-step draw
     checkpoint_every: int = 100  # steps between full-state checkpoints (0 = only at the end)
-    keep_checkpoints: int = 3  # retention
+    keep_checkpoints: int = 3  # retention: the newest full states kept, locally and in storage (uploads)
     max_nonfinite: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
     precision: Literal["32-true", "bf16-mixed"] = "32-true"  # bf16 autocast (GPU, and CPU: bench/student_speed.py)
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"  # Lightning strategy

@@ -160,7 +160,7 @@ def test_s3_down_during_checkpoint_upload(s3_env, seaweed_s3, tmp_path, record):
     started = time.monotonic()
     try:
         result = fit(get_preset("toy-smoke"), cfg, data, CacheConfig(targets_per_sample=2), tmp_path / "state",
-                     upload=_uploader(store, base))
+                     upload=_uploader(store, base, cfg.keep_checkpoints))
     finally:
         down = outage.end()
     elapsed = time.monotonic() - started
