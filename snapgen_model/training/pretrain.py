@@ -456,8 +456,10 @@ class PretrainModule(DataFeed, pl.LightningModule):
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """Everything a full-state checkpoint holds: raw modules, their EMA copies ("ema/<name>.*"), the projector."""
-        modules = {"student": self.student, "ema": self.ema_models, "conditioner": self.conditioner,
-                   "projector": self.projector}
+        # the compiled student's own module: its keys without torch.compile's "_orig_mod." prefix, so a state
+        # resumes with or without compile (the state is loaded before the student is compiled)
+        modules = {"student": getattr(self.student, "_orig_mod", self.student), "ema": self.ema_models,
+                   "conditioner": self.conditioner, "projector": self.projector}
         return {k: m for k, m in modules.items() if m is not None}
 
     @property

@@ -90,6 +90,19 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
+COMPILE_PREFIX = "_orig_mod."  # how torch.compile's wrapper names the wrapped module's parameters
+
+
+def _without_compile_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state written from a torch.compile'd module (before 2026-12-07 checkpoints held the wrapper's keys,
+    "_orig_mod.<name>") loaded into the plain module: the prefix dropped. Other states as they are."""
+    if not state or not all(k.startswith(COMPILE_PREFIX) for k in state):
+        return state
+    if any(k.startswith(COMPILE_PREFIX) for k in module.state_dict()):
+        return state  # loading into a compiled module: its own keys carry the prefix too
+    return {k[len(COMPILE_PREFIX):]: v for k, v in state.items()}
+
+
 def _mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -115,6 +128,7 @@ def load_state(folder: str | os.PathLike, *, modules: dict[str, torch.nn.Module]
     for name, mod in modules.items():
         prefix = f"{name}/"
         sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        sub = _without_compile_prefix(sub, mod)
         detail = _mismatch(mod, sub)
         if detail:
             raise CheckpointError(f"{weights_path}: weights of {name!r} do not fit the model being trained ({detail}); "
