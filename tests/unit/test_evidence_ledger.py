@@ -3,21 +3,19 @@ retrains instead of reusing pieces trained under the old settings), and a ledger
 is refused, not overwritten."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.bench import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def evidence():
-    spec = importlib.util.spec_from_file_location("toy_evidence_for_test", ROOT / "bench" / "toy_evidence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("toy_evidence")
 
 
 def test_a_preset_edit_changes_the_key_with_the_same_overrides(evidence, monkeypatch):

@@ -2,7 +2,6 @@
 hand-worked sample, and the ledger reader's errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.bench import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def gap():
-    spec = importlib.util.spec_from_file_location("kd_function_gap_for_test", ROOT / "bench" / "kd_function_gap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("kd_function_gap")
 
 
 def _caption_velocity(offset: float = 0.0, uses_caption: bool = True):
