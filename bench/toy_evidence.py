@@ -3,6 +3,7 @@
     python bench/toy_evidence.py                        # the evidence run (CPU: `toy`, from the shipped teacher)
     python bench/toy_evidence.py --preset toy-smoke     # minutes: checks the script itself
     python bench/toy_evidence.py --status               # what is finished, what is left (computes nothing)
+    python bench/toy_evidence.py --finished-only        # the report so far, from the ledger (computes nothing)
 
 Claims (SNAPGEN_SPEC.md sections 5-6; issue 15):
 1. Multi-level KD with timestep-aware scaling beats task-only training. Three students per seed at equal
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", default=str(ROOT / "bench" / "evidence" / "toy_evidence_grid.png"),
                    help="the sample grid PNG ('' = none)")
     p.add_argument("--status", action="store_true", help="list finished and missing work, compute nothing")
+    p.add_argument("--finished-only", action="store_true",
+                   help="report what the ledger holds so far and compute nothing (a run that spans sessions): "
+                        "every finished model, each comparison on the seeds finished on both sides")
     args = p.parse_args(argv)
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -218,11 +222,12 @@ ADDED_SINCE_V2: dict[str, dict[str, Any]] = {"distill": {"strategy": "auto", "de
                                                          "kd_timesteps": "uniform"}}
 
 
-def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any]:
+def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any] | None:
+    """The student's pipeline run, from the ledger or computed and recorded (--finished-only: None if not finished)."""
     overrides = pipeline_overrides(args, variant, seed, preset)
     key, label = pipeline_key(preset, overrides), f"pipeline {variant} seed {seed}"
     done = ledger.get(key, label)
-    if done is not None:
+    if done is not None or args.finished_only:
         return done
     from flows.pipeline import snapgen_pipeline
 
@@ -259,13 +264,13 @@ def _kd_levels_tag(run_id: str | None) -> str:
 
 
 def evaluate(args: argparse.Namespace, ledger: Ledger, model: str, label: str, *, seed: int | None = None,
-             steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> dict[str, Any]:
+             steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> dict[str, Any] | None:
     """One evaluation (GenEval toy rows + summary) of a model of training seed `seed` (None: the teacher),
-    recorded; the samples folder is the product's."""
+    recorded; the samples folder is the product's. --finished-only: the recorded one, or None."""
     base_seed = eval_seed(args, seed)
     key = _key(["eval", model, steps, guidance, sampler, args.images, base_seed, args.max_prompts_per_task])
     done = ledger.get(key, label)
-    if done is not None:
+    if done is not None or args.finished_only:
         return done
     from flows.evaluate import EvaluateParams, evaluate_flow
     from snapgen_model.evaluation.geneval import read_results
@@ -476,45 +481,76 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     evals: dict[str, Any] = {}
     few = args.few_steps
+    splits: dict[str, str] = {}
+
+    def keep(name: str, record: dict[str, Any] | None) -> None:
+        if record is not None:  # None: --finished-only, and this evaluation is not finished
+            evals[name] = record
+
     for v, s in plan:
-        runs[(v, s)] = run = run_pipeline(args, ledger, preset, v, s)
+        run = run_pipeline(args, ledger, preset, v, s)
+        if run is None:  # --finished-only: this student is not finished
+            continue
+        runs[(v, s)] = run
         if "teacher" not in evals:
-            evals["teacher"] = evaluate(args, ledger, run["teacher"], "teacher", seed=args.seed_list[0])
-            splits = prompt_splits_of(ledger, run["teacher"])
-        evals[f"{v}/{s}/full"] = evaluate(args, ledger, run["pretrained"], f"{v} seed {s}, full steps", seed=s)
+            keep("teacher", evaluate(args, ledger, run["teacher"], "teacher", seed=args.seed_list[0]))
+            if "teacher" in evals:
+                splits = prompt_splits_of(ledger, run["teacher"])
+        keep(f"{v}/{s}/full", evaluate(args, ledger, run["pretrained"], f"{v} seed {s}, full steps", seed=s))
+        for g in args.guidance_list:  # every variant swept: the ablation at each guidance, not only the preset's
+            keep(f"{v}/{s}/full/g{g:g}", evaluate(args, ledger, run["pretrained"],
+                                                  f"{v} seed {s}, full steps, guidance {g:g}", seed=s, guidance=g))
         if v != "scaled":
             continue
         for g in args.guidance_list:
-            evals[f"scaled/{s}/full/g{g:g}"] = evaluate(args, ledger, run["pretrained"],
-                                                        f"scaled seed {s}, full steps, guidance {g:g}", seed=s,
-                                                        guidance=g)
-            evals[f"scaled/{s}/undistilled{few}/g{g:g}"] = evaluate(
+            keep(f"scaled/{s}/undistilled{few}/g{g:g}", evaluate(
                 args, ledger, run["pretrained"], f"scaled seed {s}, undistilled {few}-step few_step, guidance {g:g}",
-                seed=s, steps=few, guidance=g, sampler="few_step")
+                seed=s, steps=few, guidance=g, sampler="few_step"))
             if run.get("distilled"):
-                evals[f"scaled/{s}/distilled/g{g:g}"] = evaluate(
+                keep(f"scaled/{s}/distilled/g{g:g}", evaluate(
                     args, ledger, run["distilled"], f"scaled seed {s}, distilled {few}-step, guidance {g:g}",
-                    seed=s, steps=few, guidance=g, sampler="few_step")
+                    seed=s, steps=few, guidance=g, sampler="few_step"))
+    if "teacher" not in evals:
+        raise SystemExit(f"{ledger.path}: no finished student to report yet; run without --finished-only to compute")
 
     seeds = args.seed_list
 
-    def pool(fmt_key: str) -> list[dict[str, Any]]:
-        recs = [evals.get(fmt_key.format(s=s)) for s in seeds]
-        return pooled([r for r in recs if r], args.images) if all(recs) else []
+    def finished_seeds(*fmt_keys: str) -> list[int]:
+        """The seeds with every one of these evaluations: all of them in a full run; with --finished-only,
+        those finished so far (a comparison pairs the seeds finished on both sides)."""
+        return [s for s in seeds if all(k.format(s=s) in evals for k in fmt_keys)]
+
+    def pool(fmt_key: str, among: list[int] | None = None) -> list[dict[str, Any]]:
+        among = finished_seeds(fmt_key) if among is None else among
+        return pooled([evals[fmt_key.format(s=s)] for s in among], args.images) if among else []
 
     def per_seed(fmt_key: str) -> list[float]:
         return [evals[fmt_key.format(s=s)]["overall"] for s in seeds if fmt_key.format(s=s) in evals]
+
+    def paired(key_a: str, key_b: str, part: str | None = None) -> dict[str, float] | None:
+        """key_a's rows minus key_b's, paired, on the seeds both have (one split of the prompts if `part`)."""
+        among = finished_seeds(key_a, key_b)
+        a, b = pool(key_a, among), pool(key_b, among)
+        if part:
+            a, b = split(a, splits).get(part, []), split(b, splits).get(part, [])
+        return difference(a, b, args)
 
     ablation = {v: pool(f"{v}/{{s}}/full") for v in VARIANTS}
     stats: dict[str, Any] = {"teacher": summarise(evals["teacher"]["rows"], splits, args),
                              "ablation": {v: summarise(r, splits, args) | {"per_seed": per_seed(f"{v}/{{s}}/full")}
                                           for v, r in ablation.items()}}
-    parts = {v: split(r, splits) for v, r in ablation.items()}
-    stats["scaled_minus_task_only"] = {
-        "overall": difference(ablation["scaled"], ablation["task_only"], args),
-        "seen": difference(parts["scaled"].get("seen", []), parts["task_only"].get("seen", []), args),
-        "heldout": difference(parts["scaled"].get("heldout", []), parts["task_only"].get("heldout", []), args)}
-    stats["weighted_minus_task_only"] = {"overall": difference(ablation["weighted"], ablation["task_only"], args)}
+    stats["scaled_minus_task_only"] = {part or "overall": paired("scaled/{s}/full", "task_only/{s}/full", part)
+                                       for part in (None, "seen", "heldout")}
+    stats["weighted_minus_task_only"] = {"overall": paired("weighted/{s}/full", "task_only/{s}/full")}
+    # the same ablation at every guidance of the sweep (Euler, full steps): paired at equal guidance
+    stats["ablation_sweep"] = {f"{g:g}": {v: summarise(pool(f"{v}/{{s}}/full/g{g:g}"), splits, args)
+                                          | {"per_seed": per_seed(f"{v}/{{s}}/full/g{g:g}")} for v in VARIANTS}
+                               for g in args.guidance_list}
+    stats["scaled_minus_task_only_sweep"] = {
+        f"{g:g}": {part or "overall": paired(f"scaled/{{s}}/full/g{g:g}", f"task_only/{{s}}/full/g{g:g}", part)
+                   for part in (None, "seen", "heldout")} for g in args.guidance_list}
+    if args.finished_only:
+        stats["finished_seeds"] = {v: finished_seeds(f"{v}/{{s}}/full") for v in VARIANTS}
     sweep: dict[str, dict[str, Any]] = {}
     for g in args.guidance_list:
         for kind in ("full", f"undistilled{few}", "distilled"):
@@ -536,8 +572,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wins = {k: bool(d[k] and d[k]["lo"] > 0) for k in ("seen", "heldout")}
     verdicts.append(f"scaled KD - task-only: seen {fmt(d['seen'])}, held-out {fmt(d['heldout'])}: "
                     f"{'beats it beyond the CI on both' if all(wins.values()) else 'not shown on ' + ', '.join(k for k, w in wins.items() if not w)}")
+    sweep_d = stats["scaled_minus_task_only_sweep"]
+    verdicts.append("scaled KD - task-only at equal guidance (Euler, full steps): " + "; ".join(
+        f"guidance {g}: overall {fmt(d2['overall'])}, seen {fmt(d2['seen'])}, held-out {fmt(d2['heldout'])}"
+        for g, d2 in sweep_d.items()))
     kd_score = stats["ablation"]["scaled"]["overall"]["value"] if stats["ablation"]["scaled"]["overall"] else 0.0
-    verdicts.append(f"scaled-KD student toy-GenEval {kd_score:.3f} (target >= 0.5): {'met' if kd_score >= 0.5 else 'not met'}")
+    scaled_by_g = {g: row["scaled"]["overall"]["value"] for g, row in stats["ablation_sweep"].items()
+                   if row["scaled"]["overall"]}
+    kd_g, kd_best = max(scaled_by_g.items(), key=lambda kv: kv[1]) if scaled_by_g else ("-", kd_score)
+    kd_best = max(kd_best, kd_score)
+    verdicts.append(f"scaled-KD student toy-GenEval {kd_score:.3f} at its sampler's guidance, {kd_best:.3f} at the best "
+                    f"guidance of the sweep ({kd_g}) (target >= 0.5): {'met' if kd_best >= 0.5 else 'not met'}")
     if b_full and b_dis:
         ratio = b_dis[1]["stats"]["overall"]["value"] / max(1e-9, b_full[1]["stats"]["overall"]["value"])
         stats["distilled_over_full"] = ratio
@@ -546,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if b_dis and b_und:
         g = b_dis[0]
         und_same = sweep[f"undistilled{few}"].get(g)
-        diff = difference(b_dis[1]["rows"], und_same["rows"], args) if und_same else None
+        diff = paired(f"scaled/{{s}}/distilled/g{g}", f"scaled/{{s}}/undistilled{few}/g{g}") if und_same else None
         stats["distilled_minus_undistilled"] = {"guidance": g, "difference": diff}
         verdicts.append(f"distilled - undistilled {few}-step, both few_step at guidance {g}: {fmt(diff)}: "
                         f"{'beats it beyond the CI' if diff and diff['lo'] > 0 else 'not shown'}")
@@ -557,14 +602,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"x {args.images} images, evaluation base seed {args.eval_seed}; this invocation {wall:.0f} s, "
              f"computed {len(ledger.computed)} pieces, reused {len(ledger.reused)}; pieces computed at commits "
              f"{', '.join(sorted({str(e.get('code')) for e in [*runs.values(), *evals.values()]}))}.", "",
+             *([f"**Partial report** (`--finished-only`: the ledger so far, nothing computed): finished students "
+                f"{', '.join(f'{v} seed {s}' for v, s in runs) or 'none'}; still to do "
+                f"{', '.join(f'{v} seed {s}' for v, s in plan if (v, s) not in runs) or 'nothing'}. Each row pools "
+                "the seeds it has; each difference pairs the seeds finished on both sides.", ""]
+               if args.finished_only else []),
              "Brackets: 95% two-level bootstrap intervals (prompts, then images; training seeds pooled as images), "
              f"{args.replicates} replicates. KD levels trained (the runs' `snapgen.kd_levels`): " +
-             ", ".join(f"{v.replace('_', '-')} {runs[(v, seeds[0])]['kd_levels']}" for v in VARIANTS) + ".", "",
+             ", ".join(f"{v.replace('_', '-')} {runs[(v, seeds[0])]['kd_levels']}" for v in VARIANTS
+                       if (v, seeds[0]) in runs) + ".", "",
              "KD ablation at equal steps (same student, data, cache and prompts; only `kd.combine` and the seed differ):",
              "", *table([("teacher", "Euler, its release guidance", stats["teacher"])] +
                         [(f"student, {v.replace('_', '-')}", "Euler, full steps", stats["ablation"][v]) for v in VARIANTS]),
              "", f"Scaled KD minus task-only (paired): overall {fmt(d['overall'])}, seen {fmt(d['seen'])}, held-out "
              f"{fmt(d['heldout'])}. Weighted minus task-only: {fmt(stats['weighted_minus_task_only']['overall'])}.", "",
+             "The same ablation at each guidance of the sweep (Euler, full steps; every student's score depends on "
+             "guidance, so the comparison is made at each one):", "",
+             *table([(f"student, {v.replace('_', '-')}", f"Euler, full steps, guidance {g}", row[v])
+                     for g, row in stats["ablation_sweep"].items() for v in VARIANTS]),
+             "", "Scaled KD minus task-only at equal guidance (paired): " + "; ".join(
+                 f"guidance {g}: overall {fmt(d2['overall'])}, seen {fmt(d2['seen'])}, held-out {fmt(d2['heldout'])}"
+                 for g, d2 in sweep_d.items()) + ".", "",
              f"Few-step distillation of the scaled-KD students, guidance sweep ({few} steps: the `few_step` sampler for "
              "both the distilled and the undistilled student):", ""]
     sweep_rows = []
@@ -576,10 +634,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines += ["", "Verdicts:", "", *[f"- {v}" for v in verdicts], ""]
     if args.grid:
         cols = [("teacher", evals["teacher"])] + [(f"{v.replace('_', '-')} (seed {seeds[0]})", evals[f"{v}/{seeds[0]}/full"])
-                                                  for v in VARIANTS]
-        if b_und:
+                                                  for v in VARIANTS if f"{v}/{seeds[0]}/full" in evals]
+        if b_und and f"scaled/{seeds[0]}/undistilled{few}/g{b_und[0]}" in evals:
             cols.append((f"undistilled {few}-step g{b_und[0]}", evals[f"scaled/{seeds[0]}/undistilled{few}/g{b_und[0]}"]))
-        if b_dis:
+        if b_dis and f"scaled/{seeds[0]}/distilled/g{b_dis[0]}" in evals:
             cols.append((f"distilled {few}-step g{b_dis[0]}", evals[f"scaled/{seeds[0]}/distilled/g{b_dis[0]}"]))
         grid = grid_picture(cols, Path(args.grid), ledger.path.parent)
         rel = os.path.relpath(grid, Path(args.out).parent)

@@ -413,7 +413,10 @@ def start_run(
     try:
         yield handle
     except BaseException as exc:
-        _terminate(handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        from snapgen_model.training.state import TrainingInterrupted
+
+        # a stop (Ctrl-C, or SIGTERM with the training state saved) is KILLED: resumable, not a failure
+        _terminate(handle, "KILLED" if isinstance(exc, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
         raise
     else:
         _terminate(handle, "FINISHED")

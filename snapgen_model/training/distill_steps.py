@@ -565,14 +565,16 @@ def fit_distill(preset: SnapGenConfig, cfg: StepDistillConfig, data, cache_cfg: 
         transformer = getattr(teacher, "transformer", None)
         if cfg.precision == "bf16-mixed" and hasattr(transformer, "set_attn_processor"):
             use_fast_attention(transformer)  # bf16 attention on CPU: the explicit form (nn/attention.py)
+    ckpt = StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload)
     trainer = pl.Trainer(
         max_epochs=1, max_steps=-1, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.lightning_strategy(), precision=cfg.precision,
         logger=loggers or False, enable_checkpointing=False, enable_progress_bar=progress_bar,
-        callbacks=[StateCheckpoint(root, cfg.checkpoint_every, cfg.keep_checkpoints, upload=upload), *callbacks],
+        callbacks=[ckpt, *callbacks],
         enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
     )
     trainer.fit(module)
+    ckpt.raise_if_interrupted("distill", module.current_step(), cfg.steps)  # SIGTERM: stop, do not save a student
     final = latest_state(root)
     return {"step": module.current_step(), "state": str(final) if final else None,
             "resumed_from": str(start_path) if start_path else None, "nonfinite_total": module.nonfinite_total,

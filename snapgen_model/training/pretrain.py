@@ -560,7 +560,8 @@ class PretrainModule(DataFeed, pl.LightningModule):
 def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig, state_root, *,
         teacher=None, loggers=None, upload=None, resume: str = "latest", callbacks=(),
         progress_bar: bool = False) -> dict[str, Any]:
-    """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total"}."""
+    """Train (or resume) to `cfg.steps`; returns {"step", "state", "resumed_from", "nonfinite_total"}.
+    A SIGTERM saves the state and raises `training.state.TrainingInterrupted` (the next call resumes)."""
     from pathlib import Path
 
     from snapgen_model.training.state import StateCheckpoint, latest_state, read_state_meta
@@ -596,6 +597,7 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
     if cfg.compile:
         module.student = torch.compile(module.student)
     trainer.fit(module)
+    ckpt.raise_if_interrupted("pretrain", module.current_step(), cfg.steps)  # SIGTERM: stop, do not save a student
     if cfg.channels_last:  # saved weights in the standard layout (safetensors stores contiguous tensors)
         module.student.to(memory_format=torch.contiguous_format)
     final = latest_state(root)

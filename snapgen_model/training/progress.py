@@ -57,6 +57,10 @@ class ProgressCallback(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = (time.monotonic(), self._step(pl_module))
         self._last, self._images = time.monotonic(), 0
+        if self._start[1] > 0 and trainer.is_global_zero:  # a resumed run says so before its first step line
+            line = f"resuming at step {self._start[1]}/{self.total} from the saved training state"
+            self.lines.append(line)
+            self.report(line)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += _batch_size(batch) * trainer.world_size

@@ -160,8 +160,28 @@ def latest_state(root: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+class TrainingInterrupted(SystemExit):
+    """A run stopped by SIGTERM before its last step, its state saved: the process must stop, not carry on as
+    if training had finished (a pipeline would otherwise save, evaluate and promote a half-trained model).
+
+    A `SystemExit` with the shell's code for SIGTERM (143), so an orchestrator does not retry it in the
+    process that is being stopped (Prefect records a crash) and the process exits as a stopped one does; the
+    next run resumes from the saved state."""
+
+    def __init__(self, stage: str, step: int, total: int, state: Path | None) -> None:
+        super().__init__(143)
+        self.stage, self.step, self.total, self.state = stage, step, total, state
+        self.message = (f"{stage}: stopped by SIGTERM at step {step} of {total}; its state is saved at {state}: "
+                        "run the same command again to resume from it")
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class StateCheckpoint(pl.Callback):
-    """Every `every` steps, on SIGTERM and at the end: write the full state; keep the newest `keep`."""
+    """Every `every` steps, on SIGTERM and at the end: write the full state; keep the newest `keep`.
+    A SIGTERM saves the state and stops the trainer; `raise_if_interrupted` then ends the run with
+    `TrainingInterrupted` (the caller's `fit` calls it after `trainer.fit`)."""
 
     def __init__(self, root: str | os.PathLike, every: int, keep: int = 3,
                  upload: Callable[[Path], None] | None = None, handle_sigterm: bool = True) -> None:
@@ -212,3 +232,14 @@ class StateCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.last_saved_step != pl_module.current_step():  # the same decision on every rank
             self.save(trainer, pl_module)
+
+    def raise_if_interrupted(self, stage: str, step: int, total: int) -> None:
+        """After `trainer.fit`: a SIGTERM that stopped the run before step `total` raises `TrainingInterrupted`
+        (logged as a warning first, naming the saved state); a run that reached `total` returns."""
+        if not self.sigterm or step >= total:
+            return
+        import logging
+
+        error = TrainingInterrupted(stage, step, total, latest_state(self.root))
+        logging.getLogger(__name__).warning("%s", error.message)
+        raise error

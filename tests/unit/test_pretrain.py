@@ -96,7 +96,12 @@ def test_checkpoint_retention(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000006", "step-00000008"]
 
 
-def test_sigterm_writes_a_checkpoint(tmp_path):
+def test_sigterm_writes_a_checkpoint_and_stops_the_run(tmp_path):
+    """A SIGTERM (a stopped container, a cancelled flow run) saves the state and ends the run with
+    TrainingInterrupted: `fit` used to return as if training had finished, and the pipeline saved, evaluated
+    and registered a student trained for a fraction of its steps. The next call resumes and finishes."""
+    from snapgen_model.training.state import TrainingInterrupted
+
     class Term(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if pl_module.current_step() == 2:
@@ -104,10 +109,15 @@ def test_sigterm_writes_a_checkpoint(tmp_path):
 
     old = signal.getsignal(signal.SIGTERM)
     try:
-        result = fit(PRESET, cfg(steps=50, checkpoint_every=0), synthetic_data(), CACHE, tmp_path, callbacks=[Term()])
+        with pytest.raises(TrainingInterrupted, match="pretrain: stopped by SIGTERM at step 3 of 6") as stopped:
+            fit(PRESET, cfg(steps=6, checkpoint_every=0), synthetic_data(), CACHE, tmp_path, callbacks=[Term()])
     finally:
         signal.signal(signal.SIGTERM, old)
-    assert result["step"] == 3 and latest_state(tmp_path).name == "step-00000003"
+    assert stopped.value.code == 143 and isinstance(stopped.value, SystemExit)  # not retried in a stopping process
+    assert latest_state(tmp_path).name == "step-00000003" and stopped.value.state == latest_state(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is old
+    result = fit(PRESET, cfg(steps=6, checkpoint_every=0), synthetic_data(), CACHE, tmp_path)
+    assert result["resumed_from"].endswith("step-00000003") and result["step"] == 6
 
 
 def test_nonfinite_losses_skip_then_stop(tmp_path):

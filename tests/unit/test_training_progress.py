@@ -42,6 +42,25 @@ def test_every_step_reported_with_loss_speed_and_time_left_then_the_end(tmp_path
     assert losses[-1] < losses[0]  # the logged loss, not a constant
 
 
+def test_a_resumed_run_says_where_it_resumes(tmp_path):
+    """A run that continues from a saved state (after a SIGTERM or a kill) names the step it resumes at first."""
+
+    class Resumed(_Line):
+        def current_step(self) -> int:
+            return 5 + self.global_step
+
+    lines: list[str] = []
+    cb = ProgressCallback(lines.append, total_steps=8, every_s=0.0)
+    pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path).fit(Resumed())
+    assert lines[0] == "resuming at step 5/8 from the saved training state"
+    assert lines[1].startswith("step 6/8") and lines[-1].startswith("step 8/8 (100%)")
+    fresh: list[str] = []
+    pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[ProgressCallback(fresh.append, 8, 0.0)], default_root_dir=tmp_path).fit(_Line())
+    assert not any("resuming" in line for line in fresh)
+
+
 def test_lines_are_rate_limited(tmp_path):
     lines: list[str] = []
     cb = ProgressCallback(lines.append, total_steps=8, every_s=3600.0)
