@@ -98,3 +98,36 @@ def test_a_committed_ledger_alone_finishes_the_report_on_a_fresh_machine(evidenc
         for row in range(6):  # teacher, three students, undistilled and distilled few-step
             cell = rgb.crop((label_w, row * (size + 4), label_w + size, row * (size + 4) + size))
             assert cell.getextrema() != ((255, 255), (255, 255), (255, 255)), f"row {row} has no picture"
+
+
+def test_finished_only_reports_the_ledger_so_far_and_computes_nothing(evidence, tmp_path):
+    """A run spread over sessions reports what it has: with the task-only student not finished (its pipeline
+    taken out of a copy of the ledger) and seed 1 not started, `--finished-only` computes nothing, reports the
+    finished students with the same figures as the full report, marks the comparisons it cannot make, and
+    names what is left."""
+    import shutil
+
+    mod, argv, tmp, first = evidence["module"], evidence["argv"], evidence["tmp"], evidence["first"]
+    ledger = tmp_path / "ledger.json"
+    shutil.copytree(tmp / "home" / "evidence" / "pictures", tmp_path / "pictures")
+    entries = json.loads((tmp / "home" / "evidence" / "ledger-toy-smoke.json").read_text())
+    args = mod.parse_args(argv)
+    task_only = mod.pipeline_key("toy-smoke", mod.pipeline_overrides(args, "task_only", 0, "toy-smoke"))
+    del entries["entries"][task_only]
+    ledger.write_text(json.dumps(entries))
+    report = mod.main([*argv, "--seeds", "0,1", "--ledger", str(ledger), "--finished-only",
+                       "--out", str(tmp_path / "RESULTS.md"), "--json", str(tmp_path / "partial.json"),
+                       "--grid", str(tmp_path / "grid.png")])
+    assert report["computed"] == []
+    stats = report["stats"]
+    assert stats["ablation"]["scaled"] == first["stats"]["ablation"]["scaled"]
+    assert stats["ablation"]["task_only"]["overall"] is None and stats["ablation"]["task_only"]["images"] == 0
+    assert stats["scaled_minus_task_only"]["overall"] is None
+    assert stats["weighted_minus_task_only"]["overall"] is None
+    assert stats["finished_seeds"] == {"task_only": [], "weighted": [0], "scaled": [0]}
+    assert stats["sweep"]["distilled"] == first["stats"]["sweep"]["distilled"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "**Partial report**" in text and "still to do task_only seed 0, scaled seed 1" in text
+    assert "scaled KD - task-only at equal guidance" in " ".join(report["verdicts"])
+    assert json.loads(ledger.read_text()) == entries  # the ledger is read, never written
+
