@@ -10,7 +10,8 @@ Claims (SNAPGEN_SPEC.md sections 5-6; issue 15):
    steps, on the same data and teacher cache: task-only (`kd.combine=task_only`), output + feature KD with
    fixed weights (`weighted`) and the same KD with the timestep-aware scaling (`scaled`). Only
    `pretrain.train.kd.combine` and `pretrain.train.seed` differ between runs; every stage before
-   pretraining is shared (same stage keys).
+   pretraining is shared (same stage keys). Each student is scored at its preset's sampler and swept over the
+   guidance scales at full steps, and the variants are compared (paired) at each guidance.
 2. Adversarial step distillation keeps quality at 4 steps. Each scaled-KD student is distilled to 4 steps;
    beside it the undistilled student is sampled at 4 steps with the same sampler (`few_step`) and the same
    guidance, and at its full step count (Euler). Each is swept over guidance 1, 2, 4.
