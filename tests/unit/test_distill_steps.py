@@ -95,22 +95,12 @@ def test_resume_is_bitwise_identical_including_the_discriminator(tmp_path):
 def test_sigterm_saves_the_state_and_stops_the_run(tmp_path):
     """As in pretraining: a SIGTERM saves the state and raises TrainingInterrupted instead of returning a
     few-step student trained for part of its steps; the next call resumes from the saved step."""
-    import os
-    import signal
-
     from snapgen_model.training.state import TrainingInterrupted
+    from tests.fixtures.training import SigtermAt, sigterm_handler_kept
 
-    class Term(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if pl_module.current_step() == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    old = signal.getsignal(signal.SIGTERM)
-    try:
+    with sigterm_handler_kept():
         with pytest.raises(TrainingInterrupted, match="distill: stopped by SIGTERM at step 2 of 4"):
-            run(synthetic_data(), tmp_path / "state", checkpoint_every=0, callbacks=[Term()])
-    finally:
-        signal.signal(signal.SIGTERM, old)
+            run(synthetic_data(), tmp_path / "state", checkpoint_every=0, callbacks=[SigtermAt(1)])
     assert latest_state(tmp_path / "state").name == "step-00000002"
     resumed = run(synthetic_data(), tmp_path / "state", checkpoint_every=0)
     assert resumed["resumed_from"].endswith("step-00000002") and resumed["step"] == 4

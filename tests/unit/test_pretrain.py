@@ -1,7 +1,6 @@
 """Pretraining: losses fall on a fixed batch, cached == online targets, bitwise resume, SIGTERM, NaN."""
 from __future__ import annotations
 
-import os
 import signal
 
 import lightning.pytorch as pl
@@ -101,21 +100,14 @@ def test_sigterm_writes_a_checkpoint_and_stops_the_run(tmp_path):
     TrainingInterrupted: `fit` used to return as if training had finished, and the pipeline saved, evaluated
     and registered a student trained for a fraction of its steps. The next call resumes and finishes."""
     from snapgen_model.training.state import TrainingInterrupted
+    from tests.fixtures.training import SigtermAt, sigterm_handler_kept
 
-    class Term(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if pl_module.current_step() == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    old = signal.getsignal(signal.SIGTERM)
-    try:
+    with sigterm_handler_kept() as old:
         with pytest.raises(TrainingInterrupted, match="pretrain: stopped by SIGTERM at step 3 of 6") as stopped:
-            fit(PRESET, cfg(steps=6, checkpoint_every=0), synthetic_data(), CACHE, tmp_path, callbacks=[Term()])
-    finally:
-        signal.signal(signal.SIGTERM, old)
+            fit(PRESET, cfg(steps=6, checkpoint_every=0), synthetic_data(), CACHE, tmp_path, callbacks=[SigtermAt(2)])
+        assert signal.getsignal(signal.SIGTERM) is old  # the run put the process's handler back
     assert stopped.value.code == 143 and isinstance(stopped.value, SystemExit)  # not retried in a stopping process
     assert latest_state(tmp_path).name == "step-00000003" and stopped.value.state == latest_state(tmp_path)
-    assert signal.getsignal(signal.SIGTERM) is old
     result = fit(PRESET, cfg(steps=6, checkpoint_every=0), synthetic_data(), CACHE, tmp_path)
     assert result["resumed_from"].endswith("step-00000003") and result["step"] == 6
 
