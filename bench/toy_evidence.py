@@ -220,7 +220,8 @@ def checkout_relative(path: str) -> str:
 # the evidence turns export off, so it is not part of a piece's key.
 STAGES_ADDED_SINCE_V2: tuple[str, ...] = ("export",)
 ADDED_SINCE_V2: dict[str, dict[str, Any]] = {"distill": {"strategy": "auto", "devices": 1, "num_nodes": 1,
-                                                         "kd_timesteps": "uniform"}}
+                                                         "kd_timesteps": "uniform"},
+                                             "pretrain": {"init": ""}}  # random init (2026-12-07: pretrain.init)
 
 
 def run_pipeline(args: argparse.Namespace, ledger: Ledger, preset: str, variant: str, seed: int) -> dict[str, Any] | None:

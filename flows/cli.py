@@ -385,6 +385,9 @@ def _register_stage_commands() -> None:
     from flows.cli_release import release_teacher
 
     app.command("release-teacher")(release_teacher)
+    from flows.cli_release_student import release_student
+
+    app.command("release-student")(release_student)
 
 
 _register_stage_commands()

@@ -159,8 +159,8 @@ def _after_failed(message: str) -> str:
 # models and checkpoints
 # --------------------------------------------------------------------------------------------
 def check_model(option: str, value: str, settings: Any) -> None:
-    """A ``--model`` value: a registry ref that exists, or a local checkpoint file/folder whose
-    safetensors files are whole. s3:// models are checked by the flow (it fetches them)."""
+    """A ``--model`` value: a registry ref that exists, a shipped release (release://<name>, verified), or a
+    local checkpoint file/folder whose safetensors files are whole. s3:// models are checked by the flow (it fetches them)."""
     if value.startswith("models:/"):
         from tasks.registry import resolve_model_version
 
@@ -169,6 +169,15 @@ def check_model(option: str, value: str, settings: Any) -> None:
         except (LookupError, ValueError) as exc:
             message = str(exc).replace(f"model ref {value!r}", "").strip(" :")
             raise BadInput(f"{option} {value}: {message}") from None
+        return
+    if value.startswith("release://"):
+        from snapgen_model.distill.teacher import LoadError
+        from snapgen_model.training.release import release_folder
+
+        try:
+            release_folder(value)  # in the index, and every sha256 as recorded
+        except LoadError as exc:
+            raise BadInput(f"{option} {value}: {exc}") from None
         return
     if "://" in value and not value.startswith("file://"):
         return

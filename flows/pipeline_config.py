@@ -417,6 +417,17 @@ def _resolve(cfg: PipelineConfig) -> tuple[dict[str, Any], StageConfigs]:
         builds.append(("teacher", "teacher.bootstrap_*", lambda: {"bootstrap": get_bootstrap_config(
             cfg.teacher.bootstrap_preset, cfg.teacher.bootstrap_overrides).to_dict()}))
 
+    if typed.pretrain.init.startswith("release://"):
+        def _init() -> dict[str, Any]:
+            from snapgen_model.training.release import release_kind
+
+            name = typed.pretrain.init[len("release://"):].strip("/")
+            if release_kind(name) != "student":
+                raise ValueError(f"release {name} holds a {release_kind(name)}, not a student")
+            return {"init": typed.pretrain.init}
+
+        builds.append(("pretrain_init", "pretrain.train init", _init))
+
     def _evaluate_options() -> dict[str, Any]:
         from flows.params import EvaluateParams
 

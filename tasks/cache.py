@@ -32,9 +32,14 @@ CODE_VERSION = "cache-1"
 
 
 def local_folder(uri: str) -> Path:
-    """A local copy of a model folder: file:// as is, s3:// downloaded once under <home>/cache."""
+    """A local copy of a model folder: file:// as is, release://<name> the shipped release's folder (every
+    sha256 verified), s3:// downloaded once under <home>/cache."""
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
+    if uri.startswith("release://"):
+        from snapgen_model.training.release import release_folder
+
+        return release_folder(uri)
     if "://" not in uri:
         return Path(uri)
     store = storage()

@@ -86,7 +86,10 @@ def fetch_stage_caches(cfg: PretrainConfig) -> tuple[dict[str, str], dict[str, d
 
 def run_key(cache_manifest: dict, preset: str, overrides: list[str], cfg: PretrainConfig,
             stage_manifests: dict[str, dict] | None = None) -> str:
-    parts = [cache_manifest["key"], preset, overrides, cfg.to_dict()]
+    config = cfg.to_dict()
+    if not config["init"]:  # random init, as before pretrain.init existed: earlier runs keep their key (and state)
+        del config["init"]
+    parts = [cache_manifest["key"], preset, overrides, config]
     if stage_manifests:  # the caches stages name are inputs too
         parts.append({name: m.get("key") for name, m in sorted(stage_manifests.items())})
     return content_key(parts, 16)
@@ -206,8 +209,11 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
     encoders = [e["name"] for e in cache_manifest["encoders"]]
     tags = lineage_tags(dataset_hash=cache_manifest["dataset_hash"], teacher_id=cache_manifest["bundle_id"],
                         config_hash=key) | {"snapgen.stage": "pretrain", "snapgen.checkpoints": base}
+    if cfg.init:
+        tags["snapgen.init"] = cfg.init
     with start_run(settings, f"pretrain student {preset}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
+        cfg = local_init(cfg, cache_manifest)  # after the key: the run is named by the URI, not the local copy
         student_tmp = tempfile.TemporaryDirectory(prefix="student-")
         saved: dict[str, str] | None = None  # the student's files, saved by the launched rank 0
         if cfg.devices * cfg.num_nodes > 1:
@@ -256,6 +262,30 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                                                         "pretrain", key, run.run_id)
                 run.log_dict(out, "pretrain_result.json")
         return out
+
+
+def local_init(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> PretrainConfig:
+    """`cfg` with `pretrain.init` as a folder the training process can read (an s3:// student downloaded
+    once; release:// and local folders as they are), warning when that student was trained on another
+    teacher than the one this run's cache was made with."""
+    import dataclasses
+
+    from snapgen_model.artifacts.student import CARD
+    from snapgen_model.training.release import is_release_uri, release_folder
+
+    if not cfg.init:
+        return cfg
+    folder = release_folder(cfg.init) if is_release_uri(cfg.init) else local_folder(cfg.init)
+    card_path = Path(folder) / CARD
+    if card_path.is_file():
+        trained_on = json.loads(card_path.read_text()).get("bundle_id")
+        if trained_on and cache_manifest.get("bundle_id") and trained_on != cache_manifest["bundle_id"]:
+            from prefect import get_run_logger
+
+            get_run_logger().warning(
+                f"pretrain.init={cfg.init} was trained on teacher {trained_on}; this run's cache is of teacher "
+                f"{cache_manifest['bundle_id']}: the student starts from another teacher's knowledge")
+    return cfg if is_release_uri(cfg.init) else dataclasses.replace(cfg, init=str(folder))
 
 
 def teacher_folder(cfg: PretrainConfig, cache_manifest: dict[str, Any]) -> str | None:

@@ -85,6 +85,10 @@ class PretrainConfig(ConfigBase):
     num_nodes: int = 1  # nodes
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     compile: bool = False  # torch.compile the student
+    # start from a trained student instead of random weights: a student folder, file://..., or
+    # release://<name> (a shipped one, sha256-verified); its EMA UNet and conditioner become the initial
+    # weights (raw and EMA). A resumed run loads its saved state instead. "" = random init (SnapGen's)
+    init: str = ""
     channels_last: bool = False  # the student's conv weights (and so its activations) in channels_last memory format
     fused_optimizer: bool = False  # AdamW's fused kernel (one pass over all parameters; same update up to rounding)
     log_every: int = 10  # metric logging interval
@@ -196,6 +200,7 @@ class PretrainModule(DataFeed, pl.LightningModule):
         self.projector = FeatureProjector(ch, tdim) if self.use_feat else torch.nn.Identity()
         self.kd_levels, self.kd_levels_note, self.kd_levels_warning = self._kd_levels(ref)
         self._check_cached_density(ref)
+        self.init_folder = init_student(cfg.init, preset, self.student, self.conditioner) if cfg.init and not start_step else None
         # one EMA over every module of the saved student (not the projector: training only); the copies are
         # registered (ema_models) so they follow the module's device and are part of the training state
         self.ema = ModuleEMA(self.student_modules(), ema_decay(cfg))
@@ -607,6 +612,41 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
             "module": module, "data_skipped": module.data_skipped(), "kd_note": module.kd_note,
             "kd_levels": module.kd_levels, "kd_levels_note": module.kd_levels_note,
             "kd_levels_warning": module.kd_levels_warning}
+
+
+def init_student(uri: str, preset: SnapGenConfig, unet: torch.nn.Module, conditioner: torch.nn.Module | None):
+    """Load the EMA weights of the student at `uri` (a local folder, file://..., or release://<name>) into
+    `unet` and `conditioner` (`pretrain.init`); returns the folder. A ValueError names the init and what
+    does not fit: a missing folder, another architecture (the preset fields that differ), other encoders."""
+    from pathlib import Path
+
+    from snapgen_model.artifacts import student as st
+    from snapgen_model.storage.checkpoint import CheckpointError, load_weights, read_preset
+    from snapgen_model.training.release import is_release_uri, release_folder
+
+    where = f"pretrain.init={uri}"
+    folder = release_folder(uri) if is_release_uri(uri) else Path(uri.removeprefix("file://"))
+    if "://" in str(folder):
+        raise ValueError(f"{where}: only a local folder, file:// or release:// can be loaded here (the task layer "
+                         "downloads other storage first)")
+    if not (folder / st.UNET).is_file():
+        raise ValueError(f"{where}: {folder / st.UNET} does not exist (a student folder holds {st.UNET}, "
+                         f"{st.CONDITIONER} and {st.CARD})")
+    saved = read_preset(folder / st.UNET)
+    try:
+        load_weights(unet, folder / st.UNET)
+        if conditioner is not None:
+            if not (folder / st.CONDITIONER).is_file():
+                raise CheckpointError(f"{folder / st.CONDITIONER} does not exist: a class-conditional student cannot "
+                                      "start a text-conditioned run")
+            load_weights(conditioner, folder / st.CONDITIONER)
+    except CheckpointError as exc:
+        differs = ([f"unet.{k}: {v} here, {saved.unet.to_dict()[k]} there" for k, v in preset.unet.to_dict().items()
+                    if saved is not None and saved.unet.to_dict().get(k) != v] if saved is not None else [])
+        raise ValueError(f"{where}: its weights do not fit this run's student "
+                         f"({'; '.join(differs[:4]) or 'same UNet preset: the text encoders differ'}): {exc}") from exc
+    log.info("pretrain: starting from the student at %s (its EMA UNet and conditioner)", uri)
+    return folder
 
 
 def lightning_strategy(cfg: PretrainConfig) -> Any:

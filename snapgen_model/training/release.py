@@ -1,4 +1,4 @@
-"""Shipped toy teachers: versioned release artifacts under `releases/` (plain PyTorch, no services).
+"""Shipped toy models: versioned release artifacts under `releases/` (plain PyTorch, no services).
 
 A release is a toy teacher bundle (`bootstrap_bundle` layout: vae/, transformer/, text_encoder/ with its
 tokenizer, bundle.json) saved in fp16 safetensors, plus `MODEL_CARD.md` (recipe hash, the command that
@@ -7,9 +7,16 @@ rebuilds it, training curves, score tables) and pictures under `card/`. The teac
 loads it from its local folder through the production `from_pretrained` path (fp16 files are upcast to
 float32 on CPU by the adapters).
 
-Integrity: `releases/index.json` names every release with the sha256 of its bundle.json, and
-bundle.json holds the sha256 of every other file. `verify_release` checks both and raises `LoadError`
-naming the first file that does not match (a tampered or truncated release is never loaded).
+A student release (`package_student_release`) is a pretrained student folder (`artifacts.student` layout:
+the EMA UNet with its preset, the EMA conditioner, student.json) in fp16, with its `MODEL_CARD.md`,
+`card/` pictures and `release.json` (the record: checksums, the teacher release it was distilled from,
+scores). A pretraining run starts from one with `pretrain.init=release://toy-student/v1`.
+
+Integrity: `releases/index.json` names every release with the sha256 of its record (bundle.json for a
+teacher, release.json for a student), and the record holds the sha256 of every other file.
+`verify_release` checks both and raises `LoadError` naming the first file that does not match (a
+tampered or truncated release is never loaded). `release://<name>` is how a URI names a release
+(`release_folder` verifies it and returns its folder).
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -30,6 +37,9 @@ INDEX_FILE = "index.json"
 CARD_FILE = "MODEL_CARD.md"
 DEFAULT_RELEASE = "toy-teacher/v2"
 MAX_RELEASE_BYTES = 25 * 1024 * 1024  # issue 14: a shipped toy teacher is at most 25 MB
+STUDENT_RECORD = "release.json"  # a student release's record (a teacher's is its bundle.json)
+STUDENT_FORMAT = "snapgen-student-release/1"
+URI_SCHEME = "release://"
 
 
 def sha256_file(path: Path) -> str:
@@ -40,10 +50,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a bundle folder except bundle.json (relative POSIX paths, sorted)."""
+def _files(folder: Path, record: str = BUNDLE_FILE) -> dict[str, str]:
+    """sha256 of every file of a release folder except its record (relative POSIX paths, sorted)."""
     return {p.relative_to(folder).as_posix(): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != BUNDLE_FILE and not p.name.startswith(".")}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != record and not p.name.startswith(".")}
 
 
 def read_index(releases_dir: Path | None = None) -> dict[str, Any]:
@@ -69,22 +79,48 @@ def verify_release(name: str = DEFAULT_RELEASE, releases_dir: Path | None = None
     releases_dir = Path(releases_dir or RELEASES_DIR)
     folder = release_path(name, releases_dir)
     entry = read_index(releases_dir)["releases"][name]
-    record_path = folder / BUNDLE_FILE
+    record_name = entry.get("record", BUNDLE_FILE)
+    record_path = folder / record_name
     if not record_path.is_file():
         raise LoadError(f"release {name}: {record_path} is missing")
-    if sha256_file(record_path) != entry["bundle_sha256"]:
+    if sha256_file(record_path) != entry.get("record_sha256", entry.get("bundle_sha256")):
         raise LoadError(f"release {name}: {record_path} does not match the sha256 in {releases_dir / INDEX_FILE}")
-    expected = read_bundle_record(folder)["files"]
-    actual = _files(folder)
+    expected = (read_bundle_record(folder) if record_name == BUNDLE_FILE else _student_record(record_path))["files"]
+    actual = _files(folder, record_name)
     for rel, digest in expected.items():
         if rel not in actual:
             raise LoadError(f"release {name}: {folder / rel} is missing")
         if actual[rel] != digest:
-            raise LoadError(f"release {name}: {folder / rel} does not match its sha256 in {BUNDLE_FILE}")
+            raise LoadError(f"release {name}: {folder / rel} does not match its sha256 in {record_name}")
     extra = sorted(set(actual) - set(expected))
     if extra:
-        raise LoadError(f"release {name}: {folder / extra[0]} is not listed in {BUNDLE_FILE}")
+        raise LoadError(f"release {name}: {folder / extra[0]} is not listed in {record_name}")
     return folder
+
+
+def release_kind(name: str, releases_dir: Path | None = None) -> str:
+    """"teacher" or "student": what release `name` holds (`LoadError` if it is not in the index)."""
+    release_path(name, releases_dir)
+    return read_index(releases_dir)["releases"][name].get("kind", "teacher")
+
+
+def is_release_uri(uri: str) -> bool:
+    return str(uri).startswith(URI_SCHEME)
+
+
+def release_folder(uri: str, releases_dir: Path | None = None) -> Path:
+    """The verified folder of `release://<name>` (every sha256 checked; `LoadError` naming the file that
+    does not match, or the known releases when `name` is not one of them)."""
+    if not is_release_uri(uri):
+        raise ValueError(f"{uri!r} is not a release URI ({URI_SCHEME}<name>, e.g. {URI_SCHEME}{DEFAULT_RELEASE})")
+    return verify_release(uri[len(URI_SCHEME):].strip("/"), releases_dir)
+
+
+def _student_record(path: Path) -> dict[str, Any]:
+    record = json.loads(path.read_text())
+    if record.get("format") != STUDENT_FORMAT:
+        raise LoadError(f"{path}: format {record.get('format')!r}, expected {STUDENT_FORMAT!r}")
+    return record
 
 
 def load_release(name: str = DEFAULT_RELEASE, device: str | torch.device = "cpu", releases_dir: Path | None = None):
@@ -126,13 +162,72 @@ def package_release(bundle_folder: str | Path, name: str, *, card: str, card_fil
         raise ValueError(f"release {name}: {size / 2**20:.1f} MB is over the {MAX_RELEASE_BYTES / 2**20:.0f} MB limit")
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
+    _add_to_index(releases_dir, name, {"bundle_sha256": sha256_file(out / BUNDLE_FILE), "config_hash": record["config_hash"],
+                                       "preset": record.get("preset"), "bytes": size,
+                                       "weights_dtype": record["weights_dtype"]})
+    return out
+
+
+def package_student_release(student_folder: str | Path, name: str, *, card: str, teacher: str,
+                            card_files: Mapping[str, Path] | None = None, extra_record: Mapping[str, Any] | None = None,
+                            preset_overrides: Sequence[str] = (), releases_dir: Path | None = None,
+                            dtype: torch.dtype = torch.float16) -> Path:
+    """Write student release `name` from a finished student folder (`artifacts.student` layout): the EMA
+    UNet (its preset in the metadata) and the EMA conditioner re-saved in `dtype`, student.json (the
+    source card, its teacher replaced by `teacher`, the URI of the teacher it was trained from, e.g.
+    release://toy-teacher/v2), `MODEL_CARD.md` (`card`), pictures under card/, then release.json (the
+    record: every file's sha256, `extra_record`) and the index entry. Refuses to overwrite a release and
+    a result over MAX_RELEASE_BYTES."""
+    from snapgen_model.artifacts import student as st
+
+    releases_dir = Path(releases_dir or RELEASES_DIR)
+    out = releases_dir / name
+    if out.exists():
+        raise FileExistsError(f"release {name} already exists at {out}; releases are immutable, pick a new version")
+    source = Path(student_folder)
+    if not st.is_student_folder(source):
+        raise LoadError(f"{source}: not a finished student folder (it needs {st.CARD}, {st.UNET} and {st.CONDITIONER})")
+    source_card = st.read_card(source)
+    preset, unet, conditioner = st.load_student(source)
+    if preset_overrides:
+        changed = preset.with_overrides(list(preset_overrides))
+        if changed.unet != preset.unet:
+            raise ValueError(f"release {name}: preset_overrides {list(preset_overrides)} change the UNet's architecture")
+        preset = changed
+    tmp = releases_dir / f".{name.replace('/', '-')}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    st.save_student(tmp, preset, unet.to(dtype), conditioner.to(dtype))
+    st.write_card(tmp, source_card | {"bundle_uri": teacher, "release": name})
+    for rel, src in (card_files or {}).items():
+        dst = tmp / "card" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    (tmp / CARD_FILE).write_text(card)
+    record = {"format": STUDENT_FORMAT, "kind": "student", "release": name, "preset": preset.name,
+              "config_hash": source_card.get("key"), "teacher": teacher,
+              "weights_dtype": str(dtype).removeprefix("torch.")} | dict(extra_record or {})
+    record["files"] = _files(tmp, STUDENT_RECORD)
+    (tmp / STUDENT_RECORD).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    if size > MAX_RELEASE_BYTES:
+        shutil.rmtree(tmp)
+        raise ValueError(f"release {name}: {size / 2**20:.1f} MB is over the {MAX_RELEASE_BYTES / 2**20:.0f} MB limit")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    _add_to_index(releases_dir, name, {"kind": "student", "record": STUDENT_RECORD,
+                                       "record_sha256": sha256_file(out / STUDENT_RECORD),
+                                       "config_hash": record["config_hash"], "preset": preset.name, "bytes": size,
+                                       "weights_dtype": record["weights_dtype"]})
+    return out
+
+
+def _add_to_index(releases_dir: Path, name: str, entry: Mapping[str, Any]) -> None:
     index = read_index(releases_dir)
-    index["releases"][name] = {"bundle_sha256": sha256_file(out / BUNDLE_FILE), "config_hash": record["config_hash"],
-                               "preset": record.get("preset"), "bytes": size, "weights_dtype": record["weights_dtype"]}
+    index["releases"][name] = dict(entry)
     index_tmp = releases_dir / f".{INDEX_FILE}.tmp"
     index_tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     os.replace(index_tmp, releases_dir / INDEX_FILE)
-    return out
 
 
 def _json_default(obj: Any) -> Any:
