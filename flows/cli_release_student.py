@@ -146,7 +146,8 @@ def release_student(
     summary = {str(g): {k: s.get(k) for k in ("overall", "exact_count", "splits", "tasks")} for g, s in sweep.items()}
     out = rel.package_student_release(folder, name, card=markdown, teacher=teacher, card_files=pictures,
                                       extra_record={"guidance_sweep": summary, "guidance": best, "images_per_prompt": images,
-                                                    "base_seed": seed, "loss_curve": points[-1:] or None},
+                                                    "base_seed": seed,
+                                                    "final_loss": points[-1]["loss"] if points else None},
                                       preset_overrides=[f"sampler.guidance={best}"])
     err.print(f"release {name} written to {out} "
               f"({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 2**20:.1f} MB); "

@@ -22,6 +22,28 @@ CPU_MECHANICS = ("What this CPU run shows: every stage runs, losses fall, tables
                  "toy-gpu` for a GPU run.")
 
 
+def model_label(summary: dict[str, Any], name: str) -> str:
+    """The table's name of an evaluated model; a pretrained student that started from another student
+    (`pretrain.init`, e.g. the shipped release) says so, with the steps this run trained."""
+    label = MODEL_LABELS.get(name, name)
+    pre = summary["results"].get("pretrain") or {}
+    if name == "pretrained" and pre.get("init"):
+        return f"{label} (from {str(pre['init']).removeprefix('release://')}, +{pre.get('step')} steps here)"
+    return label
+
+
+def init_note(summary: dict[str, Any]) -> str:
+    """A sentence on where the pretrained student started, when it did not start from random weights."""
+    pre = summary["results"].get("pretrain") or {}
+    if not pre.get("init"):
+        return ""
+    source = str(pre["init"])
+    shipped = f"the shipped student {source.removeprefix('release://')}" if source.startswith("release://") else source
+    return (f" The KD-pretrained student started from {shipped} (pretrained once, for hours) and this run trained it "
+            f"{pre.get('step')} more steps on its own data; the few-step student was distilled from it here. "
+            "`--set pretrain.train.init=` pretrains from random weights instead.")
+
+
 def cpu_note(summary: dict[str, Any]) -> str | None:
     """The closing note of a toy run on the CPU presets (None for toy-gpu and full scale): what it shows,
     with each model's GenEval against the prompt-blind floor read from this run's own table, never a
@@ -32,12 +54,12 @@ def cpu_note(summary: dict[str, Any]) -> str | None:
     floor = next((_num(_dig(res.get("reference_rows") or {}, "floor", "geneval", "overall"))
                   for res in models.values() if (res.get("reference_rows") or {}).get("floor")), None)
     if floor is None:
-        return CPU_MECHANICS
+        return CPU_MECHANICS + init_note(summary)
     scores = {name: _num(_dig(res.get("benchmarks") or {}, "geneval", "overall")) for name, res in models.items()}
     parts = [f"{MODEL_LABELS.get(n, n)} {v:.3f} ({'above' if v > floor else 'not above'} it)"
              for n, v in scores.items() if v is not None]
     return (f"{CPU_MECHANICS} GenEval against the prompt-blind floor {floor:.3f}: " + ", ".join(parts) + "."
-            if parts else CPU_MECHANICS)
+            + init_note(summary) if parts else CPU_MECHANICS + init_note(summary))
 
 
 def _num(value: Any) -> float | None:
@@ -89,7 +111,7 @@ def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
         bench = res.get("benchmarks") or {}
         g, d, f = bench.get("geneval") or {}, bench.get("dpg") or {}, bench.get("fid") or {}
         steps = ((res.get("generation") or {}).get("sampler") or {}).get("steps")
-        rows.append([MODEL_LABELS.get(name, name), steps, _num(g.get("overall")),
+        rows.append([model_label(summary, name), steps, _num(g.get("overall")),
                      _num((g.get("exact_count") or {}).get("overall")), _split(g, "seen", "train"),
                      _split(g, "heldout", "held-out"), _num(d.get("overall")), _num(f.get("fid"))])
         reference = reference or (res.get("reference_rows") or {})
@@ -226,7 +248,7 @@ def model_cards(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "floor": _num(_dig(floor, *path)) if higher else None,
                     "ceiling": _num(_dig(ceiling, *path)) if higher else None}
                    for label, path, higher in CARD_METRICS]
-        cards.append({"model": MODEL_LABELS.get(name, name),
+        cards.append({"model": model_label(summary, name),
                       "subtitle": f"{steps} sampler steps; floor: prompt-blind, ceiling: "
                                   f"{REFERENCE_LABELS.get(ceiling_name, ceiling_name)[5:]}" if steps else None,
                       "metrics": [m for m in metrics if m["value"] is not None]})
@@ -257,7 +279,7 @@ def gallery(summary: dict[str, Any], per_model: int = 8) -> list[dict[str, Any]]
         items = [{"path": first[p].get("filename"), "prompt": p, "passed": bool(first[p].get("correct")),
                   "reason": first[p].get("reason") or "", "detail": first[p].get("tag")} for p in chosen if p in first]
         if items:
-            out.append({"model": MODEL_LABELS.get(name, name), "items": items,
+            out.append({"model": model_label(summary, name), "items": items,
                         "caption": "first sample per prompt; verdict by the GenEval rules (results.jsonl)"})
     return out
 

@@ -213,6 +213,7 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
         tags["snapgen.init"] = cfg.init
     with start_run(settings, f"pretrain student {preset}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
+        init = cfg.init
         cfg = local_init(cfg, cache_manifest)  # after the key: the run is named by the URI, not the local copy
         student_tmp = tempfile.TemporaryDirectory(prefix="student-")
         saved: dict[str, str] | None = None  # the student's files, saved by the launched rank 0
@@ -249,6 +250,8 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
                "resumed_from": result.get("resumed_from")}
         if result.get("kd_note"):
             out["kd_note"] = result["kd_note"]
+        if init:
+            out["init"] = init  # where the student started (a shipped release, another run's student)
         if result.get("kd_levels"):
             out["kd_levels"] = result["kd_levels"]
         run.log_metrics({f"data/{k}": v for k, v in skipped.items()}, step=0)  # corrupt cache data left out
