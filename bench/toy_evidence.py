@@ -157,10 +157,13 @@ def eval_seed(args: argparse.Namespace, seed: int | None) -> int:
 
 def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int, preset: str = "toy") -> list[str]:
     """The pipeline run of one student: the shared overrides, what differs (KD combine, seed), then the
-    user's `--set` (last: they win). Promotion is off and the registry is the evidence's own. The students
+    user's `--set` (last: they win). On the `toy` preset the students train from random weights with the
+    recipe the toy demo had when the ledgers were written (1,200 x 32 steps unless --pretrain-steps, 60
+    distillation updates unless --distill-steps): the demo now continues the shipped student instead, and a
+    piece's key must not move with it. Promotion is off and the registry is the evidence's own. The students
     keep their model preset's own sampling guidance, as the evidence recorded it (the `toy` pipeline samples
     its demo student at guidance 1 since 2026-12-07; the evidence sweeps guidance itself)."""
-    from flows.pipeline_config import PRESETS
+    from flows.pipeline_config import PRESETS, STUDENT_RECIPE
 
     student = list(PRESETS[preset]().pretrain.overrides)
     kept = [o for o in student if not o.replace(" ", "").startswith("sampler.guidance=")]
@@ -171,6 +174,8 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int, preset
     out = ["evaluate.benchmarks=[\"geneval\"]", *[f"evaluate.options.{k}={json.dumps(v)}" for k, v in options.items()],
            f"evaluate.models={json.dumps(models)}", "export.enabled=false", "promotion.enabled=false",
            "promotion.pyfunc=false", "promotion.model_name=snapgen-evidence",
+           *([f"pretrain.train={json.dumps(['steps=1200', *STUDENT_RECIPE])}", 'distill.train=["steps=60"]']
+             if preset == "toy" else []),
            f"pretrain.train.kd.combine={variant}", f"pretrain.train.seed={seed}",
            *([f"pretrain.overrides={json.dumps(kept)}"] if kept != student else [])]
     if args.pretrain_steps:

@@ -124,7 +124,7 @@ def demo(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
     console.rule(f"[bold]snapgen demo: the `{preset}` pipeline on this machine")
     console.print(settings.render_table())
     console.print(f"stages: {_teacher_stage(preset, list(set_))} -> curate -> cache teacher -> tiny decoder -> "
-                  "KD pretraining -> 4-step adversarial distillation -> GenEval/DPG/FID -> ONNX + Core ML -> "
+                  f"{_student_stage(preset, list(set_))} -> 4-step adversarial distillation -> GenEval/DPG/FID -> ONNX + Core ML -> "
                   "registry + promotion gate")
     summary = _run_pipeline(preset, list(set_), False)
     _print_summary(summary)
@@ -142,6 +142,25 @@ def _teacher_stage(preset: str, overrides: list[str]) -> str:
     if teacher.release:
         return f"teacher (the shipped release {teacher.release}, checksums verified)"
     return "teacher bootstrap (trained once, then reused)"
+
+
+def _student_stage(preset: str, overrides: list[str]) -> str:
+    """How this run pretrains its student, in the words of the stages line."""
+    init = _typed(preset, overrides).pretrain.init
+    if not init:
+        return "KD pretraining"
+    shipped = init.removeprefix("release://")
+    return (f"KD pretraining (continuing the shipped student {shipped})" if init.startswith("release://")
+            else f"KD pretraining (starting from {init})")
+
+
+def _typed(preset: str, overrides: list[str]) -> Any:
+    from flows.pipeline_config import PipelineConfigError, typed_stage_configs
+
+    try:
+        return typed_stage_configs(_pipeline_config(preset, overrides))
+    except PipelineConfigError as exc:
+        _fail(str(exc))
 
 
 def _pipeline_config(preset: str, overrides: list[str]) -> Any:

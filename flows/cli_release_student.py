@@ -76,6 +76,8 @@ def release_student(
     guidances: str = typer.Option("1,2,4", "--guidances", help="comma-separated CFG scales to sweep"),
     images: int = typer.Option(4, "--images", min=1, help="images per prompt"),
     seed: int = typer.Option(1000, "--seed", min=0, help="evaluation base seed"),
+    max_prompts_per_task: int = typer.Option(0, "--max-prompts-per-task", min=0,
+                                             help="prompts per GenEval task (0 = every toy prompt, as a release is scored)"),
     rebuild: str = typer.Option(..., "--rebuild", help="the command that retrains it (written into the card)"),
     note: Path = typer.Option(None, "--note", help="a markdown file appended to the card"),
     dry_run: bool = typer.Option(False, "--dry-run", help="score and write the card into a temp folder only"),
@@ -116,12 +118,14 @@ def release_student(
     with bar():
         for g in scales:
             res = evaluate_flow(EvaluateParams(model=student, benchmarks=["geneval"], guidance=g, images_per_prompt=images,
-                                               base_seed=seed, max_prompts_per_task=0, reference_rows=False))
+                                               base_seed=seed, max_prompts_per_task=max_prompts_per_task,
+                                               reference_rows=False))
             sweep[g], folders[g] = res["benchmarks"]["geneval"], res["folders"]["shapes"]
             err.print(f"guidance {g:g}: toy-GenEval {sweep[g]['overall']:.3f}")
         best = sc.best_guidance(sweep)
         refs = evaluate_flow(EvaluateParams(model=student, benchmarks=["geneval"], guidance=best,
-                                            images_per_prompt=images, base_seed=seed, max_prompts_per_task=0,
+                                            images_per_prompt=images, base_seed=seed,
+                                            max_prompts_per_task=max_prompts_per_task,
                                             reference_rows=True)).get("reference_rows", {})
     work = Path(tempfile.mkdtemp(prefix="snapgen-release-student-"))
     points, params = loss_history(settings, str(card.get("key")))

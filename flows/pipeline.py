@@ -156,7 +156,7 @@ def _pretrain(cfg: PipelineConfig, typed: StageConfigs, cache: dict[str, Any]) -
     result = pretrain_flow(PretrainParams(cache_uri=cache["cache_uri"], preset=cfg.pretrain.preset,
                                           overrides=cfg.pretrain.overrides, pretrain=typed.pretrain))
     return _json_safe({k: result.get(k) for k in ("key", "step", "mlflow_run_id", "checkpoints", "student",
-                                                  "student_uri", "nonfinite_total")})
+                                                  "student_uri", "nonfinite_total", "init") if k != "init" or result.get(k)})
 
 
 def _distill(typed: StageConfigs, teacher: dict[str, Any], cache: dict[str, Any], student: dict[str, Any]) -> dict:

@@ -205,3 +205,27 @@ def test_pipeline_report_renders_in_chromium(first_run):
     assert len(images) >= 4 and all(done and width > 0 for done, width in images), images
     assert len(charts) >= 4 and all(c > 0 for c in charts), charts
     assert "student, few-step" in summary and "ref: prompt-blind floor" in summary
+
+
+def test_a_run_can_start_from_another_runs_student(first_run, pipeline_env):
+    """`pretrain.train.init`: pretraining starts from the first run's student (its URI, as a shipped release
+    is named by release://), the run says so in its results, its table and its MLflow tags, and the data
+    stages are reused."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import snapgen_pipeline
+    from flows.pipeline_report import summary_rows
+
+    student = first_run["results"]["pretrain"]["student_uri"]
+    run = snapgen_pipeline(preset="toy-smoke", overrides=[
+        f"pretrain.train.init={student}", "export.enabled=false", "promotion.enabled=false",
+        "evaluate.models=[\"pretrained\"]", "evaluate.benchmarks=[\"geneval\"]"])
+    status = _status(run)
+    assert all(status[s] == "cached" for s in ("teacher", "curate", "cache_teacher", "train_decoder")), status
+    assert status["pretrain"] == "completed"
+    pre = run["results"]["pretrain"]
+    assert pre["init"] == student and pre["key"] != first_run["results"]["pretrain"]["key"]
+    assert "init" not in first_run["results"]["pretrain"]  # a random-init run records none
+    assert summary_rows(run)[0][0] == f"student, KD-pretrained (from {student}, +{pre['step']} steps here)"
+    tags = MlflowClient(pipeline_env["mlflow"].uri).get_run(pre["mlflow_run_id"]).data.tags
+    assert tags["snapgen.init"] == student

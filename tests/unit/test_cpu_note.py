@@ -24,3 +24,16 @@ def test_no_note_on_gpu_or_full_scale_and_plain_note_without_a_floor():
     assert cpu_note(summary("toy-gpu", "toy", 0.7, 0.6, 0.2)) is None
     assert cpu_note(summary("snapgen-1024", "full", 0.7, 0.6, 0.2)) is None
     assert cpu_note(summary("toy", "toy", 0.3, 0.1, None)) == CPU_MECHANICS
+
+
+def test_a_student_started_from_the_shipped_one_is_named_in_the_note_and_the_table():
+    from flows.pipeline_report import summary_rows
+
+    run = summary("toy", "toy", 0.42, 0.40, 0.21)
+    plain = [row[0] for row in summary_rows(run)]
+    assert plain[:2] == ["teacher (toy SD3)", "student, KD-pretrained"] and "shipped" not in cpu_note(run)
+    run["results"]["pretrain"] = {"init": "release://toy-student/v1", "step": 300}
+    note = cpu_note(run)
+    assert "started from the shipped student toy-student/v1" in note and "300 more steps" in note
+    assert "student, KD-pretrained 0.400 (above it)" in note
+    assert [row[0] for row in summary_rows(run)][1] == "student, KD-pretrained (from toy-student/v1, +300 steps here)"

@@ -166,3 +166,57 @@ def test_run_key_of_a_random_init_run_is_unchanged_by_the_init_field():
     assert run_key(manifest, "toy-smoke", [], config) == content_key([manifest["key"], "toy-smoke", [], legacy], 16)
     assert run_key(manifest, "toy-smoke", [], cfg(init="release://toy-student/v1")) != run_key(
         manifest, "toy-smoke", [], config)
+
+
+def test_release_uris_resolve_wherever_a_model_folder_is_named(releases, monkeypatch):
+    """`local_folder` (evaluation, distillation, pretrain.init) and the CLI's --model check take release://."""
+    from flows.cli_checks import BadInput, check_model
+    from tasks.cache import local_folder
+
+    releases_dir, folder = releases
+    monkeypatch.setattr(rel, "RELEASES_DIR", releases_dir)
+    assert local_folder("release://toy-student/v9") == folder
+    check_model("--model", "release://toy-student/v9", settings=None)
+    with pytest.raises(BadInput, match=r"--model release://toy-student/v3: .*known releases"):
+        check_model("--model", "release://toy-student/v3", settings=None)
+
+
+def test_the_toy_demo_continues_the_shipped_student_and_a_teacher_is_refused_as_init():
+    """The repository's toy-student/v1 verifies (every sha256), and `pretrain.init` must name a student release."""
+    from flows.pipeline_config import PipelineConfigError, build_config, resolved_stage_configs
+
+    resolved = resolved_stage_configs(build_config("toy", []))
+    assert resolved["pretrain"]["init"] == "release://toy-student/v1" and resolved["pretrain_init"]
+    rel.release_folder(resolved["pretrain"]["init"])
+    with pytest.raises(PipelineConfigError, match="toy-teacher/v2 holds a teacher, not a student"):
+        resolved_stage_configs(build_config("toy", ["pretrain.train.init=release://toy-teacher/v2"]))
+    scratch = resolved_stage_configs(build_config("toy", ["pretrain.train.init="]))
+    assert scratch["pretrain"]["init"] == "" and "pretrain_init" not in scratch
+
+
+def test_student_card_pieces(tmp_path):
+    """Best guidance (ties: the lower), the per-task grid from an evaluation folder, the smoothed curve."""
+    import numpy as np
+    from PIL import Image
+
+    from snapgen_model.evaluation.geneval import prompt_folder, sample_path
+    from snapgen_model.training import student_card as sc
+
+    assert sc.best_guidance({1.0: {"overall": 0.3}, 2.0: {"overall": 0.4}, 4.0: {"overall": 0.4}}) == 2.0
+    with pytest.raises(ValueError, match="empty"):
+        sc.best_guidance({})
+    for i, (tag, prompt) in enumerate([("single_object", "a photo of a circle"), ("colors", "a photo of a red square"),
+                                       ("single_object", "a photo of a square")]):
+        prompt_folder(tmp_path, i).mkdir(parents=True)
+        (prompt_folder(tmp_path, i) / "metadata.jsonl").write_text(json.dumps({"tag": tag, "prompt": prompt}))
+        sample_path(tmp_path, i, 0).parent.mkdir()
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(sample_path(tmp_path, i, 0))
+    grid = sc.folder_task_grid(tmp_path, per_task=2, scale=1)
+    rows = np.asarray(grid)
+    assert grid.width < 40 and grid.height > 2 * 8 + 2 * 24  # two task rows of two cells, captions under
+    assert (rows == 80).all(axis=-1).any()  # the third prompt's image (grey level 80) is in the first row
+    with pytest.raises(ValueError, match="no evaluation samples"):
+        sc.folder_task_grid(tmp_path / "empty")
+    points = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(40)]
+    assert sc.loss_curve(points[:1], tmp_path / "none.png") is None
+    assert sc.loss_curve(points, tmp_path / "curve.png").is_file()
