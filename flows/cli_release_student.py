@@ -13,7 +13,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -71,7 +71,7 @@ def training_summary(params: dict[str, Any], parameters: int) -> dict[str, Any]:
 def release_student(
     student: str = typer.Option(..., "--student", help="a finished student folder or URI (file://, s3://)"),
     name: str = typer.Option(..., "--name", help="release name, e.g. toy-student/v1 (immutable)"),
-    teacher: str = typer.Option(None, "--teacher", help="the teacher it was trained from, as a release URI "
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="the teacher it was trained from, as a release URI "
                                 "(default: the shipped teacher whose config hash is the student's bundle_id)"),
     guidances: str = typer.Option("1,2,4", "--guidances", help="comma-separated CFG scales to sweep"),
     images: int = typer.Option(4, "--images", min=1, help="images per prompt"),
@@ -113,6 +113,13 @@ def release_student(
     if not teacher or not rel.is_release_uri(teacher):
         fail(f"--student {student}: its teacher (bundle {card.get('bundle_id')}) is not a shipped release; ship the "
              "teacher first, or name it with --teacher release://<name>")
+        return
+    try:
+        if rel.release_kind(teacher[len(rel.URI_SCHEME):].strip("/")) != "teacher":
+            raise ValueError(f"{teacher} is not a teacher release")
+        rel.release_folder(teacher)
+    except ValueError as exc:  # LoadError included: not in the index, or a file that does not match
+        fail(f"--teacher {teacher}: {exc}")
     sweep: dict[float, dict[str, Any]] = {}
     folders: dict[float, str] = {}
     with bar():
