@@ -149,6 +149,8 @@ def main(argv=None) -> int:
 
     cache_dir, manifest = find_cache(Path(args.home))
     encoders = [e["name"] for e in manifest["encoders"]]
+    from flows.pipeline_config import STUDENT_RECIPE
+
     pipe = build_config("toy", [])
     stage = pipe.pretrain
     data = load_cache_folder(str(cache_dir), encoders)
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     results = {}
     for name in args.variant_list:
         what, extra = VARIANTS[name]
-        cfg = PretrainConfig().with_overrides([*stage.train, f"steps={args.steps}", f"seed={args.seed}",
+        # the student recipe from random weights (the toy demo now continues the shipped student instead)
+        cfg = PretrainConfig().with_overrides([*STUDENT_RECIPE, f"steps={args.steps}", f"seed={args.seed}",
                                                "checkpoint_every=100000", *extra, *args.overrides])
         preset = get_preset(stage.preset)
         teacher = online_teacher(cfg, teacher_folder(cfg, manifest), manifest.get("feature_layers", [-1]))

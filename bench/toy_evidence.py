@@ -162,7 +162,7 @@ def pipeline_overrides(args: argparse.Namespace, variant: str, seed: int, preset
     distillation updates unless --distill-steps): the demo now continues the shipped student instead, and a
     piece's key must not move with it. Promotion is off and the registry is the evidence's own. The students
     keep their model preset's own sampling guidance, as the evidence recorded it (the `toy` pipeline samples
-    its demo student at guidance 1 since 2026-12-07; the evidence sweeps guidance itself)."""
+    its demo student at another guidance; the evidence sweeps guidance itself)."""
     from flows.pipeline_config import PRESETS, STUDENT_RECIPE
 
     student = list(PRESETS[preset]().pretrain.overrides)

@@ -173,8 +173,9 @@ def toy() -> PipelineConfig:
     return PipelineConfig(
         preset="toy",
         # the demo's teacher: the shipped release (releases/toy-teacher/v2, trained once with the toy-release
-        # recipe), verified and registered instead of trained. `--set teacher.release=null` trains one from
-        # scratch instead: the `toy` bootstrap with a budget that fits the demo (step-starved on 2 cores).
+        # recipe), verified and registered instead of trained. `--set teacher.release=null --set pretrain.train.init=`
+        # trains one from scratch instead (and the student from random weights: the shipped student reads the
+        # shipped teacher's text encoder): the `toy` bootstrap with a budget that fits the demo (step-starved on 2 cores).
         teacher=TeacherStage(release="toy-teacher/v2",
                              bootstrap_overrides=["ae_steps=400", "pool_size=4096", "teacher_time_budget_s=200"]),
         curate=CurateStage(scenes=8000),
@@ -432,9 +433,12 @@ def _resolve(cfg: PipelineConfig) -> tuple[dict[str, Any], StageConfigs]:
         builds.append(("teacher", "teacher.bundle_uri", lambda: {"bundle_uri": cfg.teacher.bundle_uri}))
     elif cfg.teacher.release:
         def _release() -> dict[str, Any]:
-            from snapgen_model.training.release import release_path
+            from snapgen_model.training.release import release_kind, release_path
 
-            return {"release": cfg.teacher.release, "path": str(release_path(cast(str, cfg.teacher.release)))}
+            name = cast(str, cfg.teacher.release)
+            if release_kind(name) != "teacher":
+                raise ValueError(f"release {name} holds a {release_kind(name)}, not a teacher")
+            return {"release": name, "path": str(release_path(name))}
 
         builds.append(("teacher", "teacher.release", _release))
     else:
@@ -443,11 +447,19 @@ def _resolve(cfg: PipelineConfig) -> tuple[dict[str, Any], StageConfigs]:
 
     if typed.pretrain.init.startswith("release://"):
         def _init() -> dict[str, Any]:
-            from snapgen_model.training.release import release_kind
+            from snapgen_model.training.release import STUDENT_RECORD, release_kind, release_path
 
             name = typed.pretrain.init[len("release://"):].strip("/")
             if release_kind(name) != "student":
                 raise ValueError(f"release {name} holds a {release_kind(name)}, not a student")
+            # the student's conditioner reads its teacher's text encoder: another teacher's would not fit its weights
+            # in meaning even where it fits in shape
+            trained_on = json.loads((release_path(name) / STUDENT_RECORD).read_text()).get("teacher")
+            ours = f"release://{cfg.teacher.release}" if cfg.teacher.release and cfg.teacher.bundle_uri is None else None
+            if cfg.teacher.bundle_uri is None and trained_on and ours != trained_on:
+                raise ValueError(f"release {name} was trained with the teacher {trained_on}, but this pipeline's teacher "
+                                 f"is {ours or 'bootstrapped (teacher.release=null)'}: set pretrain.train.init= as well "
+                                 "to pretrain from random weights, or start from a student of this teacher")
             return {"init": typed.pretrain.init}
 
         builds.append(("pretrain_init", "pretrain.train init", _init))

@@ -38,8 +38,9 @@ def init_note(summary: dict[str, Any]) -> str:
     if not pre.get("init"):
         return ""
     source = str(pre["init"])
-    shipped = f"the shipped student {source.removeprefix('release://')}" if source.startswith("release://") else source
-    return (f" The KD-pretrained student started from {shipped} (pretrained once, for hours) and this run trained it "
+    shipped = (f"the shipped student {source.removeprefix('release://')} (pretrained once, for hours)"
+               if source.startswith("release://") else source)
+    return (f" The KD-pretrained student started from {shipped} and this run trained it "
             f"{pre.get('step')} more steps on its own data; the few-step student was distilled from it here. "
             "`--set pretrain.train.init=` pretrains from random weights instead.")
 

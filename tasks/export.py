@@ -103,7 +103,12 @@ def resolve_model_ref(ref: str, decoder: str | None = None, text_encoder: str | 
 
     `ref` is a UNet `.safetensors` file or a folder holding `unet.safetensors`; unless given
     explicitly, a sibling `decoder.safetensors` and `text_encoder/` folder are picked up too."""
-    uri = resolve_registry_ref(ref) if ref.startswith(REGISTRY_SCHEME) else as_uri(ref)
+    from snapgen_model.training.release import is_release_uri, release_folder
+
+    if is_release_uri(ref):  # a shipped model: its verified folder
+        uri = as_uri(str(release_folder(ref)))
+    else:
+        uri = resolve_registry_ref(ref) if ref.startswith(REGISTRY_SCHEME) else as_uri(ref)
     store = storage()
     card = None
     if not store.exists(uri):  # a folder: a student (student.json + unet_ema) or a bundle with unet.safetensors
@@ -116,7 +121,9 @@ def resolve_model_ref(ref: str, decoder: str | None = None, text_encoder: str | 
     if card is None and uri.endswith(student_files.UNET) and store.exists(store.join(folder, student_files.CARD)):
         card = store.read_json(store.join(folder, student_files.CARD))
     if card and not text_encoder and card.get("bundle_uri"):  # a student's text encoder is its teacher bundle's
-        bundle_te = store.join(card["bundle_uri"], TEXT_ENCODER_DIR)
+        bundle = card["bundle_uri"]
+        bundle = as_uri(str(release_folder(bundle))) if is_release_uri(bundle) else bundle  # a shipped teacher
+        bundle_te = store.join(bundle, TEXT_ENCODER_DIR)
         text_encoder = bundle_te if _fetch(store, bundle_te) is not None else None
     result: dict[str, str | None] = {"ref": ref, "uri": uri, "unet": str(_required(store, uri, "model checkpoint"))}
     for name, given, sibling in (("decoder", decoder, DECODER_FILE), ("text_encoder", text_encoder, TEXT_ENCODER_DIR)):

@@ -214,7 +214,11 @@ def train_student(cache_dir: str, cache_manifest: dict[str, Any], preset: str, o
     with start_run(settings, f"pretrain student {preset}", tags=tags, system_metrics=True) as run:
         run.log_params({"preset": preset, "overrides": overrides, "pretrain": cfg.to_dict()})
         init = cfg.init
-        cfg = local_init(cfg, cache_manifest)  # after the key: the run is named by the URI, not the local copy
+        from snapgen_model.training.state import latest_state
+
+        if not (latest_state(state_root) if resume == "latest" else resume not in ("none", "")):
+            cfg = local_init(cfg, cache_manifest)  # after the key: the run is named by the URI, not the local copy
+        # (a resumed run loads its own state and never reads the init: it may be gone by then)
         student_tmp = tempfile.TemporaryDirectory(prefix="student-")
         saved: dict[str, str] | None = None  # the student's files, saved by the launched rank 0
         if cfg.devices * cfg.num_nodes > 1:

@@ -617,7 +617,8 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
 def init_student(uri: str, preset: SnapGenConfig, unet: torch.nn.Module, conditioner: torch.nn.Module | None):
     """Load the EMA weights of the student at `uri` (a local folder, file://..., or release://<name>) into
     `unet` and `conditioner` (`pretrain.init`); returns the folder. A ValueError names the init and what
-    does not fit: a missing folder, another architecture (the preset fields that differ), other encoders."""
+    does not fit: a missing folder, another architecture (the preset fields that differ), text encoders of
+    other names or widths (the conditioner's weights do not fit)."""
     from pathlib import Path
 
     from snapgen_model.artifacts import student as st
@@ -625,10 +626,10 @@ def init_student(uri: str, preset: SnapGenConfig, unet: torch.nn.Module, conditi
     from snapgen_model.training.release import is_release_uri, release_folder
 
     where = f"pretrain.init={uri}"
-    folder = release_folder(uri) if is_release_uri(uri) else Path(uri.removeprefix("file://"))
-    if "://" in str(folder):
+    if "://" in uri and not uri.startswith(("file://", "release://")):
         raise ValueError(f"{where}: only a local folder, file:// or release:// can be loaded here (the task layer "
                          "downloads other storage first)")
+    folder = release_folder(uri) if is_release_uri(uri) else Path(uri.removeprefix("file://"))
     if not (folder / st.UNET).is_file():
         raise ValueError(f"{where}: {folder / st.UNET} does not exist (a student folder holds {st.UNET}, "
                          f"{st.CONDITIONER} and {st.CARD})")

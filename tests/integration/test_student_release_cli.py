@@ -78,6 +78,12 @@ def test_release_student_scores_packages_and_loads_through_its_uri(tmp_path, mon
     assert shipped["generation"]["sampler"]["guidance"] == reported["guidance"]
     assert 0.0 <= shipped["benchmarks"]["geneval"]["overall"] <= 1.0
 
+    from tasks.export import resolve_model_ref  # export takes it too: the UNet, and the text encoder of its teacher
+
+    parts = resolve_model_ref.fn("release://toy-student/v7")
+    assert parts["unet"] == str(folder / st.UNET)
+    assert parts["text_encoder"] == str(teacher_release / "toy-teacher" / "v7" / "text_encoder")
+
     again = CliRunner().invoke(app, ["release-student", "--student", str(student), "--name", "toy-student/v7",
                                      "--rebuild", "x"])
     assert again.exit_code == 2 and "already exists" in again.output

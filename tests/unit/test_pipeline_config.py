@@ -87,7 +87,7 @@ def test_a_shipped_teacher_release_is_checked_before_any_stage_and_registered_in
     from snapgen_model.training import release as rel
 
     monkeypatch.setattr(rel, "RELEASES_DIR", tmp_path)  # an empty releases folder, not the repository's
-    cfg = build_config("toy", ["teacher.release=toy-teacher/v99"])
+    cfg = build_config("toy", ["teacher.release=toy-teacher/v99", "pretrain.train.init="])  # the student: random init
     with pytest.raises(PipelineConfigError, match="teacher.release: release 'toy-teacher/v99' is not in"):
         validate_stage_configs(cfg)
     (tmp_path / "index.json").write_text(json.dumps({"releases": {"toy-teacher/v99": {}}}))
@@ -148,7 +148,7 @@ def test_run_dry_run_prints_every_stage_config_resolved_and_runs_nothing(tmp_pat
     assert stages["pretrain"]["kd"]["combine"] == "scaled" and stages["pretrain"]["weight_decay"] == 0.0  # defaults
     assert stages["distill"]["lr_g"] == 0.0003 and stages["cache"]["targets_per_sample"] == 0
     assert stages["teacher"]["release"] == "toy-teacher/v2" and stages["student"]["unet"]["channels"] == [32, 64, 64]
-    assert stages["student"]["sampler"]["guidance"] == 1.0  # the CPU student samples best without CFG
+    assert stages["student"]["sampler"]["guidance"] == 2.0  # the shipped student samples best at guidance 2
     assert not (tmp_path / "home").exists()  # nothing ran, nothing was written
     bad = CliRunner().invoke(app, ["run", "--preset", "toy", "--set", "pretrain.train.stepz=7", "--dry-run"])
     assert bad.exit_code != 0 and "pretrain.train" in bad.output and "stepz" in bad.output

@@ -220,3 +220,15 @@ def test_student_card_pieces(tmp_path):
     points = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(40)]
     assert sc.loss_curve(points[:1], tmp_path / "none.png") is None
     assert sc.loss_curve(points, tmp_path / "curve.png").is_file()
+
+
+def test_the_shipped_student_needs_its_own_teacher_and_a_teacher_release_must_hold_a_teacher():
+    from flows.pipeline_config import PipelineConfigError, build_config, resolved_stage_configs
+
+    for overrides, message in ((["teacher.release=null"], "trained with the teacher release://toy-teacher/v2, but "
+                                                          "this pipeline's teacher is bootstrapped"),
+                               (["teacher.release=toy-teacher/v1"], "this pipeline's teacher is release://toy-teacher/v1"),
+                               (["teacher.release=toy-student/v1"], "toy-student/v1 holds a student, not a teacher")):
+        with pytest.raises(PipelineConfigError, match=message):
+            resolved_stage_configs(build_config("toy", overrides))
+    resolved_stage_configs(build_config("toy", ["teacher.release=null", "pretrain.train.init="]))
