@@ -31,29 +31,6 @@ def teacher_release_of(bundle_id: str | None) -> str | None:
     return None
 
 
-def loss_history(settings: Any, key: str) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """(loss/total points sorted by step, the logged pretraining params) of every MLflow run of pretraining
-    run `key`; ([], {}) when the tracking store has none (another machine, or tracking was off)."""
-    from mlflow import MlflowClient
-
-    from tasks.tracking import configure_mlflow
-
-    client = MlflowClient(tracking_uri=configure_mlflow(settings))
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return [], {}
-    runs = client.search_runs(experiments, filter_string=f"tags.`snapgen.config_hash` = '{key}'")
-    points: dict[int, float] = {}
-    params: dict[str, Any] = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-        if run.data.tags.get("snapgen.stage") != "pretrain":
-            continue
-        params = params or dict(run.data.params)
-        for m in client.get_metric_history(run.info.run_id, "loss/total"):
-            points[int(m.step)] = float(m.value)
-    return [{"step": s, "loss": v} for s, v in sorted(points.items())], params
-
-
 def training_summary(params: dict[str, Any], parameters: int) -> dict[str, Any]:
     """The pretraining config from the run's logged params (`pretrain.steps` ...), nested like PretrainConfig."""
     out: dict[str, Any] = {"parameters": parameters}
@@ -135,7 +112,9 @@ def release_student(
                                             max_prompts_per_task=max_prompts_per_task,
                                             reference_rows=True)).get("reference_rows", {})
     work = Path(tempfile.mkdtemp(prefix="snapgen-release-student-"))
-    points, params = loss_history(settings, str(card.get("key")))
+    from tasks.tracking import stage_metric_history
+
+    points, params = stage_metric_history(settings, str(card.get("key")), "pretrain", "loss/total")
     _, unet, conditioner = st.load_student(folder)
     parameters = sum(p.numel() for m in (unet, conditioner) for p in m.parameters())
     pictures: dict[str, Path] = {}

@@ -505,6 +505,30 @@ def metric_histories(settings: TrackingSettings, run_id: str, prefixes: tuple[st
         return {}
 
 
+def stage_metric_history(settings: TrackingSettings, config_hash: str, stage: str,
+                         key: str) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """(`key` points sorted by step, the logged params) over every run of a stage with this config hash (a
+    resumed run spans several MLflow runs, each logging its own steps); ([], {}) when the store has none
+    (another machine, tracking off) or cannot be reached."""
+    client = MlflowClient(tracking_uri=configure_mlflow(settings))
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=f"tags.`snapgen.config_hash` = '{config_hash}'") \
+            if experiments else []
+        points: dict[int, float] = {}
+        params: dict[str, Any] = {}
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            if run.data.tags.get("snapgen.stage") != stage:
+                continue
+            params = params or dict(run.data.params)
+            for m in client.get_metric_history(run.info.run_id, key):
+                points[int(m.step)] = float(m.value)
+    except Exception as exc:  # noqa: BLE001 - a card without a curve rather than no card
+        warnings.warn(f"{stage} runs of {config_hash}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2)
+        return [], {}
+    return [{"step": s, "loss": v} for s, v in sorted(points.items())], params
+
+
 def latest_artifact(settings: TrackingSettings, run_id: str, folder: str, dst_dir: str | Path) -> Path | None:
     """Download the last file (by name) under artifact `folder` of a run (e.g. the final preview grid);
     None when there is none or MLflow is unreachable."""

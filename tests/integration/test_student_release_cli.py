@@ -53,6 +53,17 @@ def test_release_student_scores_packages_and_loads_through_its_uri(tmp_path, mon
     monkeypatch.setattr(rel, "RELEASES_DIR", teacher_release)  # never the repository's releases/
     teacher_hash = rel.read_index(teacher_release)["releases"]["toy-teacher/v7"]["config_hash"]
     student = _student(tmp_path, teacher_release, teacher_hash)
+    # its pretraining, resumed once: two MLflow runs of one config hash, each with its own steps
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.create_experiment("release-student-test")
+    for first in (0, 10):
+        run = client.create_run(experiment, tags={"snapgen.config_hash": "tiny-0", "snapgen.stage": "pretrain"})
+        client.log_param(run.info.run_id, "pretrain.steps", "20")
+        for step in range(first, first + 10):
+            client.log_metric(run.info.run_id, "loss/total", 1.0 / (step + 1), step=step)
+        client.set_terminated(run.info.run_id)
     app = typer.Typer()
     app.command("release-student")(release_student)
     app.command("noop")(lambda: None)
@@ -66,6 +77,8 @@ def test_release_student_scores_packages_and_loads_through_its_uri(tmp_path, mon
     card = (folder / "MODEL_CARD.md").read_text()
     assert "| 1 |" in card and "| 3 |" in card and "prompt-blind floor" in card and "snapgen run --preset test" in card
     assert (folder / "card" / "samples_per_task.png").is_file()
+    assert (folder / "card" / "loss_curve.png").is_file() and "20 steps x batch" in card  # both runs' history
+    assert json.loads((folder / rel.STUDENT_RECORD).read_text())["final_loss"] == pytest.approx(1.0 / 20)
     record = json.loads((folder / rel.STUDENT_RECORD).read_text())
     assert record["teacher"] == "release://toy-teacher/v7" and set(record["guidance_sweep"]) == {"1.0", "3.0"}
     preset, _, _ = st.load_student(folder)

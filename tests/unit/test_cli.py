@@ -56,7 +56,7 @@ def test_run_bad_override_exits_2_naming_the_field():
 
 def test_run_unknown_preset_lists_choices():
     result = runner.invoke(app, ["run", "--preset", "huge"])
-    assert result.exit_code == 2 and "toy-smoke, toy, toy-gpu, snapgen-1024" in result.output
+    assert result.exit_code == 2 and "toy-smoke, toy, toy-student-release, toy-gpu, snapgen-1024" in result.output
 
 
 @pytest.mark.parametrize("command", [["run"], ["inspect"], ["demo"], ["bootstrap-teacher"]])
