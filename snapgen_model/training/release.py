@@ -138,30 +138,13 @@ def package_release(bundle_folder: str | Path, name: str, *, card: str, card_fil
     from snapgen_model.distill.toy_text import save_text_encoder
 
     releases_dir = Path(releases_dir or RELEASES_DIR)
-    out = releases_dir / name
-    if out.exists():
-        raise FileExistsError(f"release {name} already exists at {out}; releases are immutable, pick a new version")
+    tmp = _new_release(releases_dir, name)
     bundle = load_bundle(bundle_folder)
-    tmp = releases_dir / f".{name.replace('/', '-')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     bundle.vae.vae.to(dtype).save_pretrained(tmp / "vae", safe_serialization=True)
     bundle.teacher.transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
     save_text_encoder(bundle.text.model.to(dtype), bundle.text.tokenizer, tmp / "text_encoder")
-    for rel, src in (card_files or {}).items():
-        dst = tmp / "card" / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-    (tmp / CARD_FILE).write_text(card)
     record = dict(bundle.record) | dict(extra_record or {}) | {"release": name, "weights_dtype": str(dtype).removeprefix("torch.")}
-    record["files"] = _files(tmp)
-    (tmp / BUNDLE_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    if size > MAX_RELEASE_BYTES:
-        shutil.rmtree(tmp)
-        raise ValueError(f"release {name}: {size / 2**20:.1f} MB is over the {MAX_RELEASE_BYTES / 2**20:.0f} MB limit")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    out, size = _publish(tmp, releases_dir, name, BUNDLE_FILE, record, card, card_files)
     _add_to_index(releases_dir, name, {"bundle_sha256": sha256_file(out / BUNDLE_FILE), "config_hash": record["config_hash"],
                                        "preset": record.get("preset"), "bytes": size,
                                        "weights_dtype": record["weights_dtype"]})
@@ -181,10 +164,10 @@ def package_student_release(student_folder: str | Path, name: str, *, card: str,
     from snapgen_model.artifacts import student as st
 
     releases_dir = Path(releases_dir or RELEASES_DIR)
-    out = releases_dir / name
-    if out.exists():
-        raise FileExistsError(f"release {name} already exists at {out}; releases are immutable, pick a new version")
     source = Path(student_folder)
+    if (releases_dir / name).exists():
+        raise FileExistsError(f"release {name} already exists at {releases_dir / name}; releases are immutable, "
+                              "pick a new version")
     if not st.is_student_folder(source):
         raise LoadError(f"{source}: not a finished student folder (it needs {st.CARD}, {st.UNET} and {st.CONDITIONER})")
     source_card = st.read_card(source)
@@ -194,32 +177,50 @@ def package_student_release(student_folder: str | Path, name: str, *, card: str,
         if changed.unet != preset.unet:
             raise ValueError(f"release {name}: preset_overrides {list(preset_overrides)} change the UNet's architecture")
         preset = changed
-    tmp = releases_dir / f".{name.replace('/', '-')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _new_release(releases_dir, name)
     st.save_student(tmp, preset, unet.to(dtype), conditioner.to(dtype))
     st.write_card(tmp, source_card | {"bundle_uri": teacher, "release": name})
-    for rel, src in (card_files or {}).items():
-        dst = tmp / "card" / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-    (tmp / CARD_FILE).write_text(card)
     record = {"format": STUDENT_FORMAT, "kind": "student", "release": name, "preset": preset.name,
               "config_hash": source_card.get("key"), "teacher": teacher,
               "weights_dtype": str(dtype).removeprefix("torch.")} | dict(extra_record or {})
-    record["files"] = _files(tmp, STUDENT_RECORD)
-    (tmp / STUDENT_RECORD).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    if size > MAX_RELEASE_BYTES:
-        shutil.rmtree(tmp)
-        raise ValueError(f"release {name}: {size / 2**20:.1f} MB is over the {MAX_RELEASE_BYTES / 2**20:.0f} MB limit")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    out, size = _publish(tmp, releases_dir, name, STUDENT_RECORD, record, card, card_files)
     _add_to_index(releases_dir, name, {"kind": "student", "record": STUDENT_RECORD,
                                        "record_sha256": sha256_file(out / STUDENT_RECORD),
                                        "config_hash": record["config_hash"], "preset": preset.name, "bytes": size,
                                        "weights_dtype": record["weights_dtype"]})
     return out
+
+
+def _new_release(releases_dir: Path, name: str) -> Path:
+    """The empty staging folder of release `name`; FileExistsError if the release exists (immutable)."""
+    out = releases_dir / name
+    if out.exists():
+        raise FileExistsError(f"release {name} already exists at {out}; releases are immutable, pick a new version")
+    tmp = releases_dir / f".{name.replace('/', '-')}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, releases_dir: Path, name: str, record_name: str, record: dict[str, Any], card: str,
+             card_files: Mapping[str, Path] | None) -> tuple[Path, int]:
+    """Finish a staged release: the card and its pictures, the record (every file's sha256) last, the size
+    limit, then the folder moved into place at once. Returns (folder, bytes)."""
+    for rel, src in (card_files or {}).items():
+        dst = tmp / "card" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    (tmp / CARD_FILE).write_text(card)
+    record["files"] = _files(tmp, record_name)
+    (tmp / record_name).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    if size > MAX_RELEASE_BYTES:
+        shutil.rmtree(tmp)
+        raise ValueError(f"release {name}: {size / 2**20:.1f} MB is over the {MAX_RELEASE_BYTES / 2**20:.0f} MB limit")
+    out = releases_dir / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out, size
 
 
 def _add_to_index(releases_dir: Path, name: str, entry: Mapping[str, Any]) -> None:
