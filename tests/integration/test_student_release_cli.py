@@ -15,16 +15,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def teacher_release(tmp_path_factory):
     """A toy-smoke bootstrap bundle (seconds of training), shipped as toy-teacher/v7 in a test releases dir."""
-    from snapgen_model.artifacts.teacher_bundle import save_bundle
-    from snapgen_model.training import bootstrap as bs
     from snapgen_model.training import release as rel
+    from tests.fixtures.smoke_bundle import build_smoke_bundle
 
-    cfg = bs.get_bootstrap_config("toy-smoke")
-    vae, ae = bs.train_autoencoder(cfg)
-    models, teacher = bs.train_teacher(cfg, None, vae)
     root = tmp_path_factory.mktemp("teacher")
-    save_bundle(root / "bundle", cfg, vae, models.transformer, models.text_model, models.tokenizer,
-                ae.metrics | teacher.metrics, {"autoencoder": ae.curve, "teacher": teacher.curve})
+    build_smoke_bundle(root / "bundle")
     releases = root / "releases"
     rel.package_release(root / "bundle", "toy-teacher/v7", card="# teacher\n", releases_dir=releases)
     return releases

@@ -14,13 +14,9 @@ from snapgen_model.training import release as rel
 
 @pytest.fixture(scope="module")
 def smoke_bundle(tmp_path_factory):
-    cfg = bs.get_bootstrap_config("toy-smoke")
-    vae, ae = bs.train_autoencoder(cfg)
-    models, teacher = bs.train_teacher(cfg, None, vae)
-    folder = tmp_path_factory.mktemp("bundle")
-    bs.save_bundle(folder, cfg, vae, models.transformer, models.text_model, models.tokenizer,
-                   ae.metrics | teacher.metrics, {"autoencoder": ae.curve, "teacher": teacher.curve})
-    return folder
+    from tests.fixtures.smoke_bundle import build_smoke_bundle
+
+    return build_smoke_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture
