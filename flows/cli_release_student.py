@@ -92,25 +92,23 @@ def release_student(
              "teacher first, or name it with --teacher release://<name>")
         return
     try:
-        if rel.release_kind(teacher[len(rel.URI_SCHEME):].strip("/")) != "teacher":
+        if rel.release_kind(rel.release_name(teacher)) != "teacher":
             raise ValueError(f"{teacher} is not a teacher release")
         rel.release_folder(teacher)
     except ValueError as exc:  # LoadError included: not in the index, or a file that does not match
         fail(f"--teacher {teacher}: {exc}")
     sweep: dict[float, dict[str, Any]] = {}
     folders: dict[float, str] = {}
+    refs: dict[str, Any] = {}
     with bar():
-        for g in scales:
+        for g in scales:  # the reference rows (renders, AE, floor) do not depend on the guidance: scored once
             res = evaluate_flow(EvaluateParams(model=student, benchmarks=["geneval"], guidance=g, images_per_prompt=images,
                                                base_seed=seed, max_prompts_per_task=max_prompts_per_task,
-                                               reference_rows=False))
+                                               reference_rows=not refs))
+            refs = refs or res.get("reference_rows", {})
             sweep[g], folders[g] = res["benchmarks"]["geneval"], res["folders"]["shapes"]
             err.print(f"guidance {g:g}: toy-GenEval {sweep[g]['overall']:.3f}")
         best = sc.best_guidance(sweep)
-        refs = evaluate_flow(EvaluateParams(model=student, benchmarks=["geneval"], guidance=best,
-                                            images_per_prompt=images, base_seed=seed,
-                                            max_prompts_per_task=max_prompts_per_task,
-                                            reference_rows=True)).get("reference_rows", {})
     work = Path(tempfile.mkdtemp(prefix="snapgen-release-student-"))
     from tasks.tracking import stage_metric_history
 

@@ -447,9 +447,9 @@ def _resolve(cfg: PipelineConfig) -> tuple[dict[str, Any], StageConfigs]:
 
     if typed.pretrain.init.startswith("release://"):
         def _init() -> dict[str, Any]:
-            from snapgen_model.training.release import STUDENT_RECORD, release_kind, release_path
+            from snapgen_model.training.release import STUDENT_RECORD, release_kind, release_name, release_path
 
-            name = typed.pretrain.init[len("release://"):].strip("/")
+            name = release_name(typed.pretrain.init)
             if release_kind(name) != "student":
                 raise ValueError(f"release {name} holds a {release_kind(name)}, not a student")
             # the student's conditioner reads its teacher's text encoder: another teacher's would not fit its weights

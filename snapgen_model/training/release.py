@@ -111,9 +111,14 @@ def is_release_uri(uri: str) -> bool:
 def release_folder(uri: str, releases_dir: Path | None = None) -> Path:
     """The verified folder of `release://<name>` (every sha256 checked; `LoadError` naming the file that
     does not match, or the known releases when `name` is not one of them)."""
+    return verify_release(release_name(uri), releases_dir)
+
+
+def release_name(uri: str) -> str:
+    """"toy-student/v1" of "release://toy-student/v1"."""
     if not is_release_uri(uri):
         raise ValueError(f"{uri!r} is not a release URI ({URI_SCHEME}<name>, e.g. {URI_SCHEME}{DEFAULT_RELEASE})")
-    return verify_release(uri[len(URI_SCHEME):].strip("/"), releases_dir)
+    return uri[len(URI_SCHEME):].strip("/")
 
 
 def _student_record(path: Path) -> dict[str, Any]:
