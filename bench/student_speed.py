@@ -117,7 +117,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed: int = 0) -> list:
+def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed: int = 0,
+            extra_callbacks: list | None = None) -> list:
     """`fit` under one variant's settings; the Clock callback (stamps and losses per step)."""
     import torch
 
@@ -140,7 +141,7 @@ def run_fit(preset_name: str, settings: dict, steps: int, batch: int, data, seed
     clock = _clock()
     with tempfile.TemporaryDirectory(prefix="student-speed-") as root:
         fit(get_preset(preset_name), cfg, data, CacheConfig(targets_per_sample=K, store_features=True), root,
-            teacher=teacher, callbacks=[clock])
+            teacher=teacher, callbacks=[clock, *(extra_callbacks or [])])
     return clock
 
 
@@ -177,15 +178,52 @@ def tolerance(args: argparse.Namespace) -> dict:
             "passed": {n: g <= allowed for n, g in gaps.items()}, "steps": args.tolerance_steps, "batch": args.batch}
 
 
+PROFILE_PREFIX = "profile::"
+PROFILE_STEPS = 3
+PROFILE_DEFAULT = ("fp32, 2 threads (baseline)", "product, online teacher, batch 128")
+
+
+def profile_variant(args: argparse.Namespace, settings: dict) -> dict:
+    """torch.profiler over PROFILE_STEPS optimiser steps after --warmup: per-operator self CPU time per step."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    batch = settings["batch"] or args.batch
+    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=max(0, args.warmup - 1), warmup=1,
+                                                                        active=PROFILE_STEPS, repeat=1))
+
+    class Step(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            prof.step()
+
+    with prof:
+        run_fit(args.preset, settings, args.warmup + PROFILE_STEPS + 1, batch, make_cache(512), extra_callbacks=[Step()])
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total_us = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(({"op": e.key, "calls_per_step": e.count / PROFILE_STEPS,
+                   "self_ms_per_step": e.self_cpu_time_total / 1000 / PROFILE_STEPS,
+                   "share": e.self_cpu_time_total / total_us} for e in events), key=lambda r: -r["self_ms_per_step"])
+    calls = sum(e.count for e in events if e.key.startswith("aten::")) / PROFILE_STEPS
+    casts = sum(e.count for e in events if e.key in ("aten::_to_copy", "aten::to", "aten::copy_")) / PROFILE_STEPS
+    return {"batch": batch, "threads": settings["threads"], "self_ms_per_step": total_us / 1000 / PROFILE_STEPS,
+            "aten_calls_per_step": calls, "copy_calls_per_step": casts, "top": ops[:15], "torch": torch.__version__}
+
+
 def child(args: argparse.Namespace) -> None:
-    out = tolerance(args) if args.child == "tolerance" else time_variant(args, VARIANTS[args.child])
+    if args.child.startswith(PROFILE_PREFIX):
+        out = profile_variant(args, VARIANTS[args.child[len(PROFILE_PREFIX):]])
+    elif args.child == "tolerance":
+        out = tolerance(args)
+    else:
+        out = time_variant(args, VARIANTS[args.child])
     print("RESULT " + json.dumps(out))
 
 
 def run_child(args: argparse.Namespace, name: str) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--preset", args.preset, "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--tolerance-steps", str(args.tolerance_steps)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(VARIANTS.get(name, BASE)["threads"]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(VARIANTS.get(name.removeprefix(PROFILE_PREFIX), BASE)["threads"]))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -202,33 +240,53 @@ def main() -> None:
     parser.add_argument("--tolerance-steps", type=int, default=600)
     parser.add_argument("--skip-tolerance", action="store_true")
     parser.add_argument("--only", action="append", default=[], help="time only these variants (repeatable)")
+    parser.add_argument("--profile", action="append", default=[],
+                        help=f"profile these variants with torch.profiler (repeatable; default: {', '.join(PROFILE_DEFAULT)})")
+    parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true", help="no step timing (profile and/or tolerance only)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    unknown = [n for n in args.only + args.profile if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; variants: " + "; ".join(VARIANTS))
 
     import torch
 
     from bench.common import command_line, environment_line, markdown_table, now_utc, replace_section
 
-    timings = {}
-    for name in args.only or VARIANTS:
-        timings[name] = t = run_child(args, name)
-        print(f"{name:52s} {t['median_s'] * 1000:7.1f} ms/step  {t['images_per_s']:6.0f} img/s (batch {t['batch']})",
-              flush=True)
-    base = timings.get("fp32, 2 threads (baseline)", next(iter(timings.values())))["images_per_s"]
-    rows = [[name, str(t["threads"]), str(t["batch"]), f"{t['median_s'] * 1000:.1f}", f"{t['images_per_s']:.0f}",
-             f"{t['images_per_s'] / base:.2f}x", f"{t['spread']:.2f}"] for name, t in timings.items()]
-    lines = [f"{now_utc()}; {environment_line(torch.device('cpu'))}; `{command_line()}`", "",
-             f"Preset `{args.preset}`: one pretraining step through `training.pretrain.fit` (Lightning; task + output KD "
-             f"+ feature KD, timestep-aware scaling; AdamW, gradient clip, EMA of UNet + conditioner), median of "
-             f"{args.steps} step intervals after {args.warmup} untimed steps; each variant in its own process; "
-             "speed-up against the fp32 2-thread baseline. Cached variants: each image is two UNet rows (the cached KD "
-             "pair and a fresh task pair in one batched forward, since issue 14), so rows/s is twice images/s. Online "
-             f"variants: the shipped teacher ({TEACHER.relative_to(ROOT)}) runs on each step's own (t, noise), and "
-             "one UNet row per image serves the task and both KD terms (the toy preset's setting).", "",
-             markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up", "spread"], rows), ""]
+    lines = [f"{now_utc()}; {environment_line(torch.device('cpu'))}; `{command_line()}`", ""]
+    if not args.skip_timing:
+        timings = {}
+        for name in args.only or VARIANTS:
+            timings[name] = t = run_child(args, name)
+            print(f"{name:52s} {t['median_s'] * 1000:7.1f} ms/step  {t['images_per_s']:6.0f} img/s (batch {t['batch']})",
+                  flush=True)
+        base = timings.get("fp32, 2 threads (baseline)", next(iter(timings.values())))["images_per_s"]
+        rows = [[name, str(t["threads"]), str(t["batch"]), f"{t['median_s'] * 1000:.1f}", f"{t['images_per_s']:.0f}",
+                 f"{t['images_per_s'] / base:.2f}x", f"{t['spread']:.2f}"] for name, t in timings.items()]
+        lines += [f"Preset `{args.preset}`: one pretraining step through `training.pretrain.fit` (Lightning; task + output "
+                  f"KD + feature KD, timestep-aware scaling; AdamW, gradient clip, EMA of UNet + conditioner), median of "
+                  f"{args.steps} step intervals after {args.warmup} untimed steps; each variant in its own process; "
+                  "speed-up against the fp32 2-thread baseline. Cached variants: each image is two UNet rows (the cached "
+                  "KD pair and a fresh task pair in one batched forward, since issue 14), so rows/s is twice images/s. "
+                  f"Online variants: the shipped teacher ({TEACHER.relative_to(ROOT)}) runs on each step's own (t, noise), "
+                  "and one UNet row per image serves the task and both KD terms (the toy preset's setting).", "",
+                  markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up", "spread"], rows), ""]
+    if not args.skip_profile:
+        for name in args.profile or PROFILE_DEFAULT:
+            prof = run_child(args, PROFILE_PREFIX + name)
+            print(f"profile {name}: {prof['self_ms_per_step']:.0f} ms self CPU per step, "
+                  f"{prof['aten_calls_per_step']:.0f} aten calls per step", flush=True)
+            lines += [f"Profile of `{name}` (torch.profiler, CPU, {PROFILE_STEPS} steps after {args.warmup}, batch "
+                      f"{prof['batch']}): {prof['self_ms_per_step']:.0f} ms of self CPU time per step over "
+                      f"{prof['aten_calls_per_step']:.0f} aten calls ({prof['copy_calls_per_step']:.0f} of them copies "
+                      "and dtype casts). The operators with the most self time:", "",
+                      markdown_table(["operator", "calls per step", "self ms per step", "share"],
+                                     [[f"`{r['op']}`", f"{r['calls_per_step']:.0f}", f"{r['self_ms_per_step']:.1f}",
+                                       f"{r['share']:.1%}"] for r in prof["top"]]), ""]
     if not args.skip_tolerance:
         tol = run_child(args, "tolerance")
         for name, gap in tol["gaps"].items():
