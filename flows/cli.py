@@ -382,9 +382,10 @@ def _register_stage_commands() -> None:
     except ImportError:  # pragma: no cover - the bootstrap stage is optional in a partial install
         return
     app.command("bootstrap-teacher")(bootstrap)
-    from flows.cli_release import release_teacher
+    from flows.cli_release import release_card, release_teacher
 
     app.command("release-teacher")(release_teacher)
+    app.command("release-card")(release_card)
     from flows.cli_release_student import release_student
 
     app.command("release-student")(release_student)

@@ -96,3 +96,28 @@ def release_teacher(
               f"({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 2**20:.1f} MB); "
               f"toy-GenEval {report['headline']['overall']:.3f} at guidance {report['guidance']:g}")
     sys.stdout.write(json.dumps({"release": name, "path": str(out), "headline": report["headline"]}, default=str) + "\n")
+
+
+def release_card(
+    name: str = typer.Argument(..., help="the release whose card is corrected, e.g. toy-student/v1"),
+    card: Path = typer.Option(..., "--card", help="the corrected MODEL_CARD.md"),
+    reason: str = typer.Option(..., "--reason", help="why (kept in the release record)"),
+    releases_dir: Path = typer.Option(None, "--releases-dir", help="the releases folder (default: the project's releases/)"),
+) -> None:
+    """Correct a release's MODEL_CARD.md; its weights, configs and pictures stay byte for byte.
+
+    The card's new sha256 goes into the release record with the reason, the record's into releases/index.json,
+    and the release is verified again. A release that does not verify is refused."""
+    from snapgen_model.distill.teacher import LoadError
+    from snapgen_model.training import release as rel
+
+    if not card.is_file():
+        err.print(f"[bold red]error:[/] --card {card}: no such file")
+        raise typer.Exit(2)
+    try:
+        folder = rel.amend_card(name, card.read_text(), reason, releases_dir)
+    except (LoadError, ValueError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    err.print(f"release {name}: card amended and verified ({folder / rel.CARD_FILE})")
+    sys.stdout.write(json.dumps({"release": name, "card": str(folder / rel.CARD_FILE), "reason": reason}) + "\n")

@@ -196,6 +196,41 @@ def package_student_release(student_folder: str | Path, name: str, *, card: str,
     return out
 
 
+def amend_card(name: str, card: str, reason: str, releases_dir: Path | None = None) -> Path:
+    """Replace the MODEL_CARD.md of an intact release (a correction to its prose; weights, configs and pictures
+    stay byte for byte): the card's sha256 in the record, an entry in the record's `card_amendments` (the
+    reason, and the card's sha256 before and after), the record's sha256 and size in the index, then the release
+    verified again. `LoadError` if the release does not verify before; ValueError for an empty card or reason."""
+    if not card.strip():
+        raise ValueError(f"release {name}: the new card is empty")
+    if not reason.strip():
+        raise ValueError(f"release {name}: say why the card is amended (reason)")
+    releases_dir = Path(releases_dir or RELEASES_DIR)
+    folder = verify_release(name, releases_dir)
+    entry = read_index(releases_dir)["releases"][name]
+    record_name = entry.get("record", BUNDLE_FILE)
+    record_path = folder / record_name
+    record = json.loads(record_path.read_text())
+    before = sha256_file(folder / CARD_FILE)
+    card_tmp = folder / f".{CARD_FILE}.tmp"
+    card_tmp.write_text(card)
+    after = sha256_file(card_tmp)
+    if after == before:
+        card_tmp.unlink()
+        return folder
+    record["files"][CARD_FILE] = after
+    record.setdefault("card_amendments", []).append({"reason": reason.strip(), "card_sha256_before": before,
+                                                     "card_sha256": after})
+    record_tmp = folder / f".{record_name}.tmp"
+    record_tmp.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    os.replace(card_tmp, folder / CARD_FILE)
+    os.replace(record_tmp, record_path)
+    digest_key = "record_sha256" if "record_sha256" in entry else "bundle_sha256"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+    _add_to_index(releases_dir, name, dict(entry) | {digest_key: sha256_file(record_path), "bytes": size})
+    return verify_release(name, releases_dir)
+
+
 def _new_release(releases_dir: Path, name: str) -> Path:
     """The empty staging folder of release `name`; FileExistsError if the release exists (immutable)."""
     out = releases_dir / name

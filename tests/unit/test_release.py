@@ -85,3 +85,60 @@ def test_unknown_release_existing_release_and_size_limit(smoke_bundle, released,
     with pytest.raises(ValueError, match="over the"):
         rel.package_release(smoke_bundle, "toy-teacher/v10", card="", releases_dir=releases_dir)
     assert not (releases_dir / "toy-teacher" / "v10").exists()
+
+
+def _files_except_card(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("MODEL_CARD.md", "bundle.json")}
+
+
+def test_amend_card_changes_the_card_only_and_keeps_the_release_verified(released):
+    releases_dir, folder = released
+    before = _files_except_card(folder)
+    old_sha = rel.sha256_file(folder / "MODEL_CARD.md")
+    old_index = rel.read_index(releases_dir)["releases"]["toy-teacher/v9"]
+    assert rel.amend_card("toy-teacher/v9", "# card\n\nsuperseded by v10\n", "superseded banner", releases_dir) == folder
+    assert (folder / "MODEL_CARD.md").read_text().endswith("superseded by v10\n")
+    assert _files_except_card(folder) == before  # weights, configs, pictures byte for byte
+    record = json.loads((folder / "bundle.json").read_text())
+    assert record["files"]["MODEL_CARD.md"] == rel.sha256_file(folder / "MODEL_CARD.md") != old_sha
+    assert record["card_amendments"] == [{"reason": "superseded banner", "card_sha256_before": old_sha,
+                                          "card_sha256": record["files"]["MODEL_CARD.md"]}]
+    entry = rel.read_index(releases_dir)["releases"]["toy-teacher/v9"]
+    assert entry["bundle_sha256"] == rel.sha256_file(folder / "bundle.json") != old_index["bundle_sha256"]
+    assert "record_sha256" not in entry and entry["config_hash"] == old_index["config_hash"]
+    rel.load_release("toy-teacher/v9", releases_dir=releases_dir)  # still loads through the verified path
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_amend_card_refuses_a_tampered_release_an_empty_card_and_no_reason(released):
+    releases_dir, folder = released
+    with pytest.raises(ValueError, match="reason"):
+        rel.amend_card("toy-teacher/v9", "# new\n", " ", releases_dir)
+    with pytest.raises(ValueError, match="card is empty"):
+        rel.amend_card("toy-teacher/v9", "\n", "fix", releases_dir)
+    (folder / "MODEL_CARD.md").write_text("# edited by hand\n")  # a hand edit is not an amendment
+    with pytest.raises(LoadError, match="MODEL_CARD.md does not match"):
+        rel.amend_card("toy-teacher/v9", "# new\n", "fix", releases_dir)
+
+
+def test_release_card_command_amends_and_names_bad_input(released, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    releases_dir, folder = released
+    card = tmp_path / "card.md"
+    card.write_text("# card\n\ncorrected\n")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["release-card", "toy-teacher/v9", "--card", str(card), "--reason", "typo",
+                             "--releases-dir", str(releases_dir)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["reason"] == "typo"
+    assert (folder / "MODEL_CARD.md").read_text() == card.read_text()
+    missing = runner.invoke(app, ["release-card", "toy-teacher/v9", "--card", str(tmp_path / "nope.md"), "--reason", "x",
+                                  "--releases-dir", str(releases_dir)])
+    assert missing.exit_code == 2 and "nope.md: no such file" in missing.output
+    unknown = runner.invoke(app, ["release-card", "toy-teacher/v8", "--card", str(card), "--reason", "x",
+                                  "--releases-dir", str(releases_dir)])
+    assert unknown.exit_code == 2 and "known releases" in unknown.output

@@ -232,3 +232,16 @@ def test_the_shipped_student_needs_its_own_teacher_and_a_teacher_release_must_ho
         with pytest.raises(PipelineConfigError, match=message):
             resolved_stage_configs(build_config("toy", overrides))
     resolved_stage_configs(build_config("toy", ["teacher.release=null", "pretrain.train.init="]))
+
+
+def test_amend_card_of_a_student_release_updates_release_json_and_its_index_sha(releases):
+    releases_dir, folder = releases
+    weights = (folder / st.UNET).read_bytes()
+    old = rel.read_index(releases_dir)["releases"]["toy-student/v9"]["record_sha256"]
+    rel.amend_card("toy-student/v9", "# student card\n\nrebuild: two lines\n", "runnable rebuild lines", releases_dir)
+    record = json.loads((folder / rel.STUDENT_RECORD).read_text())
+    assert record["card_amendments"][-1]["reason"] == "runnable rebuild lines"
+    assert rel.read_index(releases_dir)["releases"]["toy-student/v9"]["record_sha256"] == \
+        rel.sha256_file(folder / rel.STUDENT_RECORD) != old
+    assert (folder / st.UNET).read_bytes() == weights
+    assert rel.release_folder("release://toy-student/v9", releases_dir) == folder
