@@ -20,7 +20,8 @@ from flows.cli_checks import preset_option
 
 console = Console() if sys.stdout.isatty() else Console(width=120)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
-PIPELINE_PRESET_HELP = ("pipeline preset: toy-smoke (tests, about a minute), toy (the CPU demo), toy-gpu (one GPU), "
+PIPELINE_PRESET_HELP = ("pipeline preset: toy-smoke (tests, under a minute), toy (the CPU demo), toy-student-release "
+                        "(the shipped student's recipe, about 80 min of pretraining on 2 cores), toy-gpu (one GPU), "
                         "snapgen-1024 (the paper's configuration, GPU nodes)")
 
 
@@ -104,11 +105,18 @@ def run(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),
     _prepare()
     summary = _run_pipeline(preset, list(set_), force)
     if as_json:
-        sys.stdout.write(json.dumps({k: summary[k] for k in ("preset", "stages", "aliases", "mlflow_run_id",
-                                                             "seconds", "summary_uri")} | {"report": summary["report"]["html"]},
-                                    indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(run_json(summary), indent=2, default=str) + "\n")
         return
     _print_summary(summary)
+
+
+def run_json(summary: dict[str, Any]) -> dict[str, Any]:
+    """What `snapgen run --json` prints: the stage rows, aliases, MLflow run, report, and the URIs of the students
+    the run trained (`students.pretrain`, `students.distill_steps`: what `release-student` or `eval` takes next)."""
+    results = summary.get("results") or {}
+    students = {stage: (results.get(stage) or {}).get("student_uri") for stage in ("pretrain", "distill_steps")}
+    return ({k: summary[k] for k in ("preset", "stages", "aliases", "mlflow_run_id", "seconds", "summary_uri")}
+            | {"report": summary["report"]["html"], "students": {k: v for k, v in students.items() if v}})
 
 
 def demo(preset: str = preset_option("toy", "pipeline", PIPELINE_PRESET_HELP),

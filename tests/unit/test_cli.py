@@ -12,7 +12,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("command", ["inspect", "sample", "settings", "demo", "run", "promote", "rollback", "ui", "eval",
-                                     "export", "distill", "bootstrap-teacher"])
+                                     "export", "distill", "bootstrap-teacher", "release-teacher", "release-student",
+                                     "release-card"])
 def test_help_on_every_command(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -65,3 +66,18 @@ def test_unknown_preset_is_one_line_naming_the_option(command):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith("error: --preset 'huge': unknown") and "toy-smoke" in lines[0]
+
+
+def test_run_json_names_the_students_the_run_trained():
+    from flows.cli_pipeline import run_json
+
+    summary = {"preset": "toy", "stages": [{"name": "pretrain"}], "aliases": {}, "mlflow_run_id": "r1", "seconds": 3.0,
+               "summary_uri": "file:///s.json", "report": {"html": "/r.html"}, "config": {"big": 1},
+               "results": {"pretrain": {"student_uri": "file:///runs/pretrain-k/student", "step": 300},
+                           "distill_steps": {"student_uri": "file:///runs/distill-k/student"}}}
+    out = run_json(summary)
+    assert out["students"] == {"pretrain": "file:///runs/pretrain-k/student",
+                               "distill_steps": "file:///runs/distill-k/student"}
+    assert out["report"] == "/r.html" and "config" not in out and "results" not in out
+    no_distill = run_json(summary | {"results": {"pretrain": summary["results"]["pretrain"], "distill_steps": None}})
+    assert no_distill["students"] == {"pretrain": "file:///runs/pretrain-k/student"}
