@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,10 +44,12 @@ def parse_grid(text: str) -> list[tuple[int, float, float]]:
             continue
         parts = item.split(":")
         try:
+            if len(parts) != 3:
+                raise ValueError(item)
             steps, guidance, shift = int(parts[0]), float(parts[1]), float(parts[2])
-        except (IndexError, ValueError):
+        except ValueError:
             raise SystemExit(f"--grid: {item!r} is not steps:guidance:shift (e.g. 24:5:1)") from None
-        if steps < 1 or guidance < 1 or shift <= 0:
+        if not (math.isfinite(guidance) and math.isfinite(shift)) or steps < 1 or guidance < 1 or shift <= 0:
             raise SystemExit(f"--grid: {item!r}: steps >= 1, guidance >= 1 and shift > 0 are required")
         points.append((steps, guidance, shift))
     if not points:
@@ -60,11 +63,12 @@ def euler_shift(shift: float) -> Iterator[None]:
     import snapgen_model.artifacts.teacher_bundle as tb
     from snapgen_model.diffusion.samplers import make_timesteps
 
+    previous = tb.make_timesteps
     tb.make_timesteps = lambda steps, _shift=1.0, device="cpu": make_timesteps(steps, shift, device)  # type: ignore[assignment]
     try:
         yield
     finally:
-        tb.make_timesteps = make_timesteps  # type: ignore[assignment]
+        tb.make_timesteps = previous  # type: ignore[assignment]
 
 
 def score_point(bundle: Any, steps: int, guidance: float, shift: float, images: int) -> dict[str, Any]:

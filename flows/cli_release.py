@@ -112,12 +112,17 @@ def release_card(
     from snapgen_model.training import release as rel
 
     if not card.is_file():
-        err.print(f"[bold red]error:[/] --card {card}: no such file")
+        err.print(f"[bold red]error:[/] --card {card}: no such file", soft_wrap=True)
         raise typer.Exit(2)
     try:
-        folder = rel.amend_card(name, card.read_text(), reason, releases_dir)
-    except (LoadError, ValueError) as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        changed = rel.amend_card(name, card.read_bytes(), reason, releases_dir)
+    except (LoadError, ValueError, OSError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
-    err.print(f"release {name}: card amended and verified ({folder / rel.CARD_FILE})")
-    sys.stdout.write(json.dumps({"release": name, "card": str(folder / rel.CARD_FILE), "reason": reason}) + "\n")
+    folder = rel.release_path(name, releases_dir)
+    if changed:
+        err.print(f"release {name}: card amended and verified ({folder / rel.CARD_FILE})", soft_wrap=True)
+    else:
+        err.print(f"release {name}: the card is unchanged; nothing recorded", soft_wrap=True)
+    sys.stdout.write(json.dumps({"release": name, "card": str(folder / rel.CARD_FILE), "changed": changed,
+                                 "reason": reason if changed else None}) + "\n")

@@ -196,12 +196,15 @@ def package_student_release(student_folder: str | Path, name: str, *, card: str,
     return out
 
 
-def amend_card(name: str, card: str, reason: str, releases_dir: Path | None = None) -> Path:
+def amend_card(name: str, card: str | bytes, reason: str, releases_dir: Path | None = None) -> bool:
     """Replace the MODEL_CARD.md of an intact release (a correction to its prose; weights, configs and pictures
     stay byte for byte): the card's sha256 in the record, an entry in the record's `card_amendments` (the
     reason, and the card's sha256 before and after), the record's sha256 and size in the index, then the release
-    verified again. `LoadError` if the release does not verify before; ValueError for an empty card or reason."""
-    if not card.strip():
+    verified again. All or nothing: if any write fails, the card, the record and the index are put back as they
+    were. Returns False (and records nothing) when the card is unchanged. `LoadError` if the release does not
+    verify before; ValueError for an empty card or reason."""
+    data = card.encode("utf-8") if isinstance(card, str) else bytes(card)
+    if not data.strip():
         raise ValueError(f"release {name}: the new card is empty")
     if not reason.strip():
         raise ValueError(f"release {name}: say why the card is amended (reason)")
@@ -209,26 +212,40 @@ def amend_card(name: str, card: str, reason: str, releases_dir: Path | None = No
     folder = verify_release(name, releases_dir)
     entry = read_index(releases_dir)["releases"][name]
     record_name = entry.get("record", BUNDLE_FILE)
-    record_path = folder / record_name
-    record = json.loads(record_path.read_text())
-    before = sha256_file(folder / CARD_FILE)
-    card_tmp = folder / f".{CARD_FILE}.tmp"
-    card_tmp.write_text(card)
-    after = sha256_file(card_tmp)
+    paths = {"card": folder / CARD_FILE, "record": folder / record_name, "index": releases_dir / INDEX_FILE}
+    old = {k: p.read_bytes() for k, p in paths.items()}
+    before, after = hashlib.sha256(old["card"]).hexdigest(), hashlib.sha256(data).hexdigest()
     if after == before:
-        card_tmp.unlink()
-        return folder
+        return False
+    record = json.loads(old["record"])
     record["files"][CARD_FILE] = after
     record.setdefault("card_amendments", []).append({"reason": reason.strip(), "card_sha256_before": before,
                                                      "card_sha256": after})
-    record_tmp = folder / f".{record_name}.tmp"
-    record_tmp.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-    os.replace(card_tmp, folder / CARD_FILE)
-    os.replace(record_tmp, record_path)
-    digest_key = "record_sha256" if "record_sha256" in entry else "bundle_sha256"
+    new_record = (json.dumps(record, indent=2, default=_json_default) + "\n").encode("utf-8")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
-    _add_to_index(releases_dir, name, dict(entry) | {digest_key: sha256_file(record_path), "bytes": size})
-    return verify_release(name, releases_dir)
+    size += len(data) - len(old["card"]) + len(new_record) - len(old["record"])
+    digest_key = "record_sha256" if "record_sha256" in entry else "bundle_sha256"
+    try:
+        _write_atomic(paths["card"], data)
+        _write_atomic(paths["record"], new_record)
+        _add_to_index(releases_dir, name, dict(entry) | {digest_key: hashlib.sha256(new_record).hexdigest(),
+                                                           "bytes": size})
+        verify_release(name, releases_dir)
+    except BaseException:
+        for key, path in paths.items():
+            _write_atomic(path, old[key])
+        raise
+    return True
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds `data` or its old content, never a part (a temporary file beside it, then os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _new_release(releases_dir: Path, name: str) -> Path:

@@ -95,6 +95,10 @@ def test_shipped_release_is_verified_published_registered_once_and_tamper_refuse
 
     again = register_teacher_release_flow("toy-teacher/v1")
     assert again["cache_hit"] is True and again["model_version"] == first["model_version"]
+    # a card corrected after release (snapgen release-card) is the same teacher: nothing republished or registered
+    assert rel.amend_card("toy-teacher/v1", "# corrected test card\n", "typo", releases) is True
+    amended = register_teacher_release_flow("toy-teacher/v1")
+    assert amended["cache_hit"] is True and amended["model_version"] == first["model_version"]
 
     weights = releases / "toy-teacher" / "v1" / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])

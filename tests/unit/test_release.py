@@ -97,7 +97,7 @@ def test_amend_card_changes_the_card_only_and_keeps_the_release_verified(release
     before = _files_except_card(folder)
     old_sha = rel.sha256_file(folder / "MODEL_CARD.md")
     old_index = rel.read_index(releases_dir)["releases"]["toy-teacher/v9"]
-    assert rel.amend_card("toy-teacher/v9", "# card\n\nsuperseded by v10\n", "superseded banner", releases_dir) == folder
+    assert rel.amend_card("toy-teacher/v9", "# card\n\nsuperseded by v10\n", "superseded banner", releases_dir) is True
     assert (folder / "MODEL_CARD.md").read_text().endswith("superseded by v10\n")
     assert _files_except_card(folder) == before  # weights, configs, pictures byte for byte
     record = json.loads((folder / "bundle.json").read_text())
@@ -107,7 +107,28 @@ def test_amend_card_changes_the_card_only_and_keeps_the_release_verified(release
     entry = rel.read_index(releases_dir)["releases"]["toy-teacher/v9"]
     assert entry["bundle_sha256"] == rel.sha256_file(folder / "bundle.json") != old_index["bundle_sha256"]
     assert "record_sha256" not in entry and entry["config_hash"] == old_index["config_hash"]
+    assert entry["bytes"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     rel.load_release("toy-teacher/v9", releases_dir=releases_dir)  # still loads through the verified path
+    assert not list(folder.glob(".*.tmp")) and not list(releases_dir.glob(".*.tmp"))
+    record_bytes = (folder / "bundle.json").read_bytes()  # the same card again: nothing to record
+    assert rel.amend_card("toy-teacher/v9", "# card\n\nsuperseded by v10\n", "again", releases_dir) is False
+    assert (folder / "bundle.json").read_bytes() == record_bytes
+
+
+def test_amend_card_is_all_or_nothing(released, monkeypatch):
+    releases_dir, folder = released
+    names = ("MODEL_CARD.md", "bundle.json")
+    before = {n: (folder / n).read_bytes() for n in names} | {"index": (releases_dir / "index.json").read_bytes()}
+
+    def index_write_fails(*args, **kwargs):  # a fault injected on purpose: a full disk at the last write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rel, "_add_to_index", index_write_fails)
+    with pytest.raises(OSError, match="No space left"):
+        rel.amend_card("toy-teacher/v9", "# a new card\n", "fix", releases_dir)
+    after = {n: (folder / n).read_bytes() for n in names} | {"index": (releases_dir / "index.json").read_bytes()}
+    assert after == before  # card and record put back: the release still verifies
+    assert rel.verify_release("toy-teacher/v9", releases_dir) == folder
     assert not list(folder.glob(".*.tmp"))
 
 
@@ -134,11 +155,15 @@ def test_release_card_command_amends_and_names_bad_input(released, tmp_path):
     ok = runner.invoke(app, ["release-card", "toy-teacher/v9", "--card", str(card), "--reason", "typo",
                              "--releases-dir", str(releases_dir)])
     assert ok.exit_code == 0, ok.output
-    assert json.loads(ok.stdout.strip().splitlines()[-1])["reason"] == "typo"
-    assert (folder / "MODEL_CARD.md").read_text() == card.read_text()
+    assert json.loads(ok.stdout.strip().splitlines()[-1]) | {"card": None} == {"release": "toy-teacher/v9", "card": None,
+                                                                            "changed": True, "reason": "typo"}
+    assert (folder / "MODEL_CARD.md").read_bytes() == card.read_bytes()
+    again = runner.invoke(app, ["release-card", "toy-teacher/v9", "--card", str(card), "--reason", "typo",
+                                "--releases-dir", str(releases_dir)])
+    assert again.exit_code == 0 and "unchanged" in " ".join(again.output.split())
     missing = runner.invoke(app, ["release-card", "toy-teacher/v9", "--card", str(tmp_path / "nope.md"), "--reason", "x",
                                   "--releases-dir", str(releases_dir)])
-    assert missing.exit_code == 2 and "nope.md: no such file" in missing.output
+    assert missing.exit_code == 2 and "nope.md: no such file" in "".join(missing.output.split("\n"))
     unknown = runner.invoke(app, ["release-card", "toy-teacher/v8", "--card", str(card), "--reason", "x",
                                   "--releases-dir", str(releases_dir)])
-    assert unknown.exit_code == 2 and "known releases" in unknown.output
+    assert unknown.exit_code == 2 and "known releases" in " ".join(unknown.output.split())
