@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from snapgen_model.distill.teacher import LoadError
+from snapgen_model.evaluation import atomic
 from snapgen_model.artifacts.teacher_bundle import BUNDLE_FILE, load_bundle, read_bundle_record
 
 RELEASES_DIR = Path(__file__).resolve().parents[2] / "releases"
@@ -226,26 +227,16 @@ def amend_card(name: str, card: str | bytes, reason: str, releases_dir: Path | N
     size += len(data) - len(old["card"]) + len(new_record) - len(old["record"])
     digest_key = "record_sha256" if "record_sha256" in entry else "bundle_sha256"
     try:
-        _write_atomic(paths["card"], data)
-        _write_atomic(paths["record"], new_record)
+        atomic.write_bytes(paths["card"], data)
+        atomic.write_bytes(paths["record"], new_record)
         _add_to_index(releases_dir, name, dict(entry) | {digest_key: hashlib.sha256(new_record).hexdigest(),
                                                            "bytes": size})
         verify_release(name, releases_dir)
     except BaseException:
         for key, path in paths.items():
-            _write_atomic(path, old[key])
+            atomic.write_bytes(path, old[key])
         raise
     return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """`path` holds `data` or its old content, never a part (a temporary file beside it, then os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _new_release(releases_dir: Path, name: str) -> Path:
