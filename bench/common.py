@@ -311,6 +311,18 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     Console(width=max(100, width)).print(table)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout_relative(path: str) -> str:
+    """`path` relative to this checkout when it lies inside it (a release committed under releases/), so a key
+    is the same in every clone (CI clones to another folder); any other path as given."""
+    for candidate, root in ((Path(path), REPO_ROOT), (Path(path).resolve(), REPO_ROOT.resolve())):
+        if candidate.is_relative_to(root):
+            return candidate.relative_to(root).as_posix()
+    return path
+
+
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import command_line, device_name, now_utc, replace_section  # noqa: E402
+from bench.common import checkout_relative, command_line, device_name, now_utc, replace_section  # noqa: E402
 
 SECTION = "## Toy teacher sampling sweep: steps, guidance and timestep shift (bench/teacher_sampling.py)"
 DEFAULT_GRID = "24:5:1,48:5:1,24:7:1,48:7:1,24:5:3,24:5:0.5"
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{k}/{len(points)}] {steps} steps, guidance {guidance:g}, shift {shift:g}: toy-GenEval "
               f"{row['overall']:.3f}, exact count {row['exact_count']:.3f} ({row['seconds']:.0f} s)", flush=True)
     result = {"measured": now_utc(), "command": command_line(), "device": device_name(torch.device("cpu")),
-              "bundle": str(Path(args.bundle).resolve().relative_to(ROOT)) if Path(args.bundle).resolve().is_relative_to(ROOT)
-              else args.bundle, "images_per_prompt": args.images, "seconds": round(time.monotonic() - started, 1),
+              "bundle": checkout_relative(args.bundle), "images_per_prompt": args.images, "seconds": round(time.monotonic() - started, 1),
               "points": rows}
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import command_line, device_name, now_utc, replace_section, resolve_device  # noqa: E402
+from bench.common import checkout_relative, command_line, device_name, now_utc, replace_section, resolve_device  # noqa: E402
 
 # one section per ledger, so a longer run (another ledger) reports beside the finished one instead of over it
 HEADING = "## Toy evidence of {ledger}: teacher, KD ablation, few-step distillation (bench/toy_evidence.py)"
@@ -205,15 +205,6 @@ def pipeline_key(preset: str, overrides: list[str]) -> str:
             if resolved.get(stage, {}).get(name, value) == value:
                 resolved.get(stage, {}).pop(name, None)
     return _key(["pipeline", preset, resolved])
-
-
-def checkout_relative(path: str) -> str:
-    """`path` relative to this checkout when it lies inside it (a release committed under releases/), so a key
-    is the same in every clone (CI clones to another folder); any other path as given."""
-    for candidate, root in ((Path(path), ROOT), (Path(path).resolve(), ROOT.resolve())):
-        if candidate.is_relative_to(root):
-            return candidate.relative_to(root).as_posix()
-    return path
 
 
 # Fields added to a stage's library config after ledger v2 was written, with the value that trains what the
