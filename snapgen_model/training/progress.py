@@ -6,7 +6,10 @@
     step 120/500 (24%), 75 s, loss 0.2134, 164 img/s, about 3 min left
 
 The loss is the module's logged `loss/total` (Lightning's callback metrics); images/s counts the
-global batch over every rank. The task layer decides where the line goes (a Prefect run logger).
+global batch over every rank. Speed and time left are measured from the end of the process's first step:
+that step carries the warm-up (torch.compile on CPU: minutes), and counting it once made the first lines
+read "0 img/s, about 1240 h left" for a run of 90 minutes. The task layer decides where the line goes (a
+Prefect run logger).
 """
 from __future__ import annotations
 
@@ -26,16 +29,19 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, elapsed_s: float, loss: float | None, images_per_s: float | None,
-                  steps_done: int) -> str:
-    """The text of one report; `steps_done`: steps this process trained (a resumed run starts above 0)."""
+                  steps_done: int, timed_s: float | None = None) -> str:
+    """The text of one report; `steps_done`: steps timed so far, in `timed_s` seconds (default `elapsed_s`),
+    which the time left extrapolates; none timed yet (the first step only): the line says it is warming up."""
     pct = 100.0 * step / max(1, total)
     parts = [f"step {step}/{total} ({pct:.0f}%)", f"{elapsed_s:.0f} s"]
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
     if images_per_s:
         parts.append(f"{images_per_s:.0f} img/s")
-    if 0 < steps_done and step < total:
-        parts.append(f"about {_duration(elapsed_s / steps_done * (total - step))} left")
+    if step < total:
+        timed = elapsed_s if timed_s is None else timed_s
+        parts.append(f"about {_duration(timed / steps_done * (total - step))} left" if steps_done > 0
+                     else "first step (warm-up); time left from the next line")
     return ", ".join(parts)
 
 
@@ -46,6 +52,7 @@ class ProgressCallback(pl.Callback):
                  loss_key: str = "loss/total") -> None:
         self.report, self.total, self.every_s, self.loss_key = report, int(total_steps), float(every_s), loss_key
         self._start: tuple[float, int] | None = None
+        self._timed_from: tuple[float, int, int] | None = None  # (time, step, images) after the first step
         self._last = 0.0
         self._images = 0
         self.lines: list[str] = []
@@ -56,7 +63,7 @@ class ProgressCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = (time.monotonic(), self._step(pl_module))
-        self._last, self._images = time.monotonic(), 0
+        self._last, self._images, self._timed_from = time.monotonic(), 0, None
         if self._start[1] > 0 and trainer.is_global_zero:  # a resumed run says so before its first step line
             line = f"resuming at step {self._start[1]}/{self.total} from the saved training state"
             self.lines.append(line)
@@ -65,6 +72,8 @@ class ProgressCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += _batch_size(batch) * trainer.world_size
         now = time.monotonic()
+        if self._timed_from is None:  # the end of the warm-up step: speed and time left count from here
+            self._timed_from = (now, self._step(pl_module), self._images)
         if now - self._last >= self.every_s:
             self._emit(trainer, pl_module, now)
 
@@ -78,8 +87,11 @@ class ProgressCallback(pl.Callback):
         step = self._step(pl_module)
         elapsed = now - self._start[0]
         loss = trainer.callback_metrics.get(self.loss_key)
-        line = progress_line(step, self.total, elapsed, None if loss is None else float(loss),
-                             self._images / elapsed if elapsed > 0 and self._images else None, step - self._start[1])
+        done, timed, speed = 0, elapsed, None
+        if self._timed_from is not None and step > self._timed_from[1]:
+            done, timed = step - self._timed_from[1], now - self._timed_from[0]
+            speed = (self._images - self._timed_from[2]) / timed if timed > 0 else None
+        line = progress_line(step, self.total, elapsed, None if loss is None else float(loss), speed, done, timed)
         self.lines.append(line)
         self.report(line)
 

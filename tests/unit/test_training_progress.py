@@ -35,9 +35,10 @@ def test_every_step_reported_with_loss_speed_and_time_left_then_the_end(tmp_path
     pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path).fit(_Line())
     assert len(lines) == 9  # one per step (every_s=0), one at the end
-    assert lines[0].startswith("step 1/8 (12%)") and "left" in lines[0]
+    assert lines[0].startswith("step 1/8 (12%)") and lines[0].endswith("first step (warm-up); time left from the next line")
+    assert "left" in lines[1] and "img/s" not in lines[0]
     assert lines[-1].startswith("step 8/8 (100%)") and "left" not in lines[-1]
-    assert all("loss " in line and " img/s" in line for line in lines)
+    assert all("loss " in line for line in lines) and all(" img/s" in line for line in lines[1:])
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in lines]
     assert losses[-1] < losses[0]  # the logged loss, not a constant
 
@@ -61,6 +62,28 @@ def test_a_resumed_run_says_where_it_resumes(tmp_path):
     assert not any("resuming" in line for line in fresh)
 
 
+def test_speed_and_time_left_leave_out_the_warm_up_step(tmp_path):
+    """The first step carries the warm-up (torch.compile on CPU: minutes): counted in, a 90-minute run's first
+    lines read "0 img/s, about 1240 h left". Here it takes 1.5 s and the other seven almost nothing: the time
+    left after step 2 is a few seconds at most, not 6 x 0.75 s, and the speed is far above 8 / 1.5 s."""
+    import time
+
+    class SlowStart(_Line):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                time.sleep(1.5)
+            return super().training_step(batch, batch_idx)
+
+    lines: list[str] = []
+    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[ProgressCallback(lines.append, 8, 0.0)],
+               default_root_dir=tmp_path).fit(SlowStart())
+    assert "warm-up" in lines[0] and "img/s" not in lines[0]
+    left = lines[1].split("about ")[1].split(" left")[0]
+    assert left.endswith(" s") and float(left[:-2]) < 3.0, lines[1]
+    assert float(lines[-1].split(" img/s")[0].rsplit(", ", 1)[1]) > 20, lines[-1]
+
+
 def test_lines_are_rate_limited(tmp_path):
     lines: list[str] = []
     cb = ProgressCallback(lines.append, total_steps=8, every_s=3600.0)
@@ -75,6 +98,10 @@ def test_line_text_by_hand():
         "step 100/500 (20%), 50 s, loss 0.2134, 256 img/s, about 3 min left"
     # resumed at 400: 20 steps trained in 10 s, 80 left -> 40 s
     assert progress_line(420, 500, 10.0, None, None, 20) == "step 420/500 (84%), 10 s, about 40 s left"
+    # 279 s elapsed, of which 4 s for the 10 steps after the warm-up step: 89 left -> about 36 s
+    assert progress_line(11, 100, 279.0, None, 25.0, 10, 4.0) == "step 11/100 (11%), 279 s, 25 img/s, about 36 s left"
+    assert progress_line(1, 100, 279.0, 3.9, None, 0) == \
+        "step 1/100 (1%), 279 s, loss 3.9000, first step (warm-up); time left from the next line"
 
 
 def test_a_launched_runs_progress_lines_are_forwarded_and_the_rest_kept_for_errors(capsys):
