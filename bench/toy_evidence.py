@@ -610,10 +610,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(line, flush=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.console import exit_on_sigterm
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
     prefect_env_defaults(get_settings())
+    exit_on_sigterm()  # SIGTERM during an evaluation: exit 143, the state carried, Prefect's server stopped
     started = time.perf_counter()
     try:
         runs, evals, splits = compute(args, ledger, preset, plan)

@@ -58,11 +58,12 @@ def _main(
                                  help="print the version and exit"),
 ) -> None:
     """snapgen: SnapGen-style mobile text-to-image models, trained and shipped by one pipeline."""
-    from flows.console import configure_console
+    from flows.console import configure_console, exit_on_sigterm
 
     if quiet and verbose:
         _fail("--quiet and --verbose: choose one")
     configure_console("quiet" if quiet else "verbose" if verbose else "normal")
+    exit_on_sigterm()  # a stopped command unwinds: the flow records the stop, Prefect's server goes with it
 
 
 def _as_uri(value: str) -> str:

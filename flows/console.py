@@ -209,3 +209,22 @@ def configure_console(verbosity: Verbosity = "normal") -> None:
 def verbosity() -> Verbosity:
     """The verbosity the CLI was started with."""
     return _state["verbosity"]
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the process the way Ctrl-C does, by an exception (SystemExit 143) in the main thread,
+    instead of Python's default (the process vanishes at once): a flow records the stop, files are closed, and
+    the temporary Prefect server is stopped on the way out (its atexit), where it used to be left running. A
+    training stage still replaces it while it trains (the state is saved first: `training.state`). Only
+    from the main thread, and only over the default handler (an embedding program's own handler stays)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_stopped)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise SystemExit(143)

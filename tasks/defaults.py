@@ -12,6 +12,8 @@ Usage::
 from __future__ import annotations
 
 import os
+import subprocess
+import types
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +29,7 @@ __all__ = [
     "IO_RETRY_DELAYS",
     "IO_RETRY_JITTER_FACTOR",
     "compute_task_options",
+    "detach_temporary_server",
     "io_task_options",
     "prefect_env_defaults",
     "result_storage_path",
@@ -146,4 +149,37 @@ def prefect_env_defaults(settings: HasHome | None = None) -> dict[str, str]:
     applied = {key: os.environ.setdefault(key, value) for key, value in defaults.items()}
     if "PREFECT_HOME" in applied:
         Path(applied["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # sqlite needs the folder
+    detach_temporary_server()
     return applied
+
+
+class _NewSessionSubprocess(types.ModuleType):
+    """`subprocess` as Prefect's server module sees it: the same module, except that `Popen` starts its
+    process in a session of its own (see `detach_temporary_server`)."""
+
+    _snapgen_detached = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - subprocess's own name
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+
+def detach_temporary_server() -> None:
+    """Start Prefect's temporary API server (the `uvicorn` child a run without PREFECT_API_URL starts) in a
+    session of its own, outside the terminal's process group.
+
+    In the caller's group, Ctrl-C (SIGINT to the whole group) and `kill -TERM -- -<group>` stopped the server
+    at the same moment as the command, which then tried to record the stop on the server it had just lost:
+    a Ctrl-C'd flow hung for minutes printing "--- Error logging to API ---", a group SIGTERM printed
+    connection-refused tracebacks for 75 s. Detached, only the command receives the signal, records the stop,
+    and stops the server on its way out (Prefect's own atexit). Idempotent; Prefect is pinned (3.9.1), and
+    tests/integration/test_stop_signals.py fails if its server module stops starting the server this way."""
+    from prefect.server.api import server as prefect_server
+
+    if not getattr(prefect_server.subprocess, "_snapgen_detached", False):
+        prefect_server.subprocess = _NewSessionSubprocess("subprocess")
+
