@@ -32,7 +32,8 @@ edit trains anew), an evaluation by the model, sampler and seeds; a rerun reuses
 and pretraining checkpoints. Each student's evaluations run right after its pipeline, and an evaluation keeps
 the images the grid shows beside the ledger (`<ledger folder>/pictures/`), so a ledger alone carries a
 finished piece: with `--ledger bench/evidence/ledger-toy-v2.json` committed after each piece, the evidence is
-built over sessions on fresh machines (a piece cut off mid-way reruns from its start there). Keep `--home`
+built over sessions on fresh machines; a piece cut off mid-pretraining continues there from the state a SIGTERM stop
+(or --save-carry) copied beside the ledger (`--carry`, default `<ledger folder>/carry/<ledger name>`). Keep `--home`
 (default `<repo>/.evidence`) between sessions on one machine. Writes the section below into bench/RESULTS.md,
 the figures into --json (default bench/toy_evidence.json) and a sample grid into bench/evidence/.
 """
