@@ -170,31 +170,43 @@ def finished_pretrain_keys(ledger: Ledger) -> set[str]:
 
 
 def _copy_state(state: Path, into: Path) -> Path:
-    """Copy one `step-*` state folder into `into` through a .tmp name (a half-copied state is never a state)."""
+    """Copy one `step-*` state folder into `into` through a .tmp name (a half-copied state is never a state);
+    a folder of that name without a complete state (a cut copy) is replaced."""
     import shutil
 
     into.mkdir(parents=True, exist_ok=True)
-    tmp = into / f"{state.name}.tmp"
+    tmp, dest = into / f"{state.name}.tmp", into / state.name
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(state, tmp)
-    tmp.rename(into / state.name)
-    return into / state.name
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
-def save_carry(home: Path, carry: Path, finished: set[str]) -> list[str]:
-    """Copy the newest saved state of every unfinished pretraining run under `home` into `carry` (one state
-    per run, replacing an older one), and drop the carried states of finished runs. A piece cut off on this
-    machine then continues from that state on another one (`load_carry`), instead of training again from
-    step 0: about 80 minutes per student on 2 cores. Returns one line per change."""
+def save_carry(home: Path, carry: Path, finished: set[str], since: float | None = None) -> list[str]:
+    """Copy the newest saved state of the evidence's pretraining in flight under `home` into `carry` (one state
+    per run, replacing an older one), and drop the carried states of runs the ledger has finished. In flight:
+    the runs whose state was written since `since` (the stopped invocation's start: its own student, whether
+    its pretraining had finished or not), or without it the run trained last (--save-carry). Other runs under
+    the same home (another ledger's, a toy-smoke check, a key that changed) stay where they are. A piece cut
+    off on this machine then continues from that state on another one (`load_carry`) instead of training
+    again from step 0: about 80 minutes per student on 2 cores. Returns one line per change."""
     import shutil
 
-    from snapgen_model.training.state import latest_state
+    from snapgen_model.training.state import STATE_FILE, latest_state
 
+    def written(state: Path) -> float:
+        return (state / STATE_FILE).stat().st_mtime
+
+    candidates = [(run, latest_state(run / "state")) for run in sorted((home / "runs").glob("pretrain-*"))]
+    states = [(run, st) for run, st in candidates
+              if st is not None and run.name.removeprefix("pretrain-") not in finished]
+    if since is not None:
+        chosen = [(run, st) for run, st in states if written(st) >= since]
+    else:
+        chosen = [max(states, key=lambda rs: written(rs[1]))] if states else []
     said = []
-    for run in sorted((home / "runs").glob("pretrain-*")):
-        state = latest_state(run / "state")
-        if state is None or run.name.removeprefix("pretrain-") in finished:
-            continue
+    for run, state in chosen:
         have = latest_state(carry / run.name)
         if have is not None and have.name >= state.name:
             continue
@@ -210,9 +222,10 @@ def save_carry(home: Path, carry: Path, finished: set[str]) -> list[str]:
     return said
 
 
-def load_carry(home: Path, carry: Path | None) -> list[str]:
-    """Put every carried state under `home` where its pretraining run resumes from (`<home>/runs/pretrain-<key>/
-    state`), unless that run has a state there at the same or a later step. Returns one line per state."""
+def load_carry(home: Path, carry: Path | None, finished: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Put every carried state of an unfinished run under `home` where its pretraining resumes from
+    (`<home>/runs/pretrain-<key>/state`), unless that run has a state there at the same or a later step.
+    Returns one line per state."""
     if carry is None or not carry.is_dir():
         return []
     from snapgen_model.training.state import latest_state
@@ -220,7 +233,7 @@ def load_carry(home: Path, carry: Path | None) -> list[str]:
     said = []
     for run in sorted(carry.glob("pretrain-*")):
         state = latest_state(run)
-        if state is None:
+        if state is None or run.name.removeprefix("pretrain-") in finished:
             continue
         have = latest_state(home / "runs" / run.name / "state")
         if have is not None and have.name >= state.name:
@@ -607,7 +620,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"newer than what {carry} holds")
         return {}
     if not args.finished_only:
-        for line in load_carry(home, carry):
+        for line in load_carry(home, carry, finished_pretrain_keys(ledger)):
             print(line, flush=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -616,15 +629,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tasks.settings import get_settings
 
     prefect_env_defaults(get_settings())
-    exit_on_sigterm()  # SIGTERM during an evaluation: exit 143, the state carried, Prefect's server stopped
-    started = time.perf_counter()
+    started, invoked = time.perf_counter(), time.time()
+    restore_signals = exit_on_sigterm()  # SIGTERM in an evaluation too: exit 143, the state carried, server stopped
     try:
         runs, evals, splits = compute(args, ledger, preset, plan)
     except SystemExit as stop:  # SIGTERM (143): the training state is saved; carry it with the ledger
         if stop.code == 143 and carry is not None and not args.finished_only:
-            for line in save_carry(home, carry, finished_pretrain_keys(ledger)):
-                print(line, flush=True)
+            try:
+                for line in save_carry(home, carry, finished_pretrain_keys(ledger), since=invoked):
+                    print(line, flush=True)
+            except Exception as exc:  # noqa: BLE001 - the stop stays a stop (143); the state is still under --home
+                print(f"WARNING: could not carry the training state into {carry} ({type(exc).__name__}: {exc}); "
+                      f"it is saved under {home / 'runs'}: rerun with --save-carry", file=sys.stderr, flush=True)
         raise
+    finally:
+        restore_signals()
     few = args.few_steps
     if "teacher" not in evals:
         raise SystemExit(f"{ledger.path}: no finished student to report yet; run without --finished-only to compute")

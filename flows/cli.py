@@ -52,6 +52,7 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only warnings, errors and the result"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs, and third-party notices on the console"),
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
@@ -63,7 +64,8 @@ def _main(
     if quiet and verbose:
         _fail("--quiet and --verbose: choose one")
     configure_console("quiet" if quiet else "verbose" if verbose else "normal")
-    exit_on_sigterm()  # a stopped command unwinds: the flow records the stop, Prefect's server goes with it
+    # a stopped command unwinds: the flow records the stop, Prefect's server goes with it
+    ctx.call_on_close(exit_on_sigterm())
 
 
 def _as_uri(value: str) -> str:

@@ -16,6 +16,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 Verbosity = Literal["quiet", "normal", "verbose"]
@@ -211,20 +212,32 @@ def verbosity() -> Verbosity:
     return _state["verbosity"]
 
 
-def exit_on_sigterm() -> None:
-    """Make SIGTERM end the process the way Ctrl-C does, by an exception (SystemExit 143) in the main thread,
-    instead of Python's default (the process vanishes at once): a flow records the stop, files are closed, and
-    the temporary Prefect server is stopped on the way out (its atexit), where it used to be left running. A
-    training stage still replaces it while it trains (the state is saved first: `training.state`). Only
-    from the main thread, and only over the default handler (an embedding program's own handler stays)."""
+def exit_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (and SIGHUP, a closed terminal) end the process the way Ctrl-C does, by an exception in the
+    main thread (SystemExit 143, 129), instead of Python's default (the process vanishes at once): a flow
+    records the stop, files are closed, and Prefect's temporary server is stopped on the way out (its atexit),
+    where it used to be left running. A training stage replaces the SIGTERM handler while it trains (the state
+    is saved first: `training.state`). Only from the main thread, and only over the default handler (an
+    embedding program's own handler stays). Returns what puts the previous handlers back (a host process, such
+    as a test runner calling the CLI in-process, gets its own behaviour back when the command ends)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _raise_stopped)
+        return lambda: None
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            previous[signum] = signal.signal(signum, _raise_stopped)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is _raise_stopped:
+                signal.signal(signum, handler)
+        previous.clear()
+
+    return restore
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
-    raise SystemExit(143)
+    raise SystemExit(128 + signum)

@@ -415,8 +415,11 @@ def start_run(
     except BaseException as exc:
         from snapgen_model.training.state import TrainingInterrupted
 
-        # a stop (Ctrl-C, or SIGTERM with the training state saved) is KILLED: resumable, not a failure
-        _terminate(handle, "KILLED" if isinstance(exc, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+        # a stop (Ctrl-C, or SIGTERM with the training state saved, or SIGTERM / SIGHUP outside the training
+        # loop: flows.console.exit_on_sigterm) is KILLED: resumable, not a failure
+        stopped = isinstance(exc, (KeyboardInterrupt, TrainingInterrupted)) or (
+            isinstance(exc, SystemExit) and exc.code in (129, 143)) or type(exc).__name__ == "TerminationSignal"
+        _terminate(handle, "KILLED" if stopped else "FAILED")
         raise
     else:
         _terminate(handle, "FINISHED")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # what `snapgen` does before its first flow (flows.cli's callback and the commands' prefect_env_defaults)
@@ -55,7 +57,7 @@ def _listening(port: int) -> bool:
 
 def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / "out.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
         "PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "400"}
     with open(log, "wb") as out:  # a group of its own, as a shell gives a foreground command
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "home")], stdout=out,

@@ -155,6 +155,20 @@ def test_failed_block_marks_run_failed(mlflow_settings: Any, client: MlflowClien
     assert client.get_run(run.run_id).info.status == "FAILED"
 
 
+def test_a_stopped_block_marks_the_run_killed_not_failed(mlflow_settings: Any, client: MlflowClient) -> None:
+    """A SIGTERM outside the training loop (an evaluation, a stage's set-up) arrives as SystemExit(143) from
+    flows.console.exit_on_sigterm: a stop, resumable, like Ctrl-C; it used to be recorded FAILED."""
+    for stop in (SystemExit(143), SystemExit(129), KeyboardInterrupt()):
+        with pytest.raises(type(stop)):
+            with tracking.start_run(mlflow_settings, "stopped") as run:
+                raise stop
+        assert client.get_run(run.run_id).info.status == "KILLED", stop
+    with pytest.raises(SystemExit):
+        with tracking.start_run(mlflow_settings, "exits") as run:
+            raise SystemExit(2)  # a usage error is no stop
+    assert client.get_run(run.run_id).info.status == "FAILED"
+
+
 def test_nested_without_parent_is_an_error(mlflow_settings: Any) -> None:
     with pytest.raises(RuntimeError, match="enclosing run"):
         with tracking.start_run(mlflow_settings, "orphan", nested=True):

@@ -4,6 +4,8 @@ is refused, not overwritten."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -121,11 +123,17 @@ def test_a_carried_state_resumes_pretraining_on_another_machine_bitwise(evidence
     (machine_a / "runs" / "pretrain-finished" / "state" / "step-00000006" / "state.json").write_text("{}")
     (carry / "pretrain-finished" / "step-00000002").mkdir(parents=True)  # carried earlier, finished since
     (carry / "pretrain-finished" / "step-00000002" / "state.json").write_text("{}")
+    other = machine_a / "runs" / "pretrain-another-ledger" / "state" / "step-00000004"  # trained before, elsewhere
+    other.mkdir(parents=True)
+    (other / "state.json").write_text("{}")
+    os.utime(other / "state.json", (1e9, 1e9))
 
-    said = evidence.save_carry(machine_a, carry, finished={"finished"})
+    said = evidence.save_carry(machine_a, carry, finished={"finished"})  # --save-carry: the run trained last
     assert sorted(p.name for p in carry.iterdir()) == [run]
     assert [p.name for p in (carry / run).iterdir()] == ["step-00000003"] and len(said) == 2
     assert evidence.save_carry(machine_a, carry, finished={"finished"}) == []  # nothing newer: nothing copied
+    # a stopped invocation carries what it trained itself: nothing written since it started, nothing carried
+    assert evidence.save_carry(machine_a, tmp_path / "carry2", finished=set(), since=time.time() + 60) == []
 
     assert evidence.load_carry(machine_b, carry) == [f"resuming {run} from its carried step-00000003 ({carry})"]
     resumed = fit(PRESET, cfg(), data, CACHE, machine_b / "runs" / run / "state")
@@ -137,3 +145,28 @@ def test_a_carried_state_resumes_pretraining_on_another_machine_bitwise(evidence
     fit(PRESET, cfg(), data, CACHE, machine_a / "runs" / run / "state")  # machine A trains on to step 6
     evidence.save_carry(machine_a, carry, finished=set())
     assert [p.name for p in (carry / run).iterdir()] == ["step-00000006"]  # replaced, not added
+    assert evidence.load_carry(tmp_path / "c", carry, finished={"0123abcd"}) == []  # finished: not put back
+
+
+def test_a_sigterm_stop_carries_the_state_it_trained_and_still_exits_143(evidence, tmp_path, monkeypatch):
+    """The stop path of `main`: the pipeline raises SystemExit(143) (what training does on SIGTERM), the state it
+    wrote is copied beside the ledger, the exit code stays 143, and the process's SIGTERM handler is put back."""
+    import signal
+
+    home, ledger = tmp_path / "home", tmp_path / "evidence" / "ledger-x.json"
+    for name, value in (("SNAPGEN_HOME", str(home)), ("PREFECT_HOME", str(tmp_path / "prefect"))):
+        monkeypatch.setenv(name, value)
+
+    def stopped_pipeline(args, ledger_, preset, plan):
+        state = home / "runs" / "pretrain-feedbeef" / "state" / "step-00000300"
+        state.mkdir(parents=True)
+        (state / "state.json").write_text(json.dumps({"step": 300}))
+        raise SystemExit(143)
+
+    monkeypatch.setattr(evidence, "compute", stopped_pipeline)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        evidence.main(["--preset", "toy-smoke", "--home", str(home), "--ledger", str(ledger), "--json", "", "--grid", ""])
+    assert stop.value.code == 143
+    assert (tmp_path / "evidence" / "carry" / "ledger-x" / "pretrain-feedbeef" / "step-00000300" / "state.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
