@@ -624,7 +624,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(line, flush=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.console import exit_on_sigterm
+    from flows.console import configure_console, exit_on_sigterm
+
+    configure_console("normal")  # as `snapgen` does: third-party notices to <home>/logs/console.log, progress stays
     from tasks.defaults import prefect_env_defaults
     from tasks.settings import get_settings
 
