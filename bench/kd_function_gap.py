@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replicates", type=int, default=4000, help="bootstrap replicates")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"), help="results file (section replaced; '' = none)")
     p.add_argument("--json", dest="json_out", default=None,
-                   help="the figures as JSON (default bench/evidence/kd_function_gap-<ledger name>.json; '' = none)")
+                   help="the figures as JSON, with every student's per-scene measures, reused by the next run "
+                        "(default bench/evidence/kd_function_gap-<ledger name>[-seeds-<seeds>].json; '' = none)")
+    p.add_argument("--seeds", default="", help="only the students of these training seeds (comma-separated; "
+                   "default all): their own section and JSON")
     args = p.parse_args(argv)
+    try:
+        args.seed_list = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: not a comma-separated list of integers") from None
+    args.name = Path(args.ledger).stem + (f"-seeds-{'-'.join(map(str, args.seed_list))}" if args.seed_list else "")
     try:
         args.t_list = [float(x) for x in args.timesteps.split(",") if x.strip()]
     except ValueError:
@@ -59,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.t_list or not all(0.0 < t <= 1.0 for t in args.t_list):
         raise SystemExit(f"--timesteps {args.timesteps!r}: every t must lie in (0, 1]")
     if args.json_out is None:
-        args.json_out = str(ROOT / "bench" / "evidence" / f"kd_function_gap-{Path(args.ledger).stem}.json")
+        args.json_out = str(ROOT / "bench" / "evidence" / f"kd_function_gap-{args.name}.json")
     if args.scenes < 2:
         raise SystemExit(f"--scenes {args.scenes}: needs at least 2 (the caption swap pairs each scene with another)")
     return args
@@ -117,30 +125,58 @@ def paired_mean_difference(a: np.ndarray, b: np.ndarray, replicates: int, seed: 
 # ----------------------------------------------------------------------------- the ledger's models
 
 
-def ledger_students(ledger: Path) -> tuple[dict[str, dict[int, Path]], Path]:
-    """{variant: {seed: student folder}} of the ledger's finished pipelines, and their teacher bundle."""
+def ledger_students(ledger: Path, recorded: Collection[str] = (), seeds: Collection[int] = ()
+                    ) -> tuple[dict[str, dict[int, tuple[str, Path | None]]], Path | None]:
+    """{variant: {seed: (student URI, its folder)}} of the ledger's finished pipelines (of `seeds` if given),
+    and their teacher bundle's folder. A student measured before (its URI in `recorded`) needs no folder on
+    this machine (None); nor then does the teacher, when every student is recorded. Anything else that is not
+    here is an error naming it (the students live in the home of the machine that trained them)."""
     if not ledger.is_file():
         raise SystemExit(f"--ledger {ledger}: no such file (run bench/toy_evidence.py --ledger {ledger} first)")
-    students: dict[str, dict[int, Path]] = {}
+    students: dict[str, dict[int, tuple[str, Path | None]]] = {}
     teachers = set()
     for entry in json.loads(ledger.read_text())["entries"].values():
         if not isinstance(entry, dict) or "variant" not in entry or not entry.get("pretrained"):
             continue
-        students.setdefault(entry["variant"], {})[int(entry["seed"])] = _local(entry["pretrained"], ledger)
+        if seeds and int(entry["seed"]) not in seeds:
+            continue
+        uri = entry["pretrained"]
+        students.setdefault(entry["variant"], {})[int(entry["seed"])] = (
+            uri, None if uri in recorded else _local(uri, ledger))
         teachers.add(entry["teacher"])
     if not students:
-        raise SystemExit(f"--ledger {ledger}: no finished pipeline yet (bench/toy_evidence.py --status lists them)")
+        raise SystemExit(f"--ledger {ledger}: no finished pipeline yet{f' of seeds {sorted(seeds)}' if seeds else ''} "
+                         "(bench/toy_evidence.py --status lists them)")
     if len(teachers) != 1:
         raise SystemExit(f"--ledger {ledger}: students of {len(teachers)} teachers ({sorted(teachers)}); compare one")
-    return students, _local(teachers.pop(), ledger)
+    everything_recorded = all(folder is None for runs in students.values() for _, folder in runs.values())
+    return students, None if everything_recorded else _local(teachers.pop(), ledger)
 
 
 def _local(uri: str, ledger: Path) -> Path:
     path = Path(uri.removeprefix("file://"))
     if not path.exists():
-        raise SystemExit(f"{uri} (recorded in {ledger}) is not on this machine: the students live in the evidence "
-                         "run's home (bench/toy_evidence.py --home, default .evidence) of the machine that trained them")
+        raise SystemExit(f"{uri} (recorded in {ledger}) is not on this machine and was not measured before: the "
+                         "students live in the evidence run's home (bench/toy_evidence.py --home, default .evidence) "
+                         "of the machine that trained them (--seeds measures the students of some seeds only)")
     return path
+
+
+def recorded_measures(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The per-scene measures of the students measured before ({student URI: measure(...)}), from the JSON a
+    previous run wrote, if it measured the same scenes, noise and timesteps; else nothing."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if (data.get("scenes"), data.get("seed"), data.get("timesteps")) != (args.scenes, args.seed, [f"{t:g}" for t in args.t_list]):
+        return {}
+    return {uri: {t: {who: {k: np.asarray(v) for k, v in figs.items()} for who, figs in row.items()}
+                  for t, row in m.items()} for uri, m in data.get("measures", {}).items()}
+
+
+def _as_lists(measures: Mapping[str, Any]) -> dict[str, Any]:
+    return {uri: {t: {who: {k: np.asarray(v).tolist() for k, v in figs.items()} for who, figs in row.items()}
+                  for t, row in m.items()} for uri, m in measures.items()}
 
 
 def scenes_for(bundle: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -230,25 +266,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from snapgen_model.artifacts.teacher_bundle import load_bundle
 
-    students, teacher_folder = ledger_students(Path(args.ledger))
-    bundle = load_bundle(teacher_folder)
-    x0, noise, captions = scenes_for(bundle, args.scenes, args.seed)
-    teacher = velocity_of_teacher(bundle)
+    measures = recorded_measures(Path(args.json_out), args) if args.json_out else {}
+    students, teacher_folder = ledger_students(Path(args.ledger), measures, args.seed_list)
     variants = [v for v in ("task_only", "weighted", "scaled") if v in students]
     results: dict[str, dict[int, Any]] = {}
+    scenes: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
     for v in variants:
-        for s, folder in sorted(students[v].items()):
-            print(f"{v} seed {s}: {folder}", flush=True)
-            results.setdefault(v, {})[s] = measure(velocity_of_student(folder, teacher_folder), teacher, x0, noise,
-                                                   captions, args.t_list)
+        for s, (uri, folder) in sorted(students[v].items()):
+            if folder is None:
+                print(f"{v} seed {s}: measured before ({args.json_out})", flush=True)
+            else:
+                assert teacher_folder is not None  # ledger_students: a student to measure needs its teacher here
+                if scenes is None:
+                    bundle = load_bundle(teacher_folder)
+                    scenes, teacher = scenes_for(bundle, args.scenes, args.seed), velocity_of_teacher(bundle)
+                print(f"{v} seed {s}: {folder}", flush=True)
+                measures[uri] = measure(velocity_of_student(folder, teacher_folder), teacher, *scenes, args.t_list)
+            results.setdefault(v, {})[s] = measures[uri]
     summary = summarise(results, args.t_list, args.replicates)
     text = report(summary, variants, {v: sorted(students[v]) for v in variants}, args, device_name(torch.device("cpu")))
     print(text)
     if args.out:
-        replace_section(Path(args.out), SECTION.format(ledger=Path(args.ledger).stem), text)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"ledger": Path(args.ledger).name, "scenes": args.scenes,
-                                                   "seed": args.seed, "summary": summary}, indent=1) + "\n")
+        replace_section(Path(args.out), SECTION.format(ledger=args.name), text)
+    if args.json_out:  # the summary readable, the per-scene measures (reused by the next run) one line per student
+        head = json.dumps({"ledger": Path(args.ledger).name, "scenes": args.scenes, "seed": args.seed,
+                           "timesteps": [f"{t:g}" for t in args.t_list], "summary": summary}, indent=1)
+        kept = _as_lists({uri: m for uri, m in measures.items()
+                          if any(uri == u for runs in students.values() for u, _ in runs.values())})
+        body = ",\n".join(f"  {json.dumps(uri)}: {json.dumps(m)}" for uri, m in sorted(kept.items()))
+        Path(args.json_out).write_text(head[:-2] + ',\n "measures": {\n' + body + "\n }\n}\n")
     return summary
 
 

@@ -71,12 +71,18 @@ def test_ledger_reader_names_what_is_missing(gap, tmp_path):
     ledger = tmp_path / "ledger.json"
     ledger.write_text(json.dumps({"version": 2, "entries": entries}))
     students, bundle = gap.ledger_students(ledger)
-    assert students == {"scaled": {0: student}} and bundle == teacher
+    assert students == {"scaled": {0: (f"file://{student}", student)}} and bundle == teacher
     entries["c"] = {"variant": "task_only", "seed": 0, "pretrained": "file:///nowhere/student",
                     "teacher": f"file://{teacher}"}
     ledger.write_text(json.dumps({"version": 2, "entries": entries}))
     with pytest.raises(SystemExit, match="/nowhere/student .*not on this machine"):
         gap.ledger_students(ledger)
+    # measured before (another machine): needs no folder here; --seeds leaves other seeds' students out
+    students, _ = gap.ledger_students(ledger, recorded={"file:///nowhere/student"})
+    assert students["task_only"] == {0: ("file:///nowhere/student", None)}
+    assert gap.ledger_students(ledger, recorded={"file:///nowhere/student"}, seeds=[0])[0].keys() == {"scaled", "task_only"}
+    with pytest.raises(SystemExit, match="no finished pipeline yet of seeds \\[1\\]"):
+        gap.ledger_students(ledger, recorded={"file:///nowhere/student"}, seeds=[1])
     ledger.write_text(json.dumps({"version": 2, "entries": {"b": entries["b"]}}))
     with pytest.raises(SystemExit, match="no finished pipeline"):
         gap.ledger_students(ledger)
@@ -96,3 +102,42 @@ def test_each_ledger_has_its_own_section_and_json(gap):
     args = gap.parse_args(["--ledger", "bench/evidence/ledger-toy-long.json"])
     assert args.json_out.endswith("bench/evidence/kd_function_gap-ledger-toy-long.json")
     assert "ledger-toy-long" in gap.SECTION.format(ledger="ledger-toy-long") and gap.SECTION.startswith("## ")
+
+
+def test_students_measured_on_other_machines_are_reused_from_the_json(gap, tmp_path):
+    """Each evidence student is trained in another session, on a fresh machine, and its folder is gone by the next
+    one: the per-scene measures of every student measured so far travel in the JSON, and a run with every student
+    recorded computes nothing (no model needed here) and reports the same figures; other scenes or timesteps are
+    not reused (the student is then required here, and named)."""
+    rng = np.random.default_rng(0)
+    uris = {"task_only": "file:///gone/task_only", "scaled": "file:///gone/scaled"}
+    entries = {v: {"variant": v, "seed": 1, "pretrained": u, "teacher": "file:///gone/teacher"} for v, u in uris.items()}
+    ledger = tmp_path / "ledger-x.json"
+    ledger.write_text(json.dumps({"version": 2, "entries": entries}))
+
+    def fake(offset):
+        return {"0.5": {"student": {k: rng.random(8) + offset for k in ("kd", "flow", "response", "cosine")},
+                        "teacher": {"flow": np.full(8, 0.2), "response": np.full(8, 0.3)}}}
+
+    measures = {uris["task_only"]: fake(0.5), uris["scaled"]: fake(0.0)}
+    out, results = tmp_path / "gap.json", tmp_path / "RESULTS.md"
+    args = gap.parse_args(["--ledger", str(ledger), "--scenes", "8", "--timesteps", "0.5", "--json", str(out),
+                           "--out", str(results), "--replicates", "200"])
+    out.write_text(json.dumps({"scenes": 8, "seed": 0, "timesteps": ["0.5"],
+                               "measures": gap._as_lists(measures)}))
+    summary = gap.main(["--ledger", str(ledger), "--scenes", "8", "--timesteps", "0.5", "--json", str(out),
+                        "--out", str(results), "--replicates", "200"])
+    kd = summary["0.5"]["scaled_minus_task_only_kd"]["value"]
+    assert kd == pytest.approx(float(np.mean(measures[uris["scaled"]]["0.5"]["student"]["kd"]
+                                             - measures[uris["task_only"]]["0.5"]["student"]["kd"])))
+    assert kd == pytest.approx(-0.5, abs=0.5)
+    written = json.loads(out.read_text())
+    assert set(written["measures"]) == set(uris.values()) and written["summary"]["0.5"]["teacher"]["flow"] == 0.2
+    assert gap.main(["--ledger", str(ledger), "--scenes", "8", "--timesteps", "0.5", "--json", str(out),
+                     "--out", str(results), "--replicates", "200"]) == summary  # its own output, reused again
+    assert "KD function gap of the ledger-x students" in results.read_text()
+    assert gap.recorded_measures(out, args) and not gap.recorded_measures(
+        out, gap.parse_args(["--ledger", str(ledger), "--scenes", "16", "--timesteps", "0.5"]))
+    with pytest.raises(SystemExit, match="/gone/.* not on this machine and was not measured before"):
+        gap.main(["--ledger", str(ledger), "--scenes", "8", "--timesteps", "0.4", "--json", str(out), "--out", ""])
+    assert gap.parse_args(["--ledger", str(ledger), "--seeds", "1"]).json_out.endswith("kd_function_gap-ledger-x-seeds-1.json")
