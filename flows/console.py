@@ -15,8 +15,8 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 Verbosity = Literal["quiet", "normal", "verbose"]

@@ -184,4 +184,3 @@ def detach_temporary_server() -> None:
 
     if not getattr(prefect_server.subprocess, "_snapgen_detached", False):
         prefect_server.subprocess = _NewSessionSubprocess("subprocess")
-

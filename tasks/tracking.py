@@ -413,12 +413,14 @@ def start_run(
     try:
         yield handle
     except BaseException as exc:
+        from prefect.exceptions import TerminationSignal
+
         from snapgen_model.training.state import TrainingInterrupted
 
         # a stop (Ctrl-C, or SIGTERM with the training state saved, or SIGTERM / SIGHUP outside the training
         # loop: flows.console.exit_on_sigterm) is KILLED: resumable, not a failure
         stopped = isinstance(exc, (KeyboardInterrupt, TrainingInterrupted)) or (
-            isinstance(exc, SystemExit) and exc.code in (129, 143)) or type(exc).__name__ == "TerminationSignal"
+            isinstance(exc, SystemExit) and exc.code in (129, 143)) or isinstance(exc, TerminationSignal)
         _terminate(handle, "KILLED" if stopped else "FAILED")
         raise
     else:
