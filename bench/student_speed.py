@@ -1,8 +1,8 @@
 """Toy student training step on CPU: each speed lever alone, and whether the adopted ones change what is learnt.
 
     python bench/student_speed.py [--preset toy] [--batch 32] [--steps 20] [--warmup 5]
-                                  [--tolerance-steps 600] [--only NAME] [--profile NAME]
-                                  [--skip-timing] [--skip-profile] [--skip-tolerance] [--out bench/RESULTS.md]
+                                  [--tolerance-steps 600] [--tolerance-mode both] [--only NAME] [--profile NAME]
+                                  [--no-reference] [--skip-timing] [--skip-profile] [--skip-tolerance] [--out bench/RESULTS.md]
 
 1. Step time. The product's pretraining entry point (`training.pretrain.fit`, Lightning, `kd.combine=scaled`:
    task + output KD + feature KD, the multi-level KD of the toy pipeline) on the preset's student, from an
@@ -15,17 +15,22 @@
    baseline at 2 threads, then the levers added one at a time (allocator, bf16 autocast, channels_last,
    fused AdamW, torch.compile), the adopted product setting with each lever taken out again, and
    the toy preset's online KD (the shipped teacher run each step, one student row per image) at
-   batch 32 and 128, and with torch.compile.
+   batch 32 and 128, and with torch.compile (the student's and the teacher's forward). First of all, the code
+   of the issue's reference figure (commit 3cba0e4, 2026-11-26) is timed by its own bench/train_throughput.py from
+   a temporary git worktree (--no-reference skips it), so every speed-up has its reference from the same host at
+   the same time.
 2. Tolerance. `fit` itself for --tolerance-steps steps on a cache with learnable structure (targets
    are a fixed function of the latent, so the loss falls): fp32 seed 0, fp32 seed 1 (the run-to-run
    spread), then each adopted setting at seed 0: the product setting (allocator + bf16 autocast) and the
-   product setting compiled (the evidence run's). Each passes when its mean loss over the last quarter
+   product setting compiled. --tolerance-mode online does the same with the shipped teacher online (its
+   outputs are the KD targets, the evidence run's setting), the compiled candidate compiling the teacher too. Each passes when its mean loss over the last quarter
    differs from fp32 seed 0 by no more than the two seeds differ, or by 2%, whichever is larger.
 
 3. Profile. torch.profiler over 3 steps of the variants named by --profile: per-operator self CPU time.
 
 Each part writes (or replaces) its own section of --out, so a run that skips a part leaves that part's figures:
-`## Student step on CPU (bench/student_speed.py)` (timings), `...: profile (...)` and `...: tolerance (...)`.
+`## Student step on CPU (bench/student_speed.py)` (timings), `...: profile (...)`, `...: tolerance (...)` and
+`...: tolerance with the teacher online (...)`.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 SECTION = "## Student step on CPU (bench/student_speed.py)"
 PROFILE_SECTION = "## Student step on CPU: profile (bench/student_speed.py)"
 TOLERANCE_SECTION = "## Student step on CPU: tolerance (bench/student_speed.py)"
+TOLERANCE_ONLINE_SECTION = "## Student step on CPU: tolerance with the teacher online (bench/student_speed.py)"
 # name -> settings: threads, batch, allocator, precision, channels_last, fused AdamW, compile
 BEFORE = {"threads": 1, "batch": 16, "allocator": False, "precision": "32-true", "channels_last": False,
           "fused": False, "compile": False, "mode": "cached"}
@@ -63,8 +69,15 @@ VARIANTS = {
     # (t, noise), so one student forward serves the task and both KD terms (cached: two rows per image)
     "product, online teacher": PRODUCT | {"mode": "online"},
     "product, online teacher, batch 128": PRODUCT | {"mode": "online", "batch": 128},
+    "product, online teacher + torch.compile (the evidence run's)": PRODUCT | {"mode": "online", "compile": True},
     "product, online teacher, batch 128 + torch.compile": PRODUCT | {"mode": "online", "batch": 128, "compile": True},
+    "product, online teacher, batch 256 + torch.compile": PRODUCT | {"mode": "online", "batch": 256, "compile": True},
 }
+# the code the issue's reference figure was measured with (2026-11-26: 58 images/s, fp32, 1 thread, batch 16), run
+# again here from a git worktree of that commit by its own bench (bench/train_throughput.py), so every speed-up is
+# against the same code on the same host at the same time (this shared VM's speed moves by up to 1.7x between days)
+REFERENCE_COMMIT = "3cba0e4"
+REFERENCE = f"the 2026-11-26 code ({REFERENCE_COMMIT}), fp32, 1 thread, batch 16"
 TEACHER = ROOT / "releases" / "toy-teacher" / "v2"  # the online variants' teacher (its transformer)
 
 LATENT, TOKENS, WIDTH, POOLED, K, FEAT_TOKENS, FEAT_DIM = 16, 16, 128, 128, 8, 64, 128
@@ -162,14 +175,23 @@ def time_variant(args: argparse.Namespace, settings: dict) -> dict:
 
 
 TOLERANCE_CANDIDATES = {"product seed 0": PRODUCT, "product + torch.compile seed 0": PRODUCT | {"compile": True}}
+ONLINE = {"mode": "online"}
+TOLERANCE_MODES = {  # mode -> (reference settings, candidates)
+    "cached": (BASE, TOLERANCE_CANDIDATES),
+    "online": (BASE | ONLINE, {"product seed 0": PRODUCT | ONLINE,
+                               "product + torch.compile (student and teacher) seed 0": PRODUCT | ONLINE | {"compile": True}}),
+}
 
 
-def tolerance(args: argparse.Namespace) -> dict:
+def tolerance(args: argparse.Namespace, mode: str = "cached") -> dict:
     """fp32 seeds 0 and 1 (the run-to-run spread), then each adopted setting at seed 0: a candidate passes when
-    its tail loss differs from fp32 seed 0 by no more than the two fp32 seeds differ, or 2%, whichever is larger."""
+    its tail loss differs from fp32 seed 0 by no more than the two fp32 seeds differ, or 2%, whichever is larger.
+    `mode`: cached KD targets, or the shipped teacher online (its outputs are the KD targets; the fp32 runs run it
+    in fp32, the candidates in their own precision, compiled with the student where they compile)."""
+    reference, candidates = TOLERANCE_MODES[mode]
     data = make_cache(2048, learnable=True)
     runs = {}
-    plan = [("fp32 seed 0", BASE, 0), ("fp32 seed 1", BASE, 1)] + [(n, s, 0) for n, s in TOLERANCE_CANDIDATES.items()]
+    plan = [("fp32 seed 0", reference, 0), ("fp32 seed 1", reference, 1)] + [(n, s, 0) for n, s in candidates.items()]
     for name, settings, seed in plan:
         started = time.perf_counter()
         clock = run_fit(args.preset, settings, args.tolerance_steps, args.batch, data, seed=seed)
@@ -179,7 +201,7 @@ def tolerance(args: argparse.Namespace) -> dict:
     ref = runs["fp32 seed 0"]["tail_loss"]
     seed_gap = abs(runs["fp32 seed 1"]["tail_loss"] - ref) / ref
     allowed = max(seed_gap, 0.02)
-    gaps = {n: abs(runs[n]["tail_loss"] - ref) / ref for n in TOLERANCE_CANDIDATES}
+    gaps = {n: abs(runs[n]["tail_loss"] - ref) / ref for n in candidates}
     return {"runs": runs, "seed_gap": seed_gap, "gaps": gaps, "allowed": allowed,
             "passed": {n: g <= allowed for n, g in gaps.items()}, "steps": args.tolerance_steps, "batch": args.batch}
 
@@ -220,11 +242,43 @@ def profile_variant(args: argparse.Namespace, settings: dict) -> dict:
             "aten_calls_per_step": calls, "copy_calls_per_step": copies, "top": ops[:15], "torch": torch.__version__}
 
 
+def time_reference(args: argparse.Namespace) -> dict:
+    """The pretraining step of commit REFERENCE_COMMIT (the code of the 2026-11-26 figure) timed by that commit's own
+    bench/train_throughput.py (toy preset, cache in memory, fp32, 1 thread, batch 16) from a temporary git worktree."""
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="student-speed-ref-") as tmp:
+        tree, out = Path(tmp) / "tree", Path(tmp) / "out.md"
+        add = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), REFERENCE_COMMIT],
+                             capture_output=True, text=True, check=False)
+        if add.returncode:
+            raise SystemExit(f"cannot check out {REFERENCE_COMMIT} (the code of the 2026-11-26 figure) into a worktree: "
+                             f"{add.stderr.strip()[-500:]}; a shallow clone lacks it: pass --no-reference")
+        try:
+            cmd = [sys.executable, str(tree / "bench" / "train_throughput.py"), "--presets", args.preset, "--stages",
+                   "pretrain", "--data", "memory", "--batch", "16", "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--repeats", "1", "--out", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tree,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
+            rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in
+                    (out.read_text().splitlines() if out.is_file() else [])]
+            row = next((r for r in rows if r[:3] == [args.preset, "pretrain", "memory"]), None)
+            if proc.returncode or row is None:
+                raise SystemExit(f"the {REFERENCE_COMMIT} bench failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True,
+                           check=False)
+            shutil.rmtree(tree, ignore_errors=True)
+    median = float(row[4].replace(",", "")) / 1000
+    return {"median_s": median, "images_per_s": 16 / median, "batch": 16, "threads": 1, "spread": float(row[6]),
+            "timed": args.steps}
+
+
 def child(args: argparse.Namespace) -> None:
     if args.child.startswith(PROFILE_PREFIX):
         out = profile_variant(args, VARIANTS[args.child[len(PROFILE_PREFIX):]])
-    elif args.child == "tolerance":
-        out = tolerance(args)
+    elif args.child.startswith("tolerance:"):
+        out = tolerance(args, args.child.removeprefix("tolerance:"))
     else:
         out = time_variant(args, VARIANTS[args.child])
     print("RESULT " + json.dumps(out))
@@ -249,6 +303,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--tolerance-steps", type=int, default=600)
     parser.add_argument("--skip-tolerance", action="store_true")
+    parser.add_argument("--tolerance-mode", choices=["cached", "online", "both"], default="both",
+                        help="which tolerance check(s): cached KD targets, the teacher online, or both (own sections)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help=f"do not time {REFERENCE_COMMIT}, the code of the 2026-11-26 figure (needs git history)")
     parser.add_argument("--only", action="append", default=[], help="time only these variants (repeatable)")
     parser.add_argument("--profile", action="append", default=[],
                         help=f"profile these variants with torch.profiler (repeatable; default: {', '.join(PROFILE_DEFAULT)})")
@@ -271,21 +329,33 @@ def main() -> None:
     if not args.skip_timing:
         lines = [stamp, ""]
         timings = {}
+        if not args.no_reference:
+            timings[REFERENCE] = t = time_reference(args)
+            print(f"{REFERENCE:52s} {t['median_s'] * 1000:7.1f} ms/step  {t['images_per_s']:6.0f} img/s (batch {t['batch']})",
+                  flush=True)
         for name in args.only or VARIANTS:
             timings[name] = t = run_child(args, name)
             print(f"{name:52s} {t['median_s'] * 1000:7.1f} ms/step  {t['images_per_s']:6.0f} img/s (batch {t['batch']})",
                   flush=True)
         base = timings.get("fp32, 2 threads (baseline)", next(iter(timings.values())))["images_per_s"]
+        ref = timings[REFERENCE]["images_per_s"] if REFERENCE in timings else None
         rows = [[name, str(t["threads"]), str(t["batch"]), f"{t['median_s'] * 1000:.1f}", f"{t['images_per_s']:.0f}",
-                 f"{t['images_per_s'] / base:.2f}x", f"{t['spread']:.2f}"] for name, t in timings.items()]
+                 f"{t['images_per_s'] / base:.2f}x", *([f"{t['images_per_s'] / ref:.2f}x"] if ref else []),
+                 f"{t['spread']:.2f}"] for name, t in timings.items()]
         lines += [f"Preset `{args.preset}`: one pretraining step through `training.pretrain.fit` (Lightning; task + output "
                   f"KD + feature KD, timestep-aware scaling; AdamW, gradient clip, EMA of UNet + conditioner), median of "
                   f"{args.steps} step intervals after {args.warmup} untimed steps; each variant in its own process; "
                   "speed-up against the fp32 2-thread baseline. Cached variants: each image is two UNet rows (the cached "
                   "KD pair and a fresh task pair in one batched forward, since issue 14), so rows/s is twice images/s. "
                   f"Online variants: the shipped teacher ({TEACHER.relative_to(ROOT)}) runs on each step's own (t, noise), "
-                  "and one UNet row per image serves the task and both KD terms (the toy preset's setting).", "",
-                  markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up", "spread"], rows), ""]
+                  "and one UNet row per image serves the task and both KD terms (the toy preset's setting); with "
+                  "torch.compile the teacher's forward is compiled too (since 2026-12-08). "
+                  + (f"The first row is the code of the issue's reference figure (commit {REFERENCE_COMMIT}, 2026-11-26: task + "
+                     "output KD from one cached pair, one UNet row per image, no feature KD) timed by its own "
+                     "`bench/train_throughput.py` from a git worktree, here and now: the last column is the speed-up "
+                     "against it (the issue's target: 3x)." if ref else ""), "",
+                  markdown_table(["variant", "threads", "batch", "ms/step", "images/s", "speed-up",
+                                  *(["vs 2026-11-26 code"] if ref else []), "spread"], rows), ""]
         replace_section(args.out, SECTION, "\n".join(lines))
     if not args.skip_profile:
         lines = [stamp, "", "torch.profiler records every operator's CPU time, which adds its own cost per operator: "
@@ -304,12 +374,14 @@ def main() -> None:
                                      [[f"`{r['op']}`", f"{r['calls_per_step']:.0f}", f"{r['self_ms_per_step']:.1f}",
                                        f"{r['share']:.1%}"] for r in prof["top"]]), ""]
         replace_section(args.out, PROFILE_SECTION, "\n".join(lines))
-    if not args.skip_tolerance:
-        tol = run_child(args, "tolerance")
+    for mode in [] if args.skip_tolerance else ["cached", "online"] if args.tolerance_mode == "both" else [args.tolerance_mode]:
+        tol = run_child(args, f"tolerance:{mode}")
         for name, gap in tol["gaps"].items():
-            print(f"tolerance: {name} gap {gap:.2%}, seed gap {tol['seed_gap']:.2%}, allowed {tol['allowed']:.2%}: "
+            print(f"tolerance ({mode}): {name} gap {gap:.2%}, seed gap {tol['seed_gap']:.2%}, allowed {tol['allowed']:.2%}: "
                   f"{'pass' if tol['passed'][name] else 'FAIL'}")
-        lines = [stamp, "", f"Tolerance (`fit`, {tol['steps']} steps at batch {tol['batch']} on a learnable cache, mean loss of "
+        what = ("on a learnable cache" if mode == "cached" else
+                f"with the shipped teacher ({TEACHER.relative_to(ROOT)}) online on a learnable cache's latents and captions")
+        lines = [stamp, "", f"Tolerance (`fit`, {tol['steps']} steps at batch {tol['batch']} {what}, mean loss of "
                   "the last quarter):", "",
                   markdown_table(["run", "first loss", "tail loss", "seconds"],
                                  [[n, f"{r['first_loss']:.4f}", f"{r['tail_loss']:.4f}", f"{r['seconds']:.0f}"]
@@ -317,7 +389,7 @@ def main() -> None:
         lines += [f"{name} differs from fp32 seed 0 by {gap:.3%}; two fp32 seeds differ by {tol['seed_gap']:.3%}; "
                   f"allowed {tol['allowed']:.2%}: **{'within tolerance' if tol['passed'][name] else 'OUTSIDE tolerance'}**."
                   for name, gap in tol["gaps"].items()] + [""]
-        replace_section(args.out, TOLERANCE_SECTION, "\n".join(lines))
+        replace_section(args.out, TOLERANCE_SECTION if mode == "cached" else TOLERANCE_ONLINE_SECTION, "\n".join(lines))
     print(f"wrote {args.out}")
 
 

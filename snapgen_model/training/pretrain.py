@@ -84,7 +84,7 @@ class PretrainConfig(ConfigBase):
     devices: int = 1  # devices per node
     num_nodes: int = 1  # nodes
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    compile: bool = False  # torch.compile the student
+    compile: bool = False  # torch.compile the student, and the online teacher (mode=online)
     # start from a trained student instead of random weights: a student folder, file://..., or
     # release://<name> (a shipped one, sha256-verified); its EMA UNet and conditioner become the initial
     # weights (raw and EMA). A resumed run loads its saved state instead. "" = random init (SnapGen's)
@@ -601,6 +601,8 @@ def fit(preset: SnapGenConfig, cfg: PretrainConfig, data, cache_cfg: CacheConfig
         module.student = module.student.to(memory_format=torch.channels_last)
     if cfg.compile:
         module.student = torch.compile(module.student)
+        if module.teacher is not None:  # the online teacher's forward too (no grad): about a quarter of an online step
+            module.teacher = torch.compile(module.teacher)
     trainer.fit(module)
     ckpt.raise_if_interrupted("pretrain", module.current_step(), cfg.steps)  # SIGTERM: stop, do not save a student
     if cfg.channels_last:  # saved weights in the standard layout (safetensors stores contiguous tensors)

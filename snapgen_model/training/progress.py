@@ -6,10 +6,12 @@
     step 120/500 (24%), 75 s, loss 0.2134, 164 img/s, about 3 min left
 
 The loss is the module's logged `loss/total` (Lightning's callback metrics); images/s counts the
-global batch over every rank. Speed and time left are measured from the end of the process's first step:
-that step carries the warm-up (torch.compile on CPU: minutes), and counting it once made the first lines
-read "0 img/s, about 1240 h left" for a run of 90 minutes. The task layer decides where the line goes (a
-Prefect run logger).
+global batch over every rank. Speed and time left are measured over the last `window_s` seconds (5 min), never
+before the end of the process's first step: that step carries the warm-up (torch.compile on CPU: minutes), and
+counting it once made the first lines read "0 img/s, about 1240 h left" for a run of 90 minutes; and a run
+that was paused (a suspended laptop, `kill -STOP`) reads its own speed again a line after it goes on, where an
+average since the start read "16 img/s, about 7.5 h left" for an hour's work. The task layer decides where the
+line goes (a Prefect run logger).
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ class ProgressCallback(pl.Callback):
     """Report progress lines (see the module docstring) at most every `every_s` seconds, and at the end."""
 
     def __init__(self, report: Callable[[str], None], total_steps: int, every_s: float = 30.0,
-                 loss_key: str = "loss/total") -> None:
+                 loss_key: str = "loss/total", window_s: float = 300.0) -> None:
         self.report, self.total, self.every_s, self.loss_key = report, int(total_steps), float(every_s), loss_key
+        self.window_s = float(window_s)
         self._start: tuple[float, int] | None = None
         self._timed_from: tuple[float, int, int] | None = None  # (time, step, images) after the first step
+        self._marks: list[tuple[float, int, int]] = []  # (time, step, images) of the first step and of each line
         self._last = 0.0
         self._images = 0
         self.lines: list[str] = []
@@ -63,7 +67,7 @@ class ProgressCallback(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = (time.monotonic(), self._step(pl_module))
-        self._last, self._images, self._timed_from = time.monotonic(), 0, None
+        self._last, self._images, self._timed_from, self._marks = time.monotonic(), 0, None, []
         if self._start[1] > 0 and trainer.is_global_zero:  # a resumed run says so before its first step line
             line = f"resuming at step {self._start[1]}/{self.total} from the saved training state"
             self.lines.append(line)
@@ -74,6 +78,7 @@ class ProgressCallback(pl.Callback):
         now = time.monotonic()
         if self._timed_from is None:  # the end of the warm-up step: speed and time left count from here
             self._timed_from = (now, self._step(pl_module), self._images)
+            self._marks = [self._timed_from]
         if now - self._last >= self.every_s:
             self._emit(trainer, pl_module, now)
 
@@ -88,9 +93,13 @@ class ProgressCallback(pl.Callback):
         elapsed = now - self._start[0]
         loss = trainer.callback_metrics.get(self.loss_key)
         done, timed, speed = 0, elapsed, None
-        if self._timed_from is not None and step > self._timed_from[1]:
-            done, timed = step - self._timed_from[1], now - self._timed_from[0]
-            speed = (self._images - self._timed_from[2]) / timed if timed > 0 else None
+        earlier = [m for m in self._marks if m[1] < step]
+        if earlier:  # the oldest mark inside the window; none there (a pause): the newest, so one line carries it
+            ref = next((m for m in earlier if now - m[0] <= self.window_s), earlier[-1])
+            done, timed = step - ref[1], now - ref[0]
+            speed = (self._images - ref[2]) / timed if timed > 0 else None
+        if self._timed_from is not None:
+            self._marks = [m for m in self._marks if now - m[0] <= self.window_s] + [(now, step, self._images)]
         line = progress_line(step, self.total, elapsed, None if loss is None else float(loss), speed, done, timed)
         self.lines.append(line)
         self.report(line)

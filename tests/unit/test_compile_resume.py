@@ -43,3 +43,40 @@ def test_a_compiled_run_resumes_from_its_checkpoint(tmp_path):
     resumed = fit(get_preset("toy-smoke"), PretrainConfig.from_dict(common | {"steps": 4}), data,
                   CacheConfig(targets_per_sample=2), tmp_path / "state")
     assert resumed["step"] == 4 and resumed["resumed_from"].endswith("step-00000002")
+
+
+@pytest.mark.slow
+def test_an_online_compiled_run_compiles_the_teacher_and_learns_the_same(tmp_path, tiny_bundle):
+    """`compile=true` with the teacher online compiles the teacher's forward as well as the student (a quarter of
+    an online step on CPU, bench/student_speed.py), and the compiled run's losses are the eager run's."""
+    from lightning.pytorch import Callback
+
+    from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
+    from tests.fixtures import memory_data
+
+    cache = CacheConfig(targets_per_sample=0)
+    data = memory_data.synthetic_data(cache, 4, 0, width=32, pooled=32, feat=True)
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.values.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    runs = {}
+    for compiled in (False, True):
+        teacher = SD3Teacher.from_pretrained(TeacherConfig(path=str(tiny_bundle)))
+        losses = Losses()
+        conf = PretrainConfig.from_dict({"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 0,
+                                         "log_every": 1, "accelerator": "cpu", "mode": "online", "compile": compiled,
+                                         "kd": {"student_feature": "up1"}})
+        result = fit(get_preset("toy-smoke"), conf, data, cache, tmp_path / f"run-{compiled}", teacher=teacher,
+                     callbacks=[losses])
+        runs[compiled] = (result["module"], losses.values)
+    eager, compiled_run = runs[False][0], runs[True][0]
+    assert not isinstance(eager.teacher, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled_run.teacher, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled_run.kd_levels == "output+feature"  # the teacher's KD ran
+    assert len(runs[True][1]) == 3
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)

@@ -131,3 +131,26 @@ def test_the_launch_spec_carries_the_resume_policy(tmp_path):
     for policy in ("none", "latest", str(tmp_path / "step-00000010")):
         spec = launch_spec(str(tmp_path), manifest, "toy", [], cfg, tmp_path / "state", ["clip"], resume=policy)
         assert spec["resume"] == policy and spec["pretrain"]["devices"] == 2 and spec["stage"] == "pretrain"
+
+
+def test_speed_after_a_pause_is_the_recent_speed(tmp_path):
+    """Speed and time left come from the last `window_s` seconds: a run paused for a while (here 2 s in step 4, a
+    window of 1 s) reports its own speed again a line later. Averaged since the first step, the last line would read
+    under 8 x 7 / 2 = 28 img/s; the steps themselves take milliseconds."""
+    import time
+
+    class Paused(_Line):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                time.sleep(2.0)
+            return super().training_step(batch, batch_idx)
+
+    lines: list[str] = []
+    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[ProgressCallback(lines.append, 8, 0.0, window_s=1.0)],
+               default_root_dir=tmp_path).fit(Paused())
+    speed = [float(line.split(" img/s")[0].rsplit(", ", 1)[1]) for line in lines[1:]]
+    assert speed[2] < 28, lines[3]  # the line of the paused step carries the pause
+    assert min(speed[3:]) > 100, lines  # the lines after it do not
+    left = lines[4].split("about ")[1].split(" left")[0]
+    assert left.endswith(" s") and float(left[:-2]) < 1.0, lines[4]
