@@ -6,11 +6,12 @@
     step 120/500 (24%), 75 s, loss 0.2134, 164 img/s, about 3 min left
 
 The loss is the module's logged `loss/total` (Lightning's callback metrics); images/s counts the
-global batch over every rank. Speed and time left are measured over the last `window_s` seconds (5 min), never
-before the end of the process's first step: that step carries the warm-up (torch.compile on CPU: minutes), and
-counting it once made the first lines read "0 img/s, about 1240 h left" for a run of 90 minutes; and a run
-that was paused (a suspended laptop, `kill -STOP`) reads its own speed again a line after it goes on, where an
-average since the start read "16 img/s, about 7.5 h left" for an hour's work. The task layer decides where the
+global batch over every rank. Speed and time left are measured from the oldest line of the last `window_s`
+seconds (5 min; the previous line where none is that recent), never from before the end of the process's first
+step: that step carries the warm-up (torch.compile on CPU: minutes), and counting it once made the first lines
+read "0 img/s, about 1240 h left" for a run of 90 minutes. A run that was stopped for a while (`kill -STOP`, a
+frozen VM) reads its own speed again at most `window_s` later (a line later after a longer stop), where an average
+since the start read "16 img/s, about 7.5 h left" for an hour's work. The task layer decides where the
 line goes (a Prefect run logger).
 """
 from __future__ import annotations

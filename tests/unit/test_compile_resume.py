@@ -77,6 +77,6 @@ def test_an_online_compiled_run_compiles_the_teacher_and_learns_the_same(tmp_pat
     eager, compiled_run = runs[False][0], runs[True][0]
     assert not isinstance(eager.teacher, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(compiled_run.teacher, torch._dynamo.eval_frame.OptimizedModule)
-    assert compiled_run.kd_levels == "output+feature"  # the teacher's KD ran
+    assert compiled_run.kd_levels == "output+feature"  # the run trains both KD levels on the teacher's outputs
     assert len(runs[True][1]) == 3
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)

@@ -135,8 +135,8 @@ def test_the_launch_spec_carries_the_resume_policy(tmp_path):
 
 def test_speed_after_a_pause_is_the_recent_speed(tmp_path):
     """Speed and time left come from the last `window_s` seconds: a run paused for a while (here 2 s in step 4, a
-    window of 1 s) reports its own speed again a line later. Averaged since the first step, the last line would read
-    under 8 x 7 / 2 = 28 img/s; the steps themselves take milliseconds."""
+    window of 1 s) reports its own speed again a line later. Averaged since the first step, every later line would
+    read under 8 x 7 / 2 = 28 img/s; the steps themselves take milliseconds (under 200 ms each passes)."""
     import time
 
     class Paused(_Line):
@@ -151,6 +151,7 @@ def test_speed_after_a_pause_is_the_recent_speed(tmp_path):
                default_root_dir=tmp_path).fit(Paused())
     speed = [float(line.split(" img/s")[0].rsplit(", ", 1)[1]) for line in lines[1:]]
     assert speed[2] < 28, lines[3]  # the line of the paused step carries the pause
-    assert min(speed[3:]) > 100, lines  # the lines after it do not
+    assert min(speed[3:]) > 40, lines  # the lines after it do not
     left = lines[4].split("about ")[1].split(" left")[0]
-    assert left.endswith(" s") and float(left[:-2]) < 1.0, lines[4]
+    # 2 steps left at the recent speed; at the average since the first step, 2 x 2 s / 5 = 0.8 s: "about 1 s"
+    assert left == "0 s", lines[4]
