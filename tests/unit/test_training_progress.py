@@ -29,6 +29,30 @@ class _Line(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class _SleepsAt(_Line):
+    """`_Line` whose step `at` sleeps `seconds` (a warm-up, a pause)."""
+
+    def __init__(self, at: int, seconds: float) -> None:
+        super().__init__()
+        self.at, self.seconds = at, seconds
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.at:
+            import time
+
+            time.sleep(self.seconds)
+        return super().training_step(batch, batch_idx)
+
+
+def _every_line(module: pl.LightningModule, root, **progress) -> list[str]:
+    """Every progress line of an 8-step run (one per step, and the end)."""
+    lines: list[str] = []
+    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[ProgressCallback(lines.append, 8, 0.0, **progress)],
+               default_root_dir=root).fit(module)
+    return lines
+
+
 def test_every_step_reported_with_loss_speed_and_time_left_then_the_end(tmp_path):
     lines: list[str] = []
     cb = ProgressCallback(lines.append, total_steps=8, every_s=0.0)
@@ -66,18 +90,7 @@ def test_speed_and_time_left_leave_out_the_warm_up_step(tmp_path):
     """The first step carries the warm-up (torch.compile on CPU: minutes): counted in, a 90-minute run's first
     lines read "0 img/s, about 1240 h left". Here it takes 1.5 s and the other seven almost nothing: the time
     left after step 2 is a few seconds at most, not 6 x 0.75 s, and the speed is far above 8 / 1.5 s."""
-    import time
-
-    class SlowStart(_Line):
-        def training_step(self, batch, batch_idx):
-            if batch_idx == 0:
-                time.sleep(1.5)
-            return super().training_step(batch, batch_idx)
-
-    lines: list[str] = []
-    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[ProgressCallback(lines.append, 8, 0.0)],
-               default_root_dir=tmp_path).fit(SlowStart())
+    lines = _every_line(_SleepsAt(0, 1.5), tmp_path)
     assert "warm-up" in lines[0] and "img/s" not in lines[0]
     left = lines[1].split("about ")[1].split(" left")[0]
     assert left.endswith(" s") and float(left[:-2]) < 3.0, lines[1]
@@ -137,18 +150,7 @@ def test_speed_after_a_pause_is_the_recent_speed(tmp_path):
     """Speed and time left come from the last `window_s` seconds: a run paused for a while (here 2 s in step 4, a
     window of 1 s) reports its own speed again a line later. Averaged since the first step, every later line would
     read under 8 x 7 / 2 = 28 img/s; the steps themselves take milliseconds (under 200 ms each passes)."""
-    import time
-
-    class Paused(_Line):
-        def training_step(self, batch, batch_idx):
-            if batch_idx == 3:
-                time.sleep(2.0)
-            return super().training_step(batch, batch_idx)
-
-    lines: list[str] = []
-    pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[ProgressCallback(lines.append, 8, 0.0, window_s=1.0)],
-               default_root_dir=tmp_path).fit(Paused())
+    lines = _every_line(_SleepsAt(3, 2.0), tmp_path, window_s=1.0)
     speed = [float(line.split(" img/s")[0].rsplit(", ", 1)[1]) for line in lines[1:]]
     assert speed[2] < 28, lines[3]  # the line of the paused step carries the pause
     assert min(speed[3:]) > 40, lines  # the lines after it do not
