@@ -47,8 +47,8 @@ def test_a_compiled_run_resumes_from_its_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_an_online_compiled_run_compiles_the_teacher_and_learns_the_same(tmp_path, tiny_bundle):
-    """`compile=true` with the teacher online compiles the teacher's forward as well as the student (a quarter of
-    an online step on CPU, bench/student_speed.py), and the compiled run's losses are the eager run's."""
+    """`compile=true` with the teacher online compiles the teacher's forward as well as the student (about a fifth
+    of an online step on CPU, bench/RESULTS.md), and the compiled run's first losses match the eager run's."""
     from lightning.pytorch import Callback
 
     from snapgen_model.distill.teacher import SD3Teacher, TeacherConfig
